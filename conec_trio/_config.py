@@ -1,0 +1,84 @@
+"""Configuration of coordinators and clients (see the public API contract)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from ._exceptions import InvalidIdError
+
+PemSource = bytes | str | os.PathLike[str]
+
+DEFAULT_PORT = 1719
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+DEFAULT_IDLE_TIMEOUT = 10.0
+# Per-stream receive window: how many bytes of complete, unread messages a receiver lets a
+# sender put in flight. The relay holds at most about two windows per direction per stream.
+DEFAULT_STREAM_WINDOW = 1024 * 1024
+DEFAULT_CONNECTION_WINDOW = 16 * 1024 * 1024
+
+# A client id must be usable as a certificate DNS name: labels of letters, digits and '-',
+# joined by '.'.
+_ID_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*$")
+
+
+def check_client_id(client_id: object) -> str:
+    """Return ``client_id`` if a certificate DNS name can carry it, else raise InvalidIdError."""
+    if not isinstance(client_id, str) or len(client_id) > 253 or not _ID_RE.match(client_id):
+        raise InvalidIdError(
+            f"client id {client_id!r} is not valid: use letters, digits, '-' and '.' as in a "
+            "DNS name (labels of 1-63 characters, not starting or ending with '-')"
+        )
+    return client_id
+
+
+def load_pem(source: PemSource | None) -> bytes | None:
+    """PEM bytes as given, or read from a path; None stays None."""
+    if source is None or isinstance(source, bytes):
+        return source
+    with open(source, "rb") as f:
+        return f.read()
+
+
+@dataclass
+class CoordConfig:
+    """How to run a coordinator. ``cert_chain``/``private_key``: PEM bytes or a path."""
+
+    cert_chain: PemSource
+    private_key: PemSource
+    host: str = "::"
+    port: int = DEFAULT_PORT
+    client_ca: PemSource | None = None
+    stateless_retry: bool = False
+    idle_timeout: float | None = None
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    max_clients: int = 10_000
+    max_streams_per_client: int = 10_000
+    max_broadcasts: int = 10_000
+    max_pending_opens: int = 1_000
+    stream_window: int = DEFAULT_STREAM_WINDOW
+    connection_window: int = DEFAULT_CONNECTION_WINDOW
+
+
+@dataclass
+class ClientConfig:
+    """How a client connects. With no ``cert_chain`` it makes an ephemeral self-signed cert."""
+
+    id: str
+    coord_host: str = "localhost"
+    coord_port: int = DEFAULT_PORT
+    ca: PemSource | None = None
+    cert_chain: PemSource | None = None
+    private_key: PemSource | None = None
+    client_ca: PemSource | None = None
+    listen: bool = True
+    holepunch: bool = True
+    keepalive: bool = True
+    idle_timeout: float | None = None
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    max_streams: int = 10_000
+    stream_window: int = DEFAULT_STREAM_WINDOW
+    connection_window: int = DEFAULT_CONNECTION_WINDOW
+    # How long open_client waits for the coordinator before giving up (ConnectError).
+    connect_timeout: float = 10.0
