@@ -1,0 +1,161 @@
+"""Child processes for benchmarks: spawn them, talk to them over a pipe, always clean up.
+
+Every benchmark runs its peers in separate processes (``spawn`` start method), so the
+interpreter lock of one side never slows the other. The parent process only orchestrates:
+
+    with Processes() as procs:
+        server = procs.spawn("server", server_main, arg1, arg2)
+        client = procs.spawn("client", client_main, arg3)
+        port = server.recv(timeout=30)      # what the child passed to ``link.send``
+        client.send(port)
+        value = client.recv(timeout=60)
+
+A child target is a module-level function ``target(link: Link, *args) -> None``; it reports
+values with ``link.send(value)`` and reads the parent's messages with ``link.recv(timeout)``
+(or waits on ``link.fileno()`` from its event loop). An exception in the child is sent to the
+parent, which raises ``ChildError`` carrying the child's traceback. Every wait has a timeout,
+and leaving the ``with`` block stops every child: politely when all went well (the pipe closes,
+the child is expected to notice and exit), with terminate/kill otherwise or if it lingers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from types import TracebackType
+from typing import Any
+
+_CTX = multiprocessing.get_context("spawn")
+
+# How long a child may take to exit on its own after the parent is done with it.
+_EXIT_GRACE = 5.0
+
+
+class ChildError(RuntimeError):
+    """A benchmark child process failed, died, or did not answer in time."""
+
+
+class Link:
+    """The child's end of its pipe to the parent."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def send(self, value: object) -> None:
+        """Send a (picklable) value to the parent."""
+        self._conn.send(("ok", value))
+
+    def recv(self, timeout: float) -> Any:
+        """The parent's next message; raises TimeoutError, or EOFError if the parent is gone."""
+        if not self._conn.poll(timeout):
+            raise TimeoutError(f"no message from the parent within {timeout:g} s")
+        return self._conn.recv()
+
+    def poll(self) -> bool:
+        """True if a message (or EOF) is waiting."""
+        return self._conn.poll(0)
+
+    def fileno(self) -> int:
+        """File descriptor that becomes readable when the parent sends something or goes away."""
+        return self._conn.fileno()
+
+
+def _child_entry(conn: Connection, target: Callable[..., None], args: tuple[Any, ...]) -> None:
+    try:
+        target(Link(conn), *args)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the parent may be gone already
+            conn.send(("error", traceback.format_exc()))
+        raise SystemExit(1) from None
+    finally:
+        conn.close()
+
+
+class Child:
+    """The parent's handle on one child process."""
+
+    def __init__(self, name: str, process: BaseProcess, conn: Connection) -> None:
+        self.name = name
+        self._process = process
+        self._conn = conn
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def send(self, value: object) -> None:
+        """Send a (picklable) value to the child."""
+        try:
+            self._conn.send(value)
+        except OSError as exc:
+            raise ChildError(f"{self.name}: cannot send (child exited?)") from exc
+
+    def recv(self, timeout: float) -> Any:
+        """The next value the child sent with ``link.send``.
+
+        Raises ChildError if the child failed (with its traceback), exited without answering,
+        or did not answer within ``timeout`` seconds.
+        """
+        if not self._conn.poll(timeout):
+            state = "is still running" if self._process.is_alive() else "has exited"
+            raise ChildError(f"{self.name}: no answer within {timeout:g} s ({state})")
+        try:
+            tag, value = self._conn.recv()
+        except EOFError:
+            self._process.join(1.0)
+            raise ChildError(
+                f"{self.name}: exited (code {self._process.exitcode}) without answering"
+            ) from None
+        if tag == "error":
+            raise ChildError(f"{self.name} failed:\n{value}")
+        return value
+
+    def stop(self, grace: float) -> None:
+        """Close the pipe, wait up to ``grace`` seconds for an exit, then terminate, then kill."""
+        self._conn.close()
+        self._process.join(grace)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(2.0)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(2.0)
+
+
+class Processes:
+    """Owns the children spawned in a ``with`` block and stops all of them on the way out."""
+
+    def __init__(self) -> None:
+        self._children: list[Child] = []
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def spawn(self, name: str, target: Callable[..., None], *args: Any) -> Child:
+        """Start ``target(link, *args)`` in a new (spawned) process."""
+        parent_conn, child_conn = _CTX.Pipe()
+        process = _CTX.Process(
+            target=_child_entry, args=(child_conn, target, args), name=name, daemon=True
+        )
+        process.start()
+        child_conn.close()  # so that the parent sees EOF when the child exits
+        child = Child(name, process, parent_conn)
+        self._children.append(child)
+        return child
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        grace = _EXIT_GRACE if exc_type is None else 0.0
+        deadline = time.monotonic() + grace
+        for child in reversed(self._children):
+            child.stop(max(0.0, deadline - time.monotonic()))
+        self._children.clear()

@@ -1,0 +1,143 @@
+"""The benchmark cases: each conec_trio subject next to the raw-aioquic baseline it is judged by.
+
+Subjects are looked up in ``subject_conec`` only when a case runs, so a missing or unfinished
+library part makes that one case report "subject not available".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import baseline_aioquic
+from .harness import Case, register
+
+
+@dataclass(frozen=True)
+class Sizes:
+    bulk_bytes: int
+    pingpong_seconds: float
+    oneway_count: int
+    handshakes: int
+    connect_many: int
+    connect_batch: int = 100
+
+
+QUICK = Sizes(
+    bulk_bytes=20_000_000, pingpong_seconds=2.0, oneway_count=20_000, handshakes=20,
+    connect_many=100,
+)  # fmt: skip
+FULL = Sizes(
+    bulk_bytes=100_000_000, pingpong_seconds=5.0, oneway_count=100_000, handshakes=20,
+    connect_many=1000,
+)  # fmt: skip
+
+
+def sizes(quick: bool) -> Sizes:
+    return QUICK if quick else FULL
+
+
+def _subject(name: str) -> Callable[..., float]:
+    from . import subject_conec
+
+    fn: Callable[..., float] = getattr(subject_conec, name)
+    return fn
+
+
+def _bulk_baseline(quick: bool) -> float:
+    return baseline_aioquic.bulk(sizes(quick).bulk_bytes)
+
+
+def _pingpong_baseline(quick: bool) -> float:
+    return baseline_aioquic.pingpong(sizes(quick).pingpong_seconds)
+
+
+def _bulk_case(name: str, description: str, target: float | None, receivers: int = 0) -> Case:
+    def subject(quick: bool) -> float:
+        nbytes = sizes(quick).bulk_bytes
+        if receivers:
+            return _subject("broadcast_fanout")(nbytes, receivers)
+        return _subject(name)(nbytes)
+
+    return register(
+        Case(
+            name=name,
+            description=description,
+            unit="MB/s",
+            higher_is_better=True,
+            baseline=_bulk_baseline,
+            subject=subject,
+            baseline_name="aioquic bulk",
+            target=target,
+        )
+    )
+
+
+_bulk_case(
+    "trio_endpoint_bulk",
+    "one QUIC stream point to point, conec_trio's Trio endpoint vs aioquic asyncio",
+    target=1.0,
+)
+_bulk_case("proxied_bulk", "client -> coordinator -> client stream vs aioquic bulk", target=0.45)
+_bulk_case("direct_bulk", "direct client-to-client stream vs aioquic bulk", target=0.9)
+
+register(
+    Case(
+        name="pingpong_proxied",
+        description="64-byte round trips on a proxied stream vs aioquic point to point",
+        unit="round trips/s",
+        higher_is_better=True,
+        baseline=_pingpong_baseline,
+        subject=lambda quick: _subject("pingpong_proxied")(sizes(quick).pingpong_seconds),
+        baseline_name="aioquic pingpong",
+    )
+)
+
+register(
+    Case(
+        name="oneway_small_proxied",
+        description="64-byte messages one way on a proxied stream vs aioquic point to point",
+        unit="msgs/s",
+        higher_is_better=True,
+        baseline=lambda quick: baseline_aioquic.oneway_small(sizes(quick).oneway_count),
+        subject=lambda quick: _subject("oneway_small_proxied")(sizes(quick).oneway_count),
+        baseline_name="aioquic oneway_small",
+    )
+)
+
+register(
+    Case(
+        name="open_client",
+        description="median time for open_client vs an aioquic connect() handshake",
+        unit="ms",
+        higher_is_better=False,
+        baseline=lambda quick: baseline_aioquic.handshake(sizes(quick).handshakes),
+        subject=lambda quick: _subject("open_client")(sizes(quick).handshakes),
+        baseline_name="aioquic handshake",
+        target=1 / 1.2,
+    )
+)
+
+for _n in (1, 10, 50):
+    _bulk_case(
+        f"broadcast_fanout_{_n}",
+        f"broadcast of the bulk payload to {_n} receiver(s) vs aioquic bulk (one receiver)",
+        target=None,
+        receivers=_n,
+    )
+
+register(
+    Case(
+        name="connect_many",
+        description="time to bring many clients up (batches of 100) vs aioquic connections",
+        unit="s",
+        higher_is_better=False,
+        baseline=lambda quick: baseline_aioquic.connect_many(
+            sizes(quick).connect_many, sizes(quick).connect_batch
+        ),
+        subject=lambda quick: _subject("connect_many")(
+            sizes(quick).connect_many, sizes(quick).connect_batch
+        ),
+        baseline_name="aioquic connect_many",
+    )
+)

@@ -1,0 +1,276 @@
+"""Benchmark harness: a registry of cases, interleaved runs, a table, JSON and a chart.
+
+A case pairs a *baseline* measurement (raw aioquic) with a *subject* measurement (conec_trio)
+of the same thing in the same unit. Both are plain callables ``(quick: bool) -> float``; they
+run in this process and start whatever child processes they need. The harness runs them
+interleaved (baseline, subject, baseline, subject, ...) so that drift on a noisy machine hits
+both alike, and reports the ratio of the medians, oriented so that above 1 is always better
+for the subject.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+Measure = Callable[[bool], float]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One named comparison. ``target``: the ratio the subject should reach (None: no target)."""
+
+    name: str
+    description: str
+    unit: str
+    higher_is_better: bool
+    baseline: Measure
+    subject: Measure
+    baseline_name: str
+    target: float | None = None
+
+
+REGISTRY: dict[str, Case] = {}
+
+
+def register(case: Case) -> Case:
+    """Add ``case`` to the registry (names are unique)."""
+    if case.name in REGISTRY:
+        raise ValueError(f"benchmark case {case.name!r} is already registered")
+    REGISTRY[case.name] = case
+    return case
+
+
+# Raised by a subject whose library code is not there yet: reported, not an error.
+SUBJECT_MISSING: tuple[type[BaseException], ...] = (NotImplementedError, ImportError)
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    baseline: list[float] = field(default_factory=list)
+    subject: list[float] = field(default_factory=list)
+    subject_status: str = "ok"  # "ok", "not available", "error", "not run"
+    subject_note: str = ""
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float | None:
+        """Subject vs baseline medians, > 1 meaning the subject did better."""
+        if not self.baseline or not self.subject:
+            return None
+        b = statistics.median(self.baseline)
+        s = statistics.median(self.subject)
+        if self.case.higher_is_better:
+            return s / b if b else None
+        return b / s if s else None
+
+    @property
+    def verdict(self) -> str:
+        ratio = self.ratio
+        if ratio is None:
+            return "n/a"
+        if self.case.target is None:
+            return "-"
+        return "PASS" if ratio >= self.case.target else "MISS"
+
+
+def run_case(case: Case, repeats: int, quick: bool, log: Callable[[str], None]) -> CaseResult:
+    """Run ``case`` ``repeats`` times, baseline and subject interleaved."""
+    result = CaseResult(case)
+    subject_live = True
+    for i in range(repeats):
+        start = time.perf_counter()
+        try:
+            value = case.baseline(quick)
+        except Exception as exc:
+            result.errors.append(f"baseline run {i + 1}: {_describe(exc)}")
+            log(f"  {case.name}: baseline run {i + 1} FAILED: {_describe(exc)}")
+            traceback.print_exc()
+            break
+        result.baseline.append(value)
+        log(
+            f"  {case.name}: baseline {i + 1}/{repeats}: {_fmt(value)} {case.unit}"
+            f"  ({time.perf_counter() - start:.1f} s)"
+        )
+        if not subject_live:
+            continue
+        start = time.perf_counter()
+        try:
+            value = case.subject(quick)
+        except SUBJECT_MISSING as exc:
+            subject_live = False
+            result.subject_status = "not available"
+            result.subject_note = _describe(exc)
+            log(f"  {case.name}: subject not available ({_describe(exc)})")
+            continue
+        except Exception as exc:
+            subject_live = False
+            result.subject_status = "error"
+            result.subject_note = _describe(exc)
+            result.errors.append(f"subject run {i + 1}: {_describe(exc)}")
+            log(f"  {case.name}: subject run {i + 1} FAILED: {_describe(exc)}")
+            traceback.print_exc()
+            continue
+        result.subject.append(value)
+        log(
+            f"  {case.name}: subject  {i + 1}/{repeats}: {_fmt(value)} {case.unit}"
+            f"  ({time.perf_counter() - start:.1f} s)"
+        )
+    if not result.baseline and result.subject_status == "ok":
+        result.subject_status = "not run"
+    return result
+
+
+def run_all(
+    cases: Iterable[Case], repeats: int, quick: bool, log: Callable[[str], None] = print
+) -> list[CaseResult]:
+    results = []
+    for case in cases:
+        log(f"{case.name}: {case.description}")
+        results.append(run_case(case, repeats, quick, log))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _fmt(value: float) -> str:
+    """A short number: 3 significant digits, no exponent for the usual ranges."""
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:,.0f}"
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+def _spread(samples: Sequence[float]) -> str:
+    if not samples:
+        return ""
+    return f"{_fmt(statistics.median(samples))} ({_fmt(min(samples))}-{_fmt(max(samples))})"
+
+
+def format_table(results: Sequence[CaseResult]) -> str:
+    """Plain-text table: one row per case."""
+    header = ("case", "unit", "baseline median (min-max)", "subject median (min-max)",
+              "ratio", "target", "result")  # fmt: skip
+    rows: list[tuple[str, ...]] = []
+    for r in results:
+        unit = r.case.unit + ("" if r.case.higher_is_better else " (lower better)")
+        if r.subject:
+            subject = _spread(r.subject)
+        elif r.subject_status == "not available":
+            subject = "subject not available"
+        elif r.subject_status == "error":
+            subject = "subject FAILED"
+        else:
+            subject = "-"
+        baseline = _spread(r.baseline) if r.baseline else "baseline FAILED"
+        ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
+        target = f"{r.case.target:.2f}" if r.case.target is not None else "-"
+        rows.append((r.case.name, unit, baseline, subject, ratio, target, r.verdict))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "aioquic": _version("aioquic"),
+        "trio": _version("trio"),
+        "cryptography": _version("cryptography"),
+        "conec_trio": _version("conec_trio") or _version("conec-trio"),
+    }
+
+
+def _stats(samples: Sequence[float]) -> dict[str, Any] | None:
+    if not samples:
+        return None
+    return {
+        "samples": list(samples),
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+    }
+
+
+def results_json(
+    results: Sequence[CaseResult], *, quick: bool, repeats: int, wall_time: float
+) -> dict[str, Any]:
+    return {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "repeats": repeats,
+        "wall_time_s": round(wall_time, 2),
+        "machine": machine_info(),
+        "cases": [
+            {
+                "name": r.case.name,
+                "description": r.case.description,
+                "baseline_name": r.case.baseline_name,
+                "unit": r.case.unit,
+                "higher_is_better": r.case.higher_is_better,
+                "target": r.case.target,
+                "baseline": _stats(r.baseline),
+                "subject": _stats(r.subject),
+                "subject_status": r.subject_status,
+                "subject_note": r.subject_note,
+                "ratio": r.ratio,
+                "result": r.verdict,
+                "errors": r.errors,
+            }
+            for r in results
+        ],
+    }
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")

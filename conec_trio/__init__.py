@@ -1,0 +1,63 @@
+"""conec_trio: COordinated NEtwork Channels for Trio, over QUIC.
+
+One coordinator, many clients: message streams relayed by the coordinator or direct between
+clients, broadcast channels, and adapters for non-blocking and CBOR-typed receivers.
+"""
+
+from . import certs
+from ._client import Client, open_client
+from ._config import ClientConfig, CoordConfig
+from ._coordinator import Coordinator, open_coordinator
+from ._exceptions import (
+    BroadcastNotFoundError,
+    CertificateError,
+    ChannelError,
+    ConecError,
+    ConnectError,
+    DisconnectedError,
+    IdInUseError,
+    InvalidIdError,
+    Lagged,
+    MessageTooLargeError,
+    PeerNotFoundError,
+    ProtocolError,
+    RefusedError,
+    StreamIdInUseError,
+    VersionMismatchError,
+)
+from ._types import BroadcastMessage, IncomingStream, StreamId
+from .adapters import CborReceiveChannel, CborSendChannel, open_nonblocking, untagged
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BroadcastMessage",
+    "BroadcastNotFoundError",
+    "CborReceiveChannel",
+    "CborSendChannel",
+    "CertificateError",
+    "ChannelError",
+    "Client",
+    "ClientConfig",
+    "ConecError",
+    "ConnectError",
+    "CoordConfig",
+    "Coordinator",
+    "DisconnectedError",
+    "IdInUseError",
+    "IncomingStream",
+    "InvalidIdError",
+    "Lagged",
+    "MessageTooLargeError",
+    "PeerNotFoundError",
+    "ProtocolError",
+    "RefusedError",
+    "StreamId",
+    "StreamIdInUseError",
+    "VersionMismatchError",
+    "certs",
+    "open_client",
+    "open_coordinator",
+    "open_nonblocking",
+    "untagged",
+]

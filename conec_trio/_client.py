@@ -1,0 +1,524 @@
+"""The client: its coordinator connection, streams, incoming streams and direct channels."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from aioquic.quic.configuration import QuicConfiguration
+
+from . import _tls
+from ._config import DEFAULT_IDLE_TIMEOUT, ClientConfig, check_client_id, load_pem
+from ._exceptions import (
+    BroadcastNotFoundError,
+    CertificateError,
+    ConecError,
+    ConnectError,
+    DisconnectedError,
+    IdInUseError,
+    InvalidIdError,
+    PeerNotFoundError,
+    ProtocolError,
+    RefusedError,
+    StreamIdInUseError,
+    VersionMismatchError,
+)
+from ._quic import QuicConn, QuicEndpoint, make_udp_socket
+from ._streams import (
+    MessageReceiveChannel,
+    MessageSendChannel,
+    StreamState,
+    StreamTable,
+    message_channels,
+    read_header,
+    write_message,
+)
+from ._types import BroadcastMessage, IncomingStream, StreamId
+from ._util import system_ca_location, unwrap_single_exception
+from ._wire import control
+from ._wire.codes import CloseCode, StreamCode
+
+log = logging.getLogger("conec_trio.client")
+
+# How long a client waits at exit for its cleanly closed streams to be acknowledged.
+FLUSH_TIMEOUT = 2.0
+
+_CLOSE_ERRORS: dict[int, type[ConecError]] = {
+    CloseCode.VERSION: VersionMismatchError,
+    CloseCode.ID_TAKEN: IdInUseError,
+    CloseCode.BAD_ID: InvalidIdError,
+    CloseCode.CERTIFICATE: CertificateError,
+    CloseCode.LIMIT: RefusedError,
+    CloseCode.PROTOCOL: ProtocolError,
+}
+
+
+def _close_error(conn: QuicConn, host: str, port: int) -> ConecError:
+    """Turn a connection that closed during setup into the error a user can act on."""
+    code = conn.close_error_code or 0
+    reason = conn.close_reason
+    if code in _CLOSE_ERRORS:
+        return _CLOSE_ERRORS[code](f"coordinator at {host}:{port} refused this client: {reason}")
+    if 0x100 <= code < 0x200:  # a TLS alert, from either side
+        return CertificateError(
+            f"TLS handshake with the coordinator at {host}:{port} failed: {reason or 'alert'} "
+            f"(check the coordinator's certificate, the 'ca' setting and 'coord_host')"
+        )
+    if reason == "Idle timeout":
+        return ConnectError(f"no answer from the coordinator at {host}:{port}")
+    return ConnectError(
+        f"connection to the coordinator at {host}:{port} closed: {reason or f'code {code:#x}'}"
+    )
+
+
+class _IncomingStreams(trio.abc.ReceiveChannel[IncomingStream]):
+    """``client.incoming_streams``: breaks (rather than ends) when the coordinator is lost."""
+
+    def __init__(self, client: Client, recv: trio.MemoryReceiveChannel[IncomingStream]) -> None:
+        self._client = client
+        self._recv = recv
+
+    async def receive(self) -> IncomingStream:
+        """The next stream another party opened to this client.
+
+        Raises ``trio.BrokenResourceError`` once the coordinator connection is lost and no
+        stream is left, ``trio.EndOfChannel`` after the client block ended.
+        """
+        try:
+            return await self._recv.receive()
+        except trio.EndOfChannel:
+            if self._client._lost is not None:
+                raise trio.BrokenResourceError(str(self._client._lost)) from self._client._lost
+            raise
+
+    async def aclose(self) -> None:
+        await self._recv.aclose()
+
+
+class Client:
+    """A client connected to a coordinator (see ``open_client``)."""
+
+    def __init__(self, config: ClientConfig, nursery: trio.Nursery) -> None:
+        self.config = config
+        self.id = check_client_id(config.id)
+        self._nursery = nursery
+        self._conn: QuicConn | None = None
+        self._endpoint: QuicEndpoint | None = None
+        self._table: StreamTable | None = None
+        self._control: StreamState | None = None
+        self._lost: ConecError | None = None
+        self._rid = itertools.count(1)
+        self._pending: dict[int, trio.MemorySendChannel[Any]] = {}
+        self._proxied_ids: set[int] = set()
+        self._next_proxied = 0
+        self.observed_address: tuple[str, int] | None = None
+        incoming_send, incoming_recv = trio.open_memory_channel[IncomingStream](math.inf)
+        self._incoming_send = incoming_send
+        self.incoming_streams: trio.abc.ReceiveChannel[IncomingStream] = _IncomingStreams(
+            self, incoming_recv
+        )
+        cert_pem = load_pem(config.cert_chain)
+        key_pem = load_pem(config.private_key)
+        if cert_pem is None or key_pem is None:
+            cert_pem, key_pem = _tls.ephemeral_identity(self.id)
+        chain = _tls.load_cert_chain_pem(cert_pem)
+        self._certificate = chain[0]
+        self._certificate_chain = chain[1:]
+        self._private_key = _tls.load_private_key(key_pem)
+        self._ca = load_pem(config.ca)
+        self._idle_timeout = config.idle_timeout or DEFAULT_IDLE_TIMEOUT
+
+    # -- connecting ------------------------------------------------------------------------------
+
+    def _quic_config(self) -> QuicConfiguration:
+        cfg = self.config
+        config = QuicConfiguration(
+            is_client=True,
+            alpn_protocols=[control.ALPN],
+            server_name=cfg.coord_host,
+            idle_timeout=self._idle_timeout,
+            max_stream_data=cfg.stream_window,
+            max_data=cfg.connection_window,
+        )
+        if self._ca is not None:
+            config.cadata = self._ca
+        else:
+            config.cafile, config.capath = system_ca_location()
+        config.certificate = self._certificate
+        config.certificate_chain = self._certificate_chain
+        config.private_key = self._private_key
+        return config
+
+    async def _connect(self) -> None:
+        cfg = self.config
+        host, port = cfg.coord_host, cfg.coord_port
+        try:
+            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise ConnectError(f"cannot resolve the coordinator host {host!r}: {exc}") from exc
+        errors: list[ConecError] = []
+        attempts: list[tuple[trio.CancelScope, QuicEndpoint, QuicConn]] = []
+        # Every resolved address is tried at once ("localhost" may be ::1 or 127.0.0.1);
+        # the first finished handshake wins.
+        for family, addr in dict.fromkeys((info[0], info[4][:2]) for info in infos):
+            bind_host = "::" if family == socket.AF_INET6 else "0.0.0.0"
+            try:
+                sock = make_udp_socket(family, bind_host, 0)
+            except OSError as exc:
+                errors.append(ConnectError(f"cannot open a UDP socket towards {addr}: {exc}"))
+                continue
+            scope = trio.CancelScope()
+            endpoint: QuicEndpoint = await self._nursery.start(self._run_endpoint, sock, scope)
+            conn = endpoint.connect(
+                addr,
+                self._quic_config(),
+                keepalive_interval=self._idle_timeout / 3 if cfg.keepalive else None,
+                request_client_certificate=False,
+                stream_window=cfg.stream_window,
+                connection_window=cfg.connection_window,
+                max_streams=cfg.max_streams,
+            )
+            attempts.append((scope, endpoint, conn))
+
+        with trio.move_on_after(cfg.connect_timeout):
+            async with trio.open_nursery() as watchers:
+                for _, _, conn in attempts:
+                    watchers.start_soon(self._watch_attempt, conn, attempts, watchers.cancel_scope)
+        won = [a for a in attempts if a[2].handshake_complete.is_set() and a[2].is_open]
+        for scope, _, conn in attempts:
+            if not won or conn is not won[0][2]:
+                if conn.is_open:
+                    conn.close(int(CloseCode.NORMAL), "another address answered first")
+                    await conn.transmit()
+                else:
+                    errors.append(_close_error(conn, host, port))
+                scope.cancel()
+        if not won:
+            raise self._best_error(errors, host, port)
+        _, self._endpoint, self._conn = won[0]
+        self._endpoint.raw_datagram_handler = self._raw_datagram
+        await self._hello()
+
+    @staticmethod
+    async def _watch_attempt(
+        conn: QuicConn,
+        attempts: list[tuple[trio.CancelScope, QuicEndpoint, QuicConn]],
+        done: trio.CancelScope,
+    ) -> None:
+        async with trio.open_nursery() as either:
+
+            async def wait_and_stop(event: trio.Event) -> None:
+                await event.wait()
+                either.cancel_scope.cancel()
+
+            either.start_soon(wait_and_stop, conn.handshake_complete)
+            either.start_soon(wait_and_stop, conn.closed)
+        if conn.handshake_complete.is_set() or all(not c.is_open for _, _, c in attempts):
+            done.cancel()
+
+    @staticmethod
+    async def _run_endpoint(
+        sock: socket.socket,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[QuicEndpoint] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with scope:
+            try:
+                async with trio.open_nursery() as nursery:
+                    endpoint = QuicEndpoint(sock, nursery)
+                    await nursery.start(endpoint.run)
+                    task_status.started(endpoint)
+            finally:
+                sock.close()
+
+    def _best_error(self, errors: list[ConecError], host: str, port: int) -> ConecError:
+        # A certificate problem or a refusal says more than a silence.
+        for err in errors:
+            if not isinstance(err, ConnectError):
+                return err
+        return ConnectError(
+            f"no answer from the coordinator at {host}:{port} within "
+            f"{self.config.connect_timeout:g} s (is it running, and are host and port right?)"
+        )
+
+    async def _hello(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        self._table = StreamTable(
+            conn,
+            window=self.config.stream_window,
+            max_message_size=self.config.max_message_size,
+            on_new_stream=self._new_stream,
+            on_terminated=self._terminated,
+            describe_loss=lambda: DisconnectedError(
+                f"client {self.id!r} lost its connection to the coordinator"
+            ),
+        )
+        st = self._table.open_stream()
+        self._control = st
+        local = self._local_addrs()
+        write_message(
+            st,
+            control.encode(
+                control.Hello(control.PROTOCOL_VERSION, self.id, self.config.listen, local)
+            ),
+        )
+        host, port = self.config.coord_host, self.config.coord_port
+        try:
+            with trio.fail_after(self.config.connect_timeout):
+                reply = control.decode(await read_header(st))
+        except trio.TooSlowError:
+            raise ConnectError(f"the coordinator at {host}:{port} did not answer the hello") from None
+        except ConecError:
+            await trio.lowlevel.checkpoint()
+            if not conn.is_open:
+                raise _close_error(conn, host, port) from None
+            raise
+        if isinstance(reply, control.Refused):
+            raise ConecError(f"coordinator refused this client: {reply.message}")
+        if not isinstance(reply, control.Welcome):
+            raise ProtocolError(f"the coordinator answered the hello with {type(reply).__name__}")
+        if reply.version != control.PROTOCOL_VERSION:
+            raise VersionMismatchError(
+                f"protocol version mismatch: the client speaks version {control.PROTOCOL_VERSION},"
+                f" the coordinator speaks version {reply.version}"
+            )
+        self.observed_address = reply.observed_addr
+        self._nursery.start_soon(self._control_loop, st)
+
+    def _local_addrs(self) -> list[tuple[str, int]]:
+        assert self._endpoint is not None and self._conn is not None
+        port = int(self._endpoint.local_address[1])
+        family = self._endpoint.sock.family
+        addrs: list[tuple[str, int]] = []
+        # The address the OS would send from towards the coordinator (no packet is sent).
+        probe = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            probe.connect(self._conn.peer_address[:2])
+            addrs.append((str(probe.getsockname()[0]), port))
+        except OSError:
+            pass
+        finally:
+            probe.close()
+        return addrs
+
+    def _raw_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        """Non-QUIC datagrams (hole-punching packets) are dropped on arrival."""
+
+    # -- control stream ----------------------------------------------------------------------------
+
+    async def _control_loop(self, st: StreamState) -> None:
+        while True:
+            try:
+                msg = control.decode(await read_header(st))
+            except ConecError as exc:
+                if self._conn is not None and self._conn.is_open:
+                    log.warning("bad control message from the coordinator: %s", exc)
+                    self._conn.close(int(CloseCode.PROTOCOL), f"bad control message: {exc}")
+                return
+            rid = getattr(msg, "rid", None)
+            if rid is not None and rid in self._pending:
+                self._pending.pop(rid).send_nowait(msg)
+
+    async def _request(self, make: Any) -> Any:
+        """Send a control request and wait for its reply (matched by request id)."""
+        self._check_alive()
+        assert self._control is not None
+        rid = next(self._rid)
+        send, recv = trio.open_memory_channel[Any](1)
+        self._pending[rid] = send
+        try:
+            write_message(self._control, control.encode(make(rid)))
+            while True:
+                with trio.move_on_after(0.5):
+                    return await recv.receive()
+                self._check_alive()
+        finally:
+            self._pending.pop(rid, None)
+
+    def _check_alive(self) -> None:
+        if self._lost is not None:
+            raise DisconnectedError(str(self._lost)) from self._lost
+        if self._conn is None or not self._conn.is_open:
+            raise DisconnectedError(f"client {self.id!r} is not connected to the coordinator")
+
+    def _terminated(self, conn: QuicConn, error_code: int, reason: str) -> None:
+        if self._lost is None:
+            self._lost = DisconnectedError(
+                f"client {self.id!r} lost its connection to the coordinator: {reason or 'closed'}"
+            )
+        self._incoming_send.close()
+        for send in self._pending.values():
+            send.close()
+
+    # -- incoming streams --------------------------------------------------------------------------
+
+    def _new_stream(self, st: StreamState) -> None:
+        self._nursery.start_soon(self._accept_stream, st)
+
+    async def _accept_stream(self, st: StreamState) -> None:
+        try:
+            msg = control.decode(await read_header(st))
+        except ConecError as exc:
+            st.fail(ProtocolError(f"bad stream header: {exc}"), StreamCode.PROTOCOL)
+            return
+        if not isinstance(msg, control.IncomingProxied):
+            st.fail(ProtocolError(f"unexpected stream header {type(msg).__name__}"), StreamCode.PROTOCOL)
+            return
+        sid = StreamId.proxied(msg.sid)
+        send, recv = message_channels(st, msg.peer, sid)
+        try:
+            self._incoming_send.send_nowait(IncomingStream(msg.peer, sid, send, recv))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            st.fail(ConecError("client is shutting down"), StreamCode.ABORTED)
+
+    # -- opening streams ---------------------------------------------------------------------------
+
+    def _take_proxied_id(self, wanted: StreamId | None) -> int:
+        if wanted is not None:
+            if wanted.n in self._proxied_ids:
+                raise StreamIdInUseError(f"stream id {wanted!r} is already in use by {self.id!r}")
+            self._proxied_ids.add(wanted.n)
+            return wanted.n
+        while self._next_proxied in self._proxied_ids:
+            self._next_proxied += 1
+        n = self._next_proxied
+        self._proxied_ids.add(n)
+        self._next_proxied += 1
+        return n
+
+    async def _open_proxied(
+        self, peer: str | None, n: int
+    ) -> tuple[MessageSendChannel, MessageReceiveChannel]:
+        self._check_alive()
+        assert self._table is not None
+        st = self._table.open_stream()
+        write_message(st, control.encode(control.OpenProxied(n, peer)))
+        try:
+            reply = control.decode(await read_header(st))
+        except ConecError as exc:
+            st.fail(exc, StreamCode.ABORTED)
+            self._check_alive()
+            raise ProtocolError(f"opening a stream to {peer!r} failed: {exc}") from exc
+        except BaseException:
+            st.fail(ConecError("stream opening was cancelled"), StreamCode.ABORTED)
+            self._proxied_ids.discard(n)
+            raise
+        if isinstance(reply, control.StreamRefused):
+            st.fail(ConecError(reply.message), StreamCode.REFUSED)
+            self._proxied_ids.discard(n)
+            if reply.reason == "no-peer":
+                raise PeerNotFoundError(reply.message)
+            raise RefusedError(reply.message)
+        if not isinstance(reply, control.StreamAccepted):
+            st.fail(ProtocolError("unexpected reply"), StreamCode.PROTOCOL)
+            raise ProtocolError(f"unexpected reply {type(reply).__name__} to a stream open")
+        return message_channels(st, peer, StreamId.proxied(n))
+
+    async def new_proxied_stream(
+        self, peer: str | None
+    ) -> tuple[MessageSendChannel, MessageReceiveChannel]:
+        """Open a stream relayed by the coordinator to client ``peer`` (this client itself
+        allowed), or to the coordinator when ``peer`` is None.
+
+        Raises ``PeerNotFoundError`` if ``peer`` is not connected, ``DisconnectedError`` if
+        this client lost the coordinator.
+        """
+        self._check_alive()
+        n = self._take_proxied_id(None)
+        try:
+            return await self._open_proxied(peer, n)
+        except BaseException:
+            self._proxied_ids.discard(n)
+            raise
+
+    async def new_stream(self, peer: str) -> tuple[MessageSendChannel, MessageReceiveChannel]:
+        """A stream to ``peer``: direct if a channel exists or can be opened now, else proxied."""
+        return await self.new_proxied_stream(peer)
+
+    async def new_stream_with_id(
+        self, peer: str | None, stream_id: StreamId
+    ) -> tuple[MessageSendChannel, MessageReceiveChannel]:
+        """Like ``new_stream`` with a caller-chosen id; ``StreamIdInUseError`` if it is in use."""
+        self._check_alive()
+        if stream_id.is_direct:
+            raise ConecError("direct streams need a direct channel; none is open")
+        n = self._take_proxied_id(stream_id)
+        try:
+            return await self._open_proxied(peer, n)
+        except BaseException:
+            self._proxied_ids.discard(n)
+            raise
+
+    # -- broadcast ---------------------------------------------------------------------------------
+
+    async def new_broadcast(
+        self, name: str
+    ) -> tuple[trio.abc.SendChannel[bytes], trio.abc.ReceiveChannel[BroadcastMessage[bytes]]]:
+        """Join broadcast channel ``name`` (created on first use): ``(send, recv)``."""
+        from ._broadcast import join_broadcast
+
+        self._check_alive()
+        assert self._table is not None
+        return await join_broadcast(self, self._table, name)
+
+    async def broadcast_count(self, name: str) -> tuple[int, int]:
+        """``(senders, receivers)`` of broadcast channel ``name`` now.
+
+        Raises ``BroadcastNotFoundError`` if there is no such channel.
+        """
+        reply = await self._request(lambda rid: control.BroadcastCountRequest(rid, name))
+        if isinstance(reply, control.ErrorReply):
+            raise BroadcastNotFoundError(reply.message)
+        return (reply.senders, reply.receivers)
+
+    # -- shutdown ----------------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        conn, table = self._conn, self._table
+        self._incoming_send.close()
+        if conn is None or table is None:
+            return
+        with trio.move_on_after(FLUSH_TIMEOUT) as scope:
+            scope.shield = True
+            # What was sent and cleanly closed must arrive before we hang up.
+            while conn.is_open and not all(
+                conn.quic.fin_acked(sid)
+                for sid, st in table.streams.items()
+                if st.send_finished and st.send_error is None
+            ):
+                await table.progress.park()
+        for st in list(table.streams.values()):
+            st.reset(StreamCode.ABORTED)
+            st.stop_receiving(StreamCode.ABORTED)
+        await conn.aclose(int(CloseCode.NORMAL), "client leaving")
+
+
+@asynccontextmanager
+async def open_client(config: ClientConfig) -> AsyncIterator[Client]:
+    """Connect to the coordinator; the client lives for the duration of the block.
+
+    Raises a ``ConecError`` subclass if connecting or authenticating fails (``ConnectError``,
+    ``CertificateError``, ``IdInUseError``, ``InvalidIdError``, ``VersionMismatchError``,
+    ...), before the block runs. Leaving the block closes every stream and channel.
+    """
+    with unwrap_single_exception():
+        async with trio.open_nursery() as nursery:
+            client = Client(config, nursery)
+            try:
+                await client._connect()
+            except BaseException:
+                nursery.cancel_scope.cancel()
+                raise
+            try:
+                yield client
+            finally:
+                await client._shutdown()
+                nursery.cancel_scope.cancel()

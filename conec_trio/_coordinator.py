@@ -1,0 +1,352 @@
+"""The coordinator: registry of clients, relay of proxied streams, broker and broadcast hub."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from aioquic.quic.configuration import QuicConfiguration
+
+from . import _tls
+from ._config import DEFAULT_IDLE_TIMEOUT, CoordConfig, check_client_id, load_pem
+from ._exceptions import CertificateError, ConecError, InvalidIdError, ProtocolError
+from ._quic import QuicConn, QuicEndpoint, make_udp_socket
+from ._streams import (
+    StreamState,
+    StreamTable,
+    message_channels,
+    read_header,
+    relay,
+    write_message,
+)
+from ._types import IncomingStream, StreamId
+from ._util import unwrap_single_exception
+from ._wire import control
+from ._wire.codes import CloseCode, StreamCode
+
+log = logging.getLogger("conec_trio.coordinator")
+
+# A client must say hello this soon after its handshake, or it is dropped.
+HELLO_TIMEOUT = 10.0
+
+
+class ClientSession:
+    """One connected (or connecting) client, as the coordinator sees it."""
+
+    def __init__(self, coord: Coordinator, conn: QuicConn) -> None:
+        self.coord = coord
+        self.conn = conn
+        self.id: str | None = None
+        self.listen = False
+        self.local_addrs: list[tuple[str, int]] = []
+        self.control: StreamState | None = None
+        self.hello_seen = trio.Event()
+        self.table = StreamTable(
+            conn,
+            window=coord.config.stream_window,
+            max_message_size=coord.config.max_message_size,
+            on_new_stream=self._new_stream,
+            on_terminated=self._terminated,
+            describe_loss=self._describe_loss,
+        )
+
+    @property
+    def cert_der(self) -> bytes:
+        cert = self.conn.quic.peer_certificate
+        return _tls.cert_der(cert) if cert is not None else b""
+
+    @property
+    def observed_addr(self) -> tuple[str, int]:
+        return (str(self.conn.peer_address[0]), int(self.conn.peer_address[1]))
+
+    def _describe_loss(self) -> ConecError:
+        return ConecError(f"client {self.id!r} disconnected")
+
+    def _new_stream(self, st: StreamState) -> None:
+        self.coord._nursery.start_soon(self.coord._handle_stream, self, st)
+
+    def _terminated(self, conn: QuicConn, error_code: int, reason: str) -> None:
+        self.coord._client_gone(self, reason)
+
+    def refuse(self, code: CloseCode, message: str) -> None:
+        log.info("refusing client %r: %s", self.id, message)
+        self.conn.close(int(code), message)
+
+
+class Coordinator:
+    """A running coordinator (see ``open_coordinator``)."""
+
+    def __init__(self, config: CoordConfig, nursery: trio.Nursery) -> None:
+        self.config = config
+        self._nursery = nursery
+        self._clients: dict[str, ClientSession] = {}
+        self._sessions: set[ClientSession] = set()
+        self._endpoint: QuicEndpoint | None = None
+        self._incoming_send, self.incoming_streams = trio.open_memory_channel[IncomingStream](
+            config.max_pending_opens
+        )
+        cert_pem = load_pem(config.cert_chain)
+        key_pem = load_pem(config.private_key)
+        assert cert_pem is not None and key_pem is not None
+        chain = _tls.load_cert_chain_pem(cert_pem)
+        self._certificate = chain[0]
+        self._certificate_chain = chain[1:]
+        self._private_key = _tls.load_private_key(key_pem)
+        self._client_ca = load_pem(config.client_ca)
+        self._idle_timeout = config.idle_timeout or DEFAULT_IDLE_TIMEOUT
+        from ._broadcast import BroadcastHub
+
+        self.broadcasts = BroadcastHub(self)
+
+    # -- public, non-blocking queries -------------------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) the coordinator is bound to."""
+        assert self._endpoint is not None
+        addr = self._endpoint.local_address
+        return (str(addr[0]), int(addr[1]))
+
+    @property
+    def num_clients(self) -> int:
+        """Clients connected now."""
+        return len(self._clients)
+
+    @property
+    def num_broadcasts(self) -> int:
+        """Broadcast channels alive now."""
+        return self.broadcasts.count
+
+    def client_ids(self) -> list[str]:
+        """Ids of the clients connected now."""
+        return sorted(self._clients)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        host, port = self.config.host, self.config.port
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        family, *_, sockaddr = infos[0]
+        sock = make_udp_socket(family, str(sockaddr[0]), int(sockaddr[1]))
+        self._endpoint = QuicEndpoint(sock, self._nursery)
+        self._endpoint.accept_connections(
+            self._server_config, self._accepted, stateless_retry=self.config.stateless_retry
+        )
+        await self._nursery.start(self._endpoint.run)
+
+    def _server_config(self) -> tuple[QuicConfiguration, dict[str, Any]]:
+        config = QuicConfiguration(
+            is_client=False,
+            alpn_protocols=[control.ALPN],
+            idle_timeout=self._idle_timeout,
+            max_stream_data=self.config.stream_window,
+            max_data=self.config.connection_window,
+        )
+        config.certificate = self._certificate
+        config.certificate_chain = self._certificate_chain
+        config.private_key = self._private_key
+        options = {
+            "request_client_certificate": True,
+            "stream_window": self.config.stream_window,
+            "connection_window": self.config.connection_window,
+            "max_streams": self.config.max_streams_per_client,
+        }
+        return config, options
+
+    def _accepted(self, conn: QuicConn) -> None:
+        session = ClientSession(self, conn)
+        self._sessions.add(session)
+        self._nursery.start_soon(self._expect_hello, session)
+
+    async def _expect_hello(self, session: ClientSession) -> None:
+        with trio.move_on_after(HELLO_TIMEOUT):
+            await session.hello_seen.wait()
+            return
+        if session.conn.is_open:
+            session.refuse(CloseCode.PROTOCOL, "no hello within the allowed time")
+
+    async def _shutdown(self) -> None:
+        for session in list(self._sessions):
+            session.conn.close(int(CloseCode.SHUTDOWN), "coordinator shutting down")
+        with trio.move_on_after(1.0) as scope:
+            scope.shield = True
+            for session in list(self._sessions):
+                await session.conn.transmit()
+
+    def _client_gone(self, session: ClientSession, reason: str) -> None:
+        self._sessions.discard(session)
+        if session.id is not None and self._clients.get(session.id) is session:
+            del self._clients[session.id]
+            log.info("client %r left: %s", session.id, reason or "closed")
+
+    # -- streams ----------------------------------------------------------------------------------
+
+    async def _handle_stream(self, session: ClientSession, st: StreamState) -> None:
+        try:
+            with trio.fail_after(HELLO_TIMEOUT):
+                header = await read_header(st)
+        except (ConecError, trio.TooSlowError):
+            st.fail(ProtocolError("no valid stream header"), StreamCode.PROTOCOL)
+            return
+        if session.control is None:
+            if session.id is None and not session.hello_seen.is_set():
+                await self._handle_hello(session, st, header)
+            else:
+                st.fail(ProtocolError("stream before hello"), StreamCode.PROTOCOL)
+            return
+        try:
+            msg = control.decode(header)
+        except ProtocolError as exc:
+            st.fail(exc, StreamCode.PROTOCOL)
+            return
+        if isinstance(msg, control.OpenProxied):
+            await self._open_proxied(session, st, msg)
+        elif isinstance(msg, control.JoinBroadcast):
+            await self.broadcasts.join(session, st, msg.name)
+        else:
+            st.fail(ProtocolError(f"unexpected stream header {type(msg).__name__}"), StreamCode.PROTOCOL)
+
+    async def _handle_hello(self, session: ClientSession, st: StreamState, header: bytes) -> None:
+        session.hello_seen.set()
+        try:
+            version = control.decode_hello_version(header)
+        except ProtocolError as exc:
+            session.refuse(CloseCode.PROTOCOL, f"bad hello: {exc}")
+            return
+        if version != control.PROTOCOL_VERSION:
+            session.refuse(
+                CloseCode.VERSION,
+                f"protocol version mismatch: the coordinator speaks version "
+                f"{control.PROTOCOL_VERSION}, the client speaks version {version}",
+            )
+            return
+        try:
+            hello = control.decode(header)
+            assert isinstance(hello, control.Hello)
+            client_id = check_client_id(hello.client_id)
+        except (ProtocolError, AssertionError) as exc:
+            session.refuse(CloseCode.PROTOCOL, f"bad hello: {exc}")
+            return
+        except InvalidIdError as exc:
+            session.refuse(CloseCode.BAD_ID, str(exc))
+            return
+        session.id = client_id
+        cert = session.conn.quic.peer_certificate
+        if cert is None:
+            session.refuse(CloseCode.CERTIFICATE, "the client presented no certificate")
+            return
+        try:
+            _tls.verify_client_cert(
+                cert, session.conn.quic.peer_certificate_chain, client_id, self._client_ca
+            )
+        except CertificateError as exc:
+            session.refuse(CloseCode.CERTIFICATE, str(exc))
+            return
+        if client_id in self._clients:
+            session.id = None  # must not unregister the client that holds the name
+            session.refuse(
+                CloseCode.ID_TAKEN, f"client id {client_id!r} is already connected"
+            )
+            return
+        if len(self._clients) >= self.config.max_clients:
+            session.id = None
+            session.refuse(
+                CloseCode.LIMIT, f"the coordinator holds its maximum of {self.config.max_clients} clients"
+            )
+            return
+        if not session.conn.is_open:
+            return
+        session.listen = hello.listen
+        session.local_addrs = list(hello.local_addrs)
+        session.control = st
+        self._clients[client_id] = session
+        write_message(
+            st, control.encode(control.Welcome(control.PROTOCOL_VERSION, session.observed_addr))
+        )
+        log.info("client %r connected from %s", client_id, session.observed_addr)
+        await self._control_loop(session, st)
+
+    async def _control_loop(self, session: ClientSession, st: StreamState) -> None:
+        while True:
+            try:
+                payload = await read_header(st)
+                msg = control.decode(payload)
+            except ConecError as exc:
+                if session.conn.is_open and not isinstance(exc, ProtocolError):
+                    return
+                if session.conn.is_open:
+                    session.refuse(CloseCode.PROTOCOL, f"bad control message: {exc}")
+                return
+            await self._control_message(session, st, msg)
+
+    async def _control_message(self, session: ClientSession, st: StreamState, msg: Any) -> None:
+        if isinstance(msg, control.BroadcastCountRequest):
+            counts = self.broadcasts.counts(msg.name)
+            reply: Any
+            if counts is None:
+                reply = control.ErrorReply(
+                    msg.rid, "no-broadcast", f"no broadcast channel named {msg.name!r}"
+                )
+            else:
+                reply = control.BroadcastCountReply(msg.rid, *counts)
+            write_message(st, control.encode(reply))
+        else:
+            session.refuse(CloseCode.PROTOCOL, f"unexpected control message {type(msg).__name__}")
+
+    async def _open_proxied(
+        self, session: ClientSession, st: StreamState, msg: control.OpenProxied
+    ) -> None:
+        opener = session.id
+        assert opener is not None
+        if msg.peer is None:
+            write_message(st, control.encode(control.StreamAccepted()))
+            send, recv = message_channels(st, opener, StreamId.proxied(msg.sid))
+            try:
+                await self._incoming_send.send(
+                    IncomingStream(opener, StreamId.proxied(msg.sid), send, recv)
+                )
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                st.fail(ConecError("the coordinator no longer accepts streams"), StreamCode.REFUSED)
+            return
+        target = self._clients.get(msg.peer)
+        if target is None or not target.conn.is_open:
+            write_message(
+                st,
+                control.encode(
+                    control.StreamRefused("no-peer", f"peer {msg.peer!r} is not connected")
+                ),
+            )
+            st.finish_send()
+            st.stop_receiving(StreamCode.REFUSED)
+            return
+        out = target.table.open_stream()
+        write_message(out, control.encode(control.IncomingProxied(msg.sid, opener)))
+        write_message(st, control.encode(control.StreamAccepted()))
+        st.switch_to_raw()
+        out.switch_to_raw()
+        st.linked, out.linked = out, st
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay, st, out)
+            nursery.start_soon(relay, out, st)
+
+
+@asynccontextmanager
+async def open_coordinator(config: CoordConfig) -> AsyncIterator[Coordinator]:
+    """Run a coordinator for the duration of the block.
+
+    Raises ``OSError`` if the address cannot be bound, ``ConecError`` for a bad config.
+    Leaving the block disconnects every client (they see their streams break at once).
+    """
+    with unwrap_single_exception():
+        async with trio.open_nursery() as nursery:
+            coord = Coordinator(config, nursery)
+            await coord._start()
+            try:
+                yield coord
+            finally:
+                await coord._shutdown()
+                nursery.cancel_scope.cancel()

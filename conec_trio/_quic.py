@@ -1,0 +1,576 @@
+"""A Trio UDP endpoint driving aioquic's sans-IO ``QuicConnection``.
+
+This is the only module that touches aioquic internals and UDP sockets. One socket serves
+client-role and server-role connections alike (demultiplexed by connection id), because a
+client must accept direct channels on the very socket (and so the very NAT mapping) it talks
+to the coordinator from.
+
+Performance shape: the receive loop drains a batch of datagrams per wakeup, feeds them all to
+their connections, and only then lets each touched connection transmit once. Writers never
+transmit themselves; they mark their connection dirty and its driver task sends, so several
+small messages written in one scheduling round share packets.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import trio
+from aioquic.buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.packet import (
+    QuicPacketType,
+    encode_quic_retry,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from aioquic.quic.retry import QuicRetryTokenHandler
+from cryptography import x509
+
+CID_LENGTH = 8
+# Datagrams read per wakeup before the touched connections transmit (see module docstring).
+RECEIVE_BATCH = 32
+MAX_UDP_PAYLOAD = 65_535
+SMALLEST_INITIAL = 1200
+
+
+class FlowControlledConnection(QuicConnection):
+    """aioquic's connection with two changes this library relies on.
+
+    1. Server side: asks the client for a certificate (aioquic has no public switch). aioquic
+       then checks the client's CertificateVerify signature (proof of the key) and keeps the
+       cert; chain, name and pin checks are ours (see ``_tls``).
+    2. Receive credit follows what the application consumed, not what arrived. aioquic raises
+       MAX_STREAM_DATA / MAX_DATA as soon as data is received, so a reader that stops reading
+       would never slow its sender. Here credit is ``consumed + window``, which gives
+       end-to-end backpressure with memory bounded by the window.
+    """
+
+    def __init__(
+        self,
+        *,
+        configuration: QuicConfiguration,
+        request_client_certificate: bool,
+        stream_window: int,
+        connection_window: int,
+        max_streams: int,
+        **kwargs: Any,
+    ) -> None:
+        self._request_client_cert = request_client_certificate
+        self._stream_window = stream_window
+        self._connection_window = connection_window
+        self._stream_consumed: dict[int, int] = {}
+        self._consumed_total = 0
+        super().__init__(configuration=configuration, **kwargs)
+        limit = self._local_max_streams_bidi
+        limit.value = limit.sent = max_streams
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if self._request_client_cert:
+            self.tls._request_client_certificate = True
+
+    # -- consumption-based flow control --------------------------------------------------
+
+    def add_consumed(self, stream_id: int, nbytes: int) -> bool:
+        """Record that the application consumed ``nbytes`` more of a stream.
+
+        Returns True when the new credit is worth announcing now (a quarter window).
+        """
+        consumed = self._stream_consumed.get(stream_id, 0) + nbytes
+        self._stream_consumed[stream_id] = consumed
+        self._consumed_total += nbytes
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.max_stream_data_local:
+            return False
+        return consumed + self._stream_window - stream.max_stream_data_local >= (
+            self._stream_window // 4
+        )
+
+    def forget_stream(self, stream_id: int) -> None:
+        self._stream_consumed.pop(stream_id, None)
+
+    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
+        if stream.max_stream_data_local:
+            target = self._stream_consumed.get(stream.stream_id, 0) + self._stream_window
+            if target > stream.max_stream_data_local:
+                stream.max_stream_data_local = target
+        # aioquic doubles the limit when half of it has *arrived*; hide the arrival offset
+        # for this call so only the frame writing runs.
+        receiver = stream.receiver
+        highest = receiver.highest_offset
+        receiver.highest_offset = 0
+        try:
+            super()._write_stream_limits(builder, space, stream)
+        finally:
+            receiver.highest_offset = highest
+
+    def _write_connection_limits(self, builder: Any, space: Any) -> None:
+        max_data = self._local_max_data
+        target = self._consumed_total + self._connection_window
+        if target > max_data.value:
+            max_data.value = target
+        used = max_data.used
+        max_data.used = 0  # same trick as above: no doubling on arrival
+        try:
+            super()._write_connection_limits(builder, space)
+        finally:
+            max_data.used = used
+
+    # -- small read-only views used by the stream layer -----------------------------------
+
+    def send_backlog(self, stream_id: int) -> int:
+        """Bytes written to a stream and not yet acknowledged by the peer."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return int(sender._buffer_stop - sender._buffer_start)
+
+    def fin_acked(self, stream_id: int) -> bool:
+        """True when the stream's send side is done (FIN or reset acknowledged, or gone)."""
+        stream = self._streams.get(stream_id)
+        return stream is None or bool(stream.sender.is_finished)
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        cert: x509.Certificate | None = self.tls._peer_certificate
+        return cert
+
+    @property
+    def peer_certificate_chain(self) -> list[x509.Certificate]:
+        return list(getattr(self.tls, "_peer_certificate_chain", []) or [])
+
+
+class ConnectionListener:
+    """What a connection's owner hears. All callbacks run synchronously in the endpoint."""
+
+    def handshake_completed(self, conn: QuicConn) -> None:
+        """The TLS handshake finished."""
+
+    def stream_data(self, conn: QuicConn, stream_id: int, data: bytes, fin: bool) -> None:
+        """Data (possibly empty, possibly with FIN) arrived on a stream."""
+
+    def stream_reset(self, conn: QuicConn, stream_id: int, error_code: int) -> None:
+        """The peer reset its send side of a stream."""
+
+    def stop_sending(self, conn: QuicConn, stream_id: int, error_code: int) -> None:
+        """The peer no longer reads a stream (STOP_SENDING)."""
+
+    def send_progress(self, conn: QuicConn) -> None:
+        """Acknowledgements or credit arrived: blocked writers may go on."""
+
+    def terminated(self, conn: QuicConn, error_code: int, reason: str) -> None:
+        """The connection is closed (by either side, or by idle timeout)."""
+
+
+class QuicConn:
+    """One QUIC connection on an endpoint, with its driver task."""
+
+    def __init__(
+        self,
+        endpoint: QuicEndpoint,
+        quic: FlowControlledConnection,
+        peer_address: tuple[Any, ...],
+        *,
+        keepalive_interval: float | None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.quic = quic
+        self.peer_address = peer_address
+        self.listener: ConnectionListener = ConnectionListener()
+        self.handshake_complete = trio.Event()
+        self.closed = trio.Event()
+        self.close_error_code: int | None = None
+        self.close_reason = ""
+        self._keepalive_interval = keepalive_interval
+        self._cids: set[bytes] = set()
+        self._dirty = False
+        self._wakeup = trio.lowlevel.ParkingLot()
+        self._last_activity = trio.current_time()
+
+    # -- called by the stream layer --------------------------------------------------------
+
+    @property
+    def is_client(self) -> bool:
+        return bool(self.quic._is_client)
+
+    @property
+    def is_open(self) -> bool:
+        return not self.closed.is_set()
+
+    def next_stream_id(self) -> int:
+        return int(self.quic.get_next_available_stream_id())
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        self.quic.send_stream_data(stream_id, data, end_stream)
+        self.mark_dirty()
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        try:
+            self.quic.reset_stream(stream_id, error_code)
+        except ValueError:
+            return  # already finished or never opened on our side: nothing to reset
+        self.mark_dirty()
+
+    def stop_stream(self, stream_id: int, error_code: int) -> None:
+        try:
+            self.quic.stop_stream(stream_id, error_code)
+        except ValueError:
+            return
+        self.mark_dirty()
+
+    def add_consumed(self, stream_id: int, nbytes: int) -> None:
+        if self.quic.add_consumed(stream_id, nbytes):
+            self.mark_dirty()
+
+    def close(self, error_code: int = 0, reason: str = "") -> None:
+        """Start closing (CONNECTION_CLOSE goes out with the next transmit)."""
+        if self.closed.is_set():
+            return
+        if self.quic._state not in (
+            QuicConnectionState.CLOSING,
+            QuicConnectionState.DRAINING,
+            QuicConnectionState.TERMINATED,
+        ):
+            self.quic.close(error_code=error_code, reason_phrase=reason)
+        self.mark_dirty()
+
+    def mark_dirty(self) -> None:
+        """Ask the driver to transmit soon (coalesces with other writes this round)."""
+        if not self._dirty:
+            self._dirty = True
+            self._wakeup.unpark_all()
+
+    # -- driver ------------------------------------------------------------------------------
+
+    async def drive(self) -> None:
+        """Handle timers and transmit until aioquic says the connection is over.
+
+        A closing connection lingers here for its closing period (answering late packets
+        with CONNECTION_CLOSE) although its owner was told at once that it is closed.
+        """
+        quic = self.quic
+        try:
+            while quic._state != QuicConnectionState.TERMINATED:
+                if not self._dirty:
+                    deadline = quic.get_timer()
+                    if deadline is None:
+                        deadline = math.inf
+                    if self._keepalive_interval is not None and not self.closed.is_set():
+                        deadline = min(deadline, self._last_activity + self._keepalive_interval)
+                    with trio.move_on_at(deadline):
+                        await self._wakeup.park()
+                self._dirty = False
+                now = trio.current_time()
+                timer = quic.get_timer()
+                if timer is not None and now >= timer:
+                    quic.handle_timer(now)
+                if (
+                    self._keepalive_interval is not None
+                    and now >= self._last_activity + self._keepalive_interval
+                    and self.handshake_complete.is_set()
+                    and not self.closed.is_set()
+                ):
+                    quic.send_ping(0)
+                self.process_events()
+                await self.transmit()
+        finally:
+            self._mark_closed(0, "endpoint shut down")
+            self.endpoint._forget(self)
+
+    async def transmit(self) -> None:
+        now = trio.current_time()
+        datagrams = self.quic.datagrams_to_send(now)
+        if datagrams:
+            self._last_activity = now
+            await self.endpoint.send_datagrams(datagrams)
+
+    def process_events(self) -> None:
+        """Hand aioquic's events to the listener (synchronously)."""
+        quic = self.quic
+        listener = self.listener
+        event = quic.next_event()
+        while event is not None:
+            if isinstance(event, events.StreamDataReceived):
+                listener.stream_data(self, event.stream_id, event.data, event.end_stream)
+            elif isinstance(event, events.ConnectionIdIssued):
+                self.endpoint._register_cid(self, event.connection_id)
+            elif isinstance(event, events.ConnectionIdRetired):
+                self.endpoint._unregister_cid(self, event.connection_id)
+            elif isinstance(event, events.StreamReset):
+                listener.stream_reset(self, event.stream_id, event.error_code)
+                quic.forget_stream(event.stream_id)
+            elif isinstance(event, events.StopSendingReceived):
+                listener.stop_sending(self, event.stream_id, event.error_code)
+            elif isinstance(event, events.HandshakeCompleted):
+                self.handshake_complete.set()
+                listener.handshake_completed(self)
+            event = quic.next_event()
+        # aioquic reports a close only after its closing period (3 PTO); the owner must know
+        # at once, so peers see broken streams promptly.
+        close_event = quic._close_event
+        if close_event is not None:
+            self._mark_closed(close_event.error_code, close_event.reason_phrase)
+        else:
+            listener.send_progress(self)
+
+    def _mark_closed(self, error_code: int, reason: str) -> None:
+        if self.closed.is_set():
+            return
+        self.close_error_code = error_code
+        self.close_reason = reason
+        self.closed.set()
+        self.listener.terminated(self, error_code, reason)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
+        self.peer_address = addr
+        self._last_activity = now
+        self.quic.receive_datagram(data, addr, now)
+
+    async def aclose(self, error_code: int = 0, reason: str = "", timeout: float = 1.0) -> None:
+        """Close and wait (bounded) until CONNECTION_CLOSE has gone out."""
+        self.close(error_code, reason)
+        self.process_events()
+        with trio.move_on_after(timeout) as scope:
+            scope.shield = True
+            await self.transmit()
+
+
+class QuicEndpoint:
+    """One UDP socket, many QUIC connections (client and server role)."""
+
+    def __init__(self, sock: socket.socket, nursery: trio.Nursery) -> None:
+        self.sock = sock
+        self._nursery = nursery
+        self._by_cid: dict[bytes, QuicConn] = {}
+        self.connections: set[QuicConn] = set()
+        self._accept: Callable[[], tuple[QuicConfiguration, dict[str, Any]]] | None = None
+        self._on_accept: Callable[[QuicConn], None] | None = None
+        self._retry: QuicRetryTokenHandler | None = None
+        self._keepalive_server: float | None = None
+        self._send_blocked = trio.lowlevel.ParkingLot()
+        self.raw_datagram_handler: Callable[[bytes, tuple[Any, ...]], None] | None = None
+
+    @property
+    def local_address(self) -> tuple[Any, ...]:
+        return tuple(self.sock.getsockname())
+
+    def accept_connections(
+        self,
+        make_config: Callable[[], tuple[QuicConfiguration, dict[str, Any]]],
+        on_accept: Callable[[QuicConn], None],
+        *,
+        stateless_retry: bool = False,
+    ) -> None:
+        """Serve server-role connections: ``make_config`` gives (configuration, flow
+        options) for each; ``on_accept`` is called with each new connection (before its
+        handshake completes) so its owner can set a listener."""
+        self._accept = make_config
+        self._on_accept = on_accept
+        self._retry = QuicRetryTokenHandler() if stateless_retry else None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The receive loop: reads batches of datagrams and dispatches them."""
+        sock = self.sock
+        task_status.started()
+        touched: dict[QuicConn, None] = {}
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            now = trio.current_time()
+            for _ in range(RECEIVE_BATCH):
+                try:
+                    data, addr = sock.recvfrom(MAX_UDP_PAYLOAD)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    # ICMP errors from earlier sends can surface here; they concern one
+                    # destination, not this socket.
+                    continue
+                conn = self._dispatch(data, addr, now)
+                if conn is not None:
+                    touched[conn] = None
+            for conn in touched:
+                conn.process_events()
+                conn.mark_dirty()
+            touched.clear()
+
+    def _dispatch(self, data: bytes, addr: tuple[Any, ...], now: float) -> QuicConn | None:
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+        except ValueError:
+            if self.raw_datagram_handler is not None:
+                self.raw_datagram_handler(data, addr)
+            return None
+        conn = self._by_cid.get(header.destination_cid)
+        if conn is None:
+            conn = self._maybe_accept(data, header, addr)
+            if conn is None:
+                return None
+        try:
+            conn.datagram_received(data, addr, now)
+        except Exception:  # noqa: BLE001 - a hostile datagram must not stop the endpoint
+            conn.close(0x1, "internal error handling a datagram")
+        return conn
+
+    def _maybe_accept(self, data: bytes, header: Any, addr: tuple[Any, ...]) -> QuicConn | None:
+        if self._accept is None or header.packet_type != QuicPacketType.INITIAL:
+            return None
+        config, options = self._accept()
+        if header.version is not None and header.version not in config.supported_versions:
+            self._send_now(
+                encode_quic_version_negotiation(
+                    source_cid=header.destination_cid,
+                    destination_cid=header.source_cid,
+                    supported_versions=config.supported_versions,
+                ),
+                addr,
+            )
+            return None
+        if len(data) < SMALLEST_INITIAL:
+            return None
+        original_dcid: bytes = header.destination_cid
+        retry_scid: bytes | None = None
+        if self._retry is not None:
+            if not header.token:
+                source_cid = os.urandom(CID_LENGTH)
+                self._send_now(
+                    encode_quic_retry(
+                        version=header.version,
+                        source_cid=source_cid,
+                        destination_cid=header.source_cid,
+                        original_destination_cid=header.destination_cid,
+                        retry_token=self._retry.create_token(
+                            address=addr,
+                            original_destination_connection_id=header.destination_cid,
+                            retry_source_connection_id=source_cid,
+                            now=trio.current_time(),
+                        ),
+                    ),
+                    addr,
+                )
+                return None
+            try:
+                original_dcid = self._retry.validate_token(
+                    address=addr,
+                    destination_cid=header.destination_cid,
+                    token=header.token,
+                    now=trio.current_time(),
+                )
+            except ValueError:
+                return None
+            retry_scid = header.destination_cid
+        quic = FlowControlledConnection(
+            configuration=config,
+            original_destination_connection_id=original_dcid,
+            retry_source_connection_id=retry_scid,
+            **options,
+        )
+        conn = self._add(quic, addr, keepalive_interval=None)
+        self._register_cid(conn, header.destination_cid)
+        assert self._on_accept is not None
+        self._on_accept(conn)
+        return conn
+
+    def connect(
+        self,
+        addr: tuple[Any, ...],
+        config: QuicConfiguration,
+        *,
+        keepalive_interval: float | None,
+        **options: Any,
+    ) -> QuicConn:
+        """Start a client-role connection; wait on ``conn.handshake_complete``/``closed``."""
+        quic = FlowControlledConnection(configuration=config, **options)
+        conn = self._add(quic, addr, keepalive_interval=keepalive_interval)
+        quic.connect(addr, now=trio.current_time())
+        conn.process_events()
+        conn.mark_dirty()
+        return conn
+
+    def _add(
+        self,
+        quic: FlowControlledConnection,
+        addr: tuple[Any, ...],
+        *,
+        keepalive_interval: float | None,
+    ) -> QuicConn:
+        conn = QuicConn(self, quic, addr, keepalive_interval=keepalive_interval)
+        self.connections.add(conn)
+        for cid in quic._host_cids:
+            self._register_cid(conn, cid.cid)
+        self._nursery.start_soon(conn.drive)
+        return conn
+
+    def _register_cid(self, conn: QuicConn, cid: bytes) -> None:
+        self._by_cid[cid] = conn
+        conn._cids.add(cid)
+
+    def _unregister_cid(self, conn: QuicConn, cid: bytes) -> None:
+        if self._by_cid.get(cid) is conn:
+            del self._by_cid[cid]
+        conn._cids.discard(cid)
+
+    def _forget(self, conn: QuicConn) -> None:
+        for cid in list(conn._cids):
+            self._unregister_cid(conn, cid)
+        self.connections.discard(conn)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _send_now(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        """Best-effort immediate send for stateless replies (dropped if the socket is full)."""
+        try:
+            self.sock.sendto(data, addr)
+        except OSError:
+            pass
+
+    async def send_datagrams(self, datagrams: Iterable[tuple[bytes, tuple[Any, ...]]]) -> None:
+        sock = self.sock
+        for data, addr in datagrams:
+            while True:
+                try:
+                    sock.sendto(data, addr)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+                except OSError as exc:
+                    # Unreachable destinations, ICMP errors, or a v6 address on a v4 socket:
+                    # the datagram is lost, as on the wire; QUIC's recovery deals with it.
+                    if exc.errno in (errno.EINTR,):
+                        continue
+                    break
+
+    async def send_raw(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        """Send one non-QUIC datagram (hole punching)."""
+        await self.send_datagrams([(data, addr)])
+
+
+def make_udp_socket(family: int, host: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket bound to (host, port)."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        if family == socket.AF_INET6:
+            # Dual stack where the OS allows, so "::" serves IPv4 clients too.
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except OSError:
+                pass
+        for opt, size in ((socket.SO_RCVBUF, 4 * 1024 * 1024), (socket.SO_SNDBUF, 4 * 1024 * 1024)):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)
+            except OSError:
+                pass
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,303 @@
+"""Checks on the certificates clients and peers present.
+
+aioquic proves that the other side holds the private key of the certificate it presents (the
+TLS CertificateVerify signature), but it does not validate a *client's* certificate at all: no
+chain, no dates, no name. This module does that part:
+
+- the coordinator checks each client's certificate with :func:`verify_client_cert`: dates,
+  the client id among its names, and (with a client CA) a chain up to that CA;
+- for a direct channel, each side accepts exactly the certificate the coordinator vouched for
+  (:func:`verify_pinned`).
+
+Why not ``cryptography.x509.verification``: its client verifier follows the CA/Browser
+Forum's profile strictly and refuses certificates that are common in practice and that
+trustme makes, e.g. a critical subjectAltName next to a non-empty subject. The checks here are
+the ones that matter for conec: every signature up the chain, every certificate in its
+validity period, every issuer a CA, and the client id among the leaf's names.
+
+Every failure raises :class:`~conec_trio.CertificateError` with a message that says which check
+failed and what to do about it.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import NoReturn
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.x509.oid import NameOID
+
+from . import certs
+from ._exceptions import CertificateError
+
+# Longest chain of intermediates followed from a client certificate to the client CA.
+_MAX_INTERMEDIATES = 8
+
+
+def load_cert(pem_or_der: bytes) -> x509.Certificate:
+    """Parse one certificate, PEM or DER; a PEM bundle gives its first certificate."""
+    try:
+        if pem_or_der.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(pem_or_der)
+        return x509.load_der_x509_certificate(pem_or_der)
+    except ValueError as exc:
+        raise CertificateError(f"could not parse certificate: {exc}") from exc
+
+
+def load_cert_chain_pem(pem: bytes) -> list[x509.Certificate]:
+    """Parse every certificate of a PEM bundle, in order (the leaf first in a chain file)."""
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise CertificateError(f"could not parse PEM certificates: {exc}") from exc
+
+
+def load_private_key(pem: bytes) -> PrivateKeyTypes:
+    """Parse an unencrypted private key, PEM (or DER)."""
+    try:
+        if pem.lstrip().startswith(b"-----BEGIN"):
+            return serialization.load_pem_private_key(pem, password=None)
+        return serialization.load_der_private_key(pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise CertificateError(
+            f"could not load private key (it must be unencrypted PEM): {exc}"
+        ) from exc
+
+
+def cert_der(cert: x509.Certificate) -> bytes:
+    """The DER encoding of ``cert``: what pinning compares and what the coordinator hands out."""
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def cert_names(cert: x509.Certificate) -> set[str]:
+    """The names ``cert`` is valid for: DNS and IP subjectAltNames, as strings.
+
+    Only a certificate without any subjectAltName extension falls back to its subject common
+    name(s), as old certificates did.
+    """
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return _common_names(cert)
+    names = set(san.get_values_for_type(x509.DNSName))
+    names.update(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
+    return names
+
+
+def verify_client_cert(
+    cert: x509.Certificate,
+    chain: list[x509.Certificate],
+    client_id: str,
+    client_ca_pem: bytes | None,
+    now: datetime.datetime | None = None,
+) -> None:
+    """Check that a client may connect as ``client_id`` with ``cert``.
+
+    Args:
+      cert: The certificate the client presented (TLS already proved it holds the key).
+      chain: The other certificates it sent (intermediates); the leaf and the CA itself may be
+        among them.
+      client_id: The id the client asks for.
+      client_ca_pem: The coordinator's client CA (one or more PEM certificates), or None to
+        accept any certificate, self-signed included, that is valid for ``client_id``.
+      now: The time to check validity at (default: now; naive datetimes are UTC).
+
+    Raises:
+      CertificateError: the certificate is outside its validity period, not valid for
+        ``client_id`` as a DNS name, or (with ``client_ca_pem``) not signed by that CA.
+    """
+    now = _utc(now)
+    _check_dates(cert, now, "client certificate")
+
+    dns_names = _dns_names(cert)
+    if client_id.lower() not in {name.lower() for name in dns_names}:
+        if dns_names:
+            raise CertificateError(
+                f"client certificate is valid for {sorted(dns_names)}, not for client id "
+                f"{client_id!r}"
+            )
+        raise CertificateError(
+            f"client certificate carries no DNS name, so it is not valid for client id "
+            f"{client_id!r}; issue it with {client_id!r} as a DNS subjectAltName"
+        )
+
+    if client_ca_pem is None:
+        return
+    anchors = load_cert_chain_pem(client_ca_pem)
+    _check_chain(cert, chain, anchors, now)
+
+
+def verify_pinned(cert: x509.Certificate, expected_der: bytes, peer: str) -> None:
+    """Check that ``peer`` presented exactly the certificate the coordinator vouched for.
+
+    Raises:
+      CertificateError: it presented any other certificate.
+    """
+    if cert_der(cert) != expected_der:
+        raise CertificateError(
+            f"peer {peer!r} presented a certificate other than the one the coordinator vouched for"
+        )
+
+
+def ephemeral_identity(client_id: str) -> tuple[bytes, bytes]:
+    """A fresh self-signed ``(cert_pem, key_pem)`` valid for ``client_id``.
+
+    The id is always a DNS name in the certificate (even one that looks like an IP address),
+    since that is what :func:`verify_client_cert` matches.
+    """
+    return certs._self_signed([x509.DNSName(client_id)], client_id, days=825)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _utc(now: datetime.datetime | None) -> datetime.datetime:
+    if now is None:
+        return datetime.datetime.now(datetime.timezone.utc)
+    if now.tzinfo is None:
+        return now.replace(tzinfo=datetime.timezone.utc)
+    return now
+
+
+def _fmt(when: datetime.datetime) -> str:
+    return f"{when:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _describe(name: x509.Name) -> str:
+    return name.rfc4514_string() or "(empty name)"
+
+
+def _common_names(cert: x509.Certificate) -> set[str]:
+    return {
+        value
+        for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if isinstance(value := attr.value, str)
+    }
+
+
+def _dns_names(cert: x509.Certificate) -> set[str]:
+    """DNS subjectAltNames; the common name only when there is no subjectAltName at all."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return _common_names(cert)
+    return set(san.get_values_for_type(x509.DNSName))
+
+
+def _check_dates(cert: x509.Certificate, now: datetime.datetime, what: str) -> None:
+    if now < cert.not_valid_before_utc:
+        raise CertificateError(
+            f"{what} is not valid yet: valid from {_fmt(cert.not_valid_before_utc)}, it is "
+            f"now {_fmt(now)} (check the clocks of both machines)"
+        )
+    if now > cert.not_valid_after_utc:
+        raise CertificateError(f"{what} expired on {_fmt(cert.not_valid_after_utc)}")
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def _is_self_signed(cert: x509.Certificate) -> bool:
+    return _signed_by(cert, cert)
+
+
+def _check_issuer_is_ca(issuer: x509.Certificate, what: str) -> None:
+    try:
+        constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca:
+        raise CertificateError(
+            f"{what} signed a certificate but is not a CA (basicConstraints CA=TRUE is missing)"
+        )
+    try:
+        usage = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if not usage.key_cert_sign:
+        raise CertificateError(f"{what} may not sign certificates (keyUsage lacks keyCertSign)")
+
+
+def _check_chain(
+    cert: x509.Certificate,
+    chain: list[x509.Certificate],
+    anchors: list[x509.Certificate],
+    now: datetime.datetime,
+) -> None:
+    """Find a path from ``cert`` through ``chain`` to one of ``anchors``, checking each step."""
+    leaf_der = cert_der(cert)
+    anchor_ders = {cert_der(anchor) for anchor in anchors}
+    intermediates = {
+        der: c for c in chain if (der := cert_der(c)) != leaf_der and der not in anchor_ders
+    }
+    ca_names = ", ".join(_describe(anchor.subject) for anchor in anchors)
+
+    current = cert
+    for _ in range(_MAX_INTERMEDIATES + 1):
+        anchor = _find_issuer(current, anchors)
+        if anchor is not None:
+            what = f"the coordinator's client CA {_describe(anchor.subject)}"
+            _check_issuer_is_ca(anchor, what)
+            _check_dates(anchor, now, what)
+            return
+        intermediate = _find_issuer(current, list(intermediates.values()))
+        if intermediate is None:
+            _refuse_unchained(cert, current, anchors, ca_names)
+        del intermediates[cert_der(intermediate)]  # each one at most once: no loops
+        what = f"intermediate certificate {_describe(intermediate.subject)}"
+        _check_issuer_is_ca(intermediate, what)
+        _check_dates(intermediate, now, what)
+        current = intermediate
+    raise CertificateError(
+        f"client certificate chain is longer than {_MAX_INTERMEDIATES} intermediates"
+    )
+
+
+def _find_issuer(
+    cert: x509.Certificate, candidates: list[x509.Certificate]
+) -> x509.Certificate | None:
+    for candidate in candidates:
+        if _signed_by(cert, candidate):
+            return candidate
+    return None
+
+
+def _refuse_unchained(
+    cert: x509.Certificate,
+    current: x509.Certificate,
+    anchors: list[x509.Certificate],
+    ca_names: str,
+) -> NoReturn:
+    """Say why ``current`` (``cert`` or the last intermediate reached) has no known issuer."""
+    if current is cert and _is_self_signed(cert):
+        raise CertificateError(
+            "coordinator requires a certificate signed by its client CA; a self-signed "
+            f"certificate was presented (client CA: {ca_names})"
+        )
+    if any(current.issuer == anchor.subject for anchor in anchors):
+        raise CertificateError(
+            f"client certificate is not signed by the coordinator's client CA: "
+            f"{_describe(current.subject)} names {_describe(current.issuer)} as its issuer, but "
+            "its signature does not verify with that CA's key (issued by another CA of the "
+            "same name?)"
+        )
+    if current is cert:
+        raise CertificateError(
+            "client certificate is not signed by the coordinator's client CA (issuer: "
+            f"{_describe(cert.issuer)}; client CA: {ca_names})"
+        )
+    raise CertificateError(
+        "client certificate is not signed by the coordinator's client CA: its chain ends at "
+        f"{_describe(current.subject)} (issuer: {_describe(current.issuer)}; client CA: "
+        f"{ca_names}); is an intermediate certificate missing from the client's chain?"
+    )

@@ -1,0 +1,464 @@
+"""Control messages: CBOR arrays ``[type_code, field1, field2, ...]``.
+
+Each message is a frozen dataclass registered under a type code; its fields are encoded in
+declaration order. :func:`decode` checks every field against its annotation and raises
+ProtocolError for anything malformed. A later protocol version may only add fields at the
+end, which older decoders ignore. The protocol uses no CBOR tags or indefinite lengths, so
+decoding refuses them anywhere, even in ignored trailing fields.
+
+The first field of :class:`Hello` (type code 1) is ``version``, and must stay so forever:
+:func:`decode_hello_version` reads just ``[1, version, ...`` so that a Hello of any version
+can be answered with a clear "version mismatch".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import types
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import (
+    Annotated,
+    Any,
+    ClassVar,
+    NoReturn,
+    TypeAlias,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
+
+import cbor2
+
+from .._exceptions import ProtocolError
+
+PROTOCOL_VERSION = 1
+ALPN = "conec-trio"
+
+MAX_INT = 2**62 - 1  # ids, counts and versions fit a QUIC varint
+MAX_PORT = 65535
+MAX_NAME_LEN = 1024  # characters in ids, names, reasons and hosts
+MAX_MESSAGE_LEN = 4096  # characters in human-readable explanations
+
+# Refused.reason
+REASON_VERSION = "version"
+REASON_ID_TAKEN = "id-taken"
+REASON_BAD_ID = "bad-id"
+REASON_CERTIFICATE = "certificate"
+# Refused.reason and StreamRefused.reason
+REASON_LIMIT = "limit"
+REASON_PROTOCOL = "protocol"
+# StreamRefused.reason
+REASON_NO_PEER = "no-peer"
+REASON_ID_IN_USE = "id-in-use"
+
+
+@dataclass(frozen=True)
+class _MaxLen:
+    chars: int
+
+
+Addr: TypeAlias = tuple[str, int]
+"""A ``(host, port)`` pair, encoded as a 2-element array."""
+
+Text: TypeAlias = Annotated[str, _MaxLen(MAX_MESSAGE_LEN)]
+"""A human-readable explanation; may be longer than a name."""
+
+
+class Message:
+    """Base class of all control messages."""
+
+    TYPE_CODE: ClassVar[int]
+    # Set by @dataclass on each subclass; declared so type checkers see dataclasses.
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+
+# --- field checks -------------------------------------------------------------------------
+# A check takes a value and a description of where it sits ("Hello.client_id") and returns
+# the value in its Python form, or raises ProtocolError.
+
+_Check: TypeAlias = Callable[[object, str], object]
+
+
+def _kind(value: object) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def _wrong_type(where: str, expected: str, value: object) -> NoReturn:
+    raise ProtocolError(f"{where} must be {expected}, not {_kind(value)}")
+
+
+def _check_int(value: object, where: str, top: int = MAX_INT) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):  # bool is an int subclass
+        _wrong_type(where, "int", value)
+    if not 0 <= value <= top:
+        raise ProtocolError(f"{where} must be in 0..{top}, not {value}")
+    return value
+
+
+def _check_bool(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        _wrong_type(where, "bool", value)
+    return value
+
+
+def _check_bytes(value: object, where: str) -> bytes:
+    if not isinstance(value, bytes):
+        _wrong_type(where, "bytes", value)
+    return value
+
+
+def _text_check(max_len: int) -> Callable[[object, str], str]:
+    def check(value: object, where: str) -> str:
+        if not isinstance(value, str):
+            _wrong_type(where, "str", value)
+        if len(value) > max_len:
+            raise ProtocolError(f"{where} has {len(value)} characters; the maximum is {max_len}")
+        return value
+
+    return check
+
+
+_check_name = _text_check(MAX_NAME_LEN)
+
+
+def _check_addr(value: object, where: str) -> Addr:
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        _wrong_type(where, "a [host, port] array", value)
+    host, port = value
+    return _check_name(host, f"{where}.host"), _check_int(port, f"{where}.port", MAX_PORT)
+
+
+def _list_check(item: _Check) -> _Check:
+    def check(value: object, where: str) -> list[object]:
+        if not isinstance(value, list | tuple):
+            _wrong_type(where, "an array", value)
+        return [item(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+    return check
+
+
+def _optional_check(inner: _Check) -> _Check:
+    def check(value: object, where: str) -> object:
+        return None if value is None else inner(value, where)
+
+    return check
+
+
+_SIMPLE_CHECKS: dict[object, _Check] = {
+    int: _check_int,
+    bool: _check_bool,
+    bytes: _check_bytes,
+    str: _check_name,
+}
+
+
+def _check_for(hint: object) -> _Check:
+    """Build the check for a field annotation (resolved by get_type_hints)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint == Addr:
+        return _check_addr
+    if origin is Annotated and args[0] is str and isinstance(args[1], _MaxLen):
+        return _text_check(args[1].chars)
+    if origin is list:
+        return _list_check(_check_for(args[0]))
+    if origin in (Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        return _optional_check(_check_for(next(a for a in args if a is not type(None))))
+    if origin is None and hint in _SIMPLE_CHECKS:
+        return _SIMPLE_CHECKS[hint]
+    raise TypeError(f"unsupported control message field type: {hint!r}")
+
+
+# --- registry -----------------------------------------------------------------------------
+
+_BY_CODE: dict[int, type[Message]] = {}
+_FIELDS: dict[type[Message], tuple[tuple[str, _Check], ...]] = {}
+
+_M = TypeVar("_M", bound=Message)
+
+
+def _message(code: int) -> Callable[[type[_M]], type[_M]]:
+    """Register a message dataclass under ``code`` (apply above ``@dataclass``)."""
+
+    def register(cls: type[_M]) -> type[_M]:
+        if code in _BY_CODE:
+            raise ValueError(f"type code {code} is already used by {_BY_CODE[code].__name__}")
+        hints = get_type_hints(cls, include_extras=True)
+        _FIELDS[cls] = tuple((f.name, _check_for(hints[f.name])) for f in dataclasses.fields(cls))
+        cls.TYPE_CODE = code
+        _BY_CODE[code] = cls
+        return cls
+
+    return register
+
+
+# --- messages -----------------------------------------------------------------------------
+
+
+@_message(1)
+@dataclass(frozen=True)
+class Hello(Message):
+    """Client -> coordinator, first frame on the control stream. ``version`` stays first."""
+
+    version: int
+    client_id: str
+    listen: bool
+    local_addrs: list[Addr]
+
+
+@_message(2)
+@dataclass(frozen=True)
+class Welcome(Message):
+    """Coordinator -> client: accepted; tells the client its address as the coordinator sees it."""
+
+    version: int
+    observed_addr: Addr
+
+
+@_message(3)
+@dataclass(frozen=True)
+class Refused(Message):
+    """Coordinator -> client before closing; ``reason`` is one of the REASON_* constants."""
+
+    reason: str
+    message: Text
+
+
+@_message(10)
+@dataclass(frozen=True)
+class OpenProxied(Message):
+    """Client -> coordinator, first frame on a new relayed stream (``peer`` None: coordinator)."""
+
+    sid: int
+    peer: str | None
+
+
+@_message(11)
+@dataclass(frozen=True)
+class StreamAccepted(Message):
+    """Reply on a newly opened stream: it is open."""
+
+
+@_message(12)
+@dataclass(frozen=True)
+class StreamRefused(Message):
+    """Reply on a newly opened stream: refused (REASON_NO_PEER, _ID_IN_USE, _LIMIT, _PROTOCOL)."""
+
+    reason: str
+    message: Text
+
+
+@_message(13)
+@dataclass(frozen=True)
+class IncomingProxied(Message):
+    """Coordinator -> target client, first frame of a relayed stream; ``peer`` opened it."""
+
+    sid: int
+    peer: str
+
+
+@_message(14)
+@dataclass(frozen=True)
+class OpenDirect(Message):
+    """Client -> client on a direct connection, first frame of a new stream."""
+
+    sid: int
+
+
+@_message(20)
+@dataclass(frozen=True)
+class JoinBroadcast(Message):
+    """Client -> coordinator, first frame on a broadcast stream."""
+
+    name: str
+
+
+@_message(21)
+@dataclass(frozen=True)
+class BroadcastJoined(Message):
+    """Reply to JoinBroadcast: how many senders and receivers the channel has now."""
+
+    senders: int
+    receivers: int
+
+
+@_message(30)
+@dataclass(frozen=True)
+class BroadcastCountRequest(Message):
+    """Client -> coordinator: how many members does broadcast ``name`` have?"""
+
+    rid: int
+    name: str
+
+
+@_message(31)
+@dataclass(frozen=True)
+class BroadcastCountReply(Message):
+    """Answer to BroadcastCountRequest ``rid``."""
+
+    rid: int
+    senders: int
+    receivers: int
+
+
+@_message(32)
+@dataclass(frozen=True)
+class ErrorReply(Message):
+    """Request ``rid`` failed."""
+
+    rid: int
+    reason: str
+    message: Text
+
+
+@_message(40)
+@dataclass(frozen=True)
+class ChannelRequest(Message):
+    """Client -> coordinator: please set up a direct channel to ``peer``."""
+
+    rid: int
+    peer: str
+
+
+@_message(41)
+@dataclass(frozen=True)
+class ChannelGrant(Message):
+    """Coordinator -> requester: ``peer`` agreed; its certificate and addresses to dial."""
+
+    rid: int
+    peer: str
+    cert_der: bytes
+    addrs: list[Addr]
+
+
+@_message(42)
+@dataclass(frozen=True)
+class ChannelOffer(Message):
+    """Coordinator -> target: ``peer`` wants a direct channel; its certificate and addresses."""
+
+    oid: int
+    peer: str
+    cert_der: bytes
+    addrs: list[Addr]
+
+
+@_message(43)
+@dataclass(frozen=True)
+class ChannelOfferReply(Message):
+    """Target -> coordinator: answer to ChannelOffer ``oid``."""
+
+    oid: int
+    accept: bool
+    message: Text
+
+
+# --- encoding and decoding ----------------------------------------------------------------
+
+
+def encode(msg: Message) -> bytes:
+    """Encode a control message; raises ValueError if a field breaks the protocol's rules."""
+    cls = type(msg)
+    fields = _FIELDS.get(cls)
+    if fields is None:
+        raise TypeError(f"{cls.__name__} is not a registered control message")
+    name = cls.__name__
+    try:
+        values = [check(getattr(msg, field), f"{name}.{field}") for field, check in fields]
+        return cbor2.dumps([cls.TYPE_CODE, *values])
+    except Exception as exc:  # a ProtocolError from a check, or a str cbor2 cannot encode
+        raise ValueError(f"cannot encode {name}: {exc}") from exc
+
+
+def _reject_tag(value: object, immutable: bool) -> NoReturn:
+    raise ValueError("CBOR tags are not used by this protocol")
+
+
+def _loads(data: bytes | bytearray | memoryview) -> object:
+    """Decode exactly one CBOR item, turning every failure into ProtocolError."""
+    try:
+        stream = io.BytesIO(data)
+        decoder = cbor2.CBORDecoder(
+            stream,
+            # Every tag, known or not, is routed to _reject_tag: no datetimes, regexes,
+            # shared references or bignums get built from untrusted input.
+            semantic_decoders=defaultdict(lambda: _reject_tag),
+            tag_hook=_reject_tag,
+            max_depth=8,  # the deepest legitimate value is [code, [[host, port]]]
+            allow_indefinite=False,
+            strict_hashable_types=True,  # no hash-collision floods via map keys
+        )
+        value = decoder.decode()
+        trailing = len(stream.getbuffer()) - stream.tell()
+    except Exception as exc:  # cbor2 raises many types on hostile input; all mean "malformed"
+        # cbor2 often wraps the telling detail ("tags are not used") as the cause.
+        detail = f"{exc} ({exc.__cause__})" if exc.__cause__ else str(exc)
+        raise ProtocolError(f"malformed CBOR in control message: {detail}") from exc
+    if trailing:
+        raise ProtocolError(f"control message has {trailing} bytes after its CBOR value")
+    return value
+
+
+def decode(data: bytes | bytearray | memoryview) -> Message:
+    """Decode a control message; raises ProtocolError (and nothing else) if malformed."""
+    items = _loads(data)
+    if not isinstance(items, list):
+        _wrong_type("a control message", "a CBOR array", items)
+    if not items:
+        raise ProtocolError("control message is an empty array")
+    code = items[0]
+    if not isinstance(code, int) or isinstance(code, bool):
+        _wrong_type("a control message type code", "int", code)
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        raise ProtocolError(f"unknown control message type code {code}")
+    fields = _FIELDS[cls]
+    values = items[1:]
+    if len(values) < len(fields):
+        raise ProtocolError(f"{cls.__name__} needs {len(fields)} fields, got {len(values)}")
+    # zip stops at the known fields: trailing ones come from a newer version and are ignored.
+    args = [
+        check(value, f"{cls.__name__}.{field}")
+        for (field, check), value in zip(fields, values, strict=False)
+    ]
+    return cls(*args)
+
+
+def _cbor_head(data: bytes, pos: int) -> tuple[int, int | None, int]:
+    """Read the CBOR item head at ``pos``: (major type, argument or None if indefinite, end)."""
+    if pos >= len(data):
+        raise ProtocolError("Hello is truncated")
+    first = data[pos]
+    major, info = first >> 5, first & 0x1F
+    if info < 24:
+        return major, info, pos + 1
+    if info == 31:
+        return major, None, pos + 1
+    if info > 27:
+        raise ProtocolError(f"malformed CBOR in Hello: reserved head byte 0x{first:02x}")
+    end = pos + 1 + (1 << (info - 24))
+    if end > len(data):
+        raise ProtocolError("Hello is truncated")
+    return major, int.from_bytes(data[pos + 1 : end], "big"), end
+
+
+def decode_hello_version(data: bytes | bytearray | memoryview) -> int:
+    """Read only the version of a Hello of any protocol version: ``[1, version, ...]``.
+
+    Use it before :func:`decode` so that a Hello from another version, whose other fields
+    may differ, gets a clear version mismatch rather than a protocol error.
+    """
+    data = bytes(data)
+    major, count, pos = _cbor_head(data, 0)
+    if major != 4 or (count is not None and count < 2):
+        raise ProtocolError("first control message is not a Hello: expected [1, version, ...]")
+    major, code, pos = _cbor_head(data, pos)
+    if major != 0 or code != Hello.TYPE_CODE:
+        raise ProtocolError("first control message is not a Hello: expected type code 1")
+    major, version, pos = _cbor_head(data, pos)
+    if major != 0 or version is None:
+        raise ProtocolError("Hello.version must be an unsigned int")
+    return version

@@ -1,0 +1,61 @@
+"""Fixtures for tests that need the NAT lab (real NATs in Linux network namespaces).
+
+Every test in this directory is marked ``natlab`` (deselect with ``-m "not natlab"``); the
+``nat_lab`` fixture skips the test, with the reason, when a lab cannot be built here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pytest
+
+from .lab import LabFactory, NatLab, available, remove_stale_labs
+
+_HERE = Path(__file__).parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "natlab: needs the NAT lab (root, ip, nft); skipped when unavailable"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _HERE in item.path.parents:
+            item.add_marker(pytest.mark.natlab)
+
+
+@pytest.fixture(scope="session")
+def _natlab_ready() -> None:
+    ok, reason = available()
+    if not ok:
+        pytest.skip(f"NAT lab unavailable: {reason}")
+    remove_stale_labs()  # left by earlier runs that were killed
+
+
+@pytest.fixture
+def nat_lab(_natlab_ready: None) -> Iterator[LabFactory]:
+    """A factory ``make(symmetric=(), loss_percent=0.0) -> NatLab`` returning a lab that is
+    up; every lab it made is torn down when the test ends, whatever the outcome."""
+    labs: list[NatLab] = []
+
+    def make(*, symmetric: Iterable[str] = (), loss_percent: float = 0.0) -> NatLab:
+        lab = NatLab(symmetric=symmetric, loss_percent=loss_percent)
+        labs.append(lab)
+        lab.up()
+        return lab
+
+    try:
+        yield make
+    finally:
+        errors = []
+        for lab in reversed(labs):
+            try:
+                lab.down()
+            except Exception as exc:  # tear down the others regardless
+                errors.append(exc)
+        if errors:
+            raise errors[0]
