@@ -54,18 +54,26 @@ def main(argv: list[str] | None = None) -> int:
 
     data = results_json(results, quick=args.quick, repeats=repeats, wall_time=wall)
     write_json(data, args.json)
-    print(f"raw samples: {args.json}")
+    print(f"raw samples: {_show(args.json)}")
     bars = [Bar(r.case.name, r.ratio, r.case.target, r.verdict) for r in results]
     title = f"conec_trio / aioquic ({'quick' if args.quick else 'full'}, {data['timestamp']})"
     if draw(bars, args.png, title):
-        print(f"chart: {args.png}")
+        print(f"chart: {_show(args.png)}")
     else:
         print(
-            f"chart: {args.png} (matplotlib is not installed: plain bar chart without text; "
+            f"chart: {_show(args.png)} (matplotlib is not installed: plain bar chart without text; "
             "green PASS, red MISS, blue no target, grey stub no subject, black tick target, "
             "dashed line ratio 1)"
         )
     return 1 if any(r.errors for r in results) else 0
+
+
+def _show(path: Path) -> str:
+    """``path`` relative to the current directory when it is below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _log(line: str) -> None:

@@ -17,7 +17,7 @@ def self_signed_cert(name: str = "localhost") -> tuple[bytes, bytes]:
     """``(cert_pem, key_pem)`` valid for DNS ``name`` and IP 127.0.0.1, made once per process."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)

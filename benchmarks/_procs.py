@@ -112,7 +112,8 @@ class Child:
                 f"{self.name}: exited (code {self._process.exitcode}) without answering"
             ) from None
         if tag == "error":
-            raise ChildError(f"{self.name} failed:\n{value}")
+            lines = str(value).strip().splitlines()
+            raise ChildError(f"{self.name} failed: {lines[-1] if lines else '?'}\n{value}")
         return value
 
     def stop(self, grace: float) -> None:

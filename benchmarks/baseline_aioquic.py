@@ -56,7 +56,7 @@ SEND_LOW_WATER = 1024 * 1024
 
 STARTUP_TIMEOUT = 60.0  # spawning a process and importing aioquic
 STOP_TIMEOUT = 10.0
-CLOSE_TIMEOUT = 10.0  # closing many connections at the end of connect_many
+CLOSE_GRACE = 0.5  # see _HeldConnections
 MAX_ROUND_TRIPS = 10_000_000  # bound on the pingpong loop besides its duration
 
 
@@ -96,7 +96,7 @@ def oneway_small(count: int) -> float:
 
 def handshake(connections: int = 20) -> float:
     """Median ms from ``connect()`` entry to handshake complete, over ``connections``
-    sequential connections from one client process (each closed before the next)."""
+    sequential connections from one client process (held open until the last is up)."""
     value, _ = _run_pair(
         "sink", "handshake", {"connections": connections}, 30.0 + connections * 1.0
     )
@@ -192,14 +192,15 @@ async def _serve(link: Link, cert_pem: bytes, key_pem: bytes, mode: str, lifetim
         transport = server._transport
         assert transport is not None
         link.send(transport.get_extra_info("sockname")[1])
-        await _wait_for_parent(link, lifetime)
+        async with asyncio.timeout(lifetime):
+            await _parent_readable(link)
     finally:
         server.close()
     return stats.received
 
 
-async def _wait_for_parent(link: Link, timeout: float) -> None:
-    """Wait until the parent sends something (or goes away), at most ``timeout`` seconds."""
+async def _parent_readable(link: Link) -> None:
+    """Wait until the parent sends something (or goes away)."""
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
 
@@ -209,7 +210,7 @@ async def _wait_for_parent(link: Link, timeout: float) -> None:
 
     loop.add_reader(link.fileno(), on_readable)
     try:
-        await asyncio.wait_for(ready, timeout)
+        await ready
     finally:
         loop.remove_reader(link.fileno())
 
@@ -380,39 +381,58 @@ async def _oneway_small_client(port: int, cert_pem: bytes, count: int) -> float:
     return count / elapsed
 
 
+class _HeldConnections:
+    """Connections opened with ``connect()`` and held open until the block ends.
+
+    On the way out every connection is closed at once: CONNECTION_CLOSE goes out immediately,
+    and waiting out each closing period (three PTOs) would only cost wall time, so that wait
+    is cut short after CLOSE_GRACE seconds.
+    """
+
+    def __init__(self, port: int, config: QuicConfiguration) -> None:
+        self._port = port
+        self._config = config
+        self._managers: list[AbstractAsyncContextManager[Any]] = []
+
+    async def open(self) -> None:
+        manager = _connect(self._port, self._config)
+        await manager.__aenter__()
+        self._managers.append(manager)
+
+    def __len__(self) -> int:
+        return len(self._managers)
+
+    async def __aenter__(self) -> _HeldConnections:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        managers, self._managers = self._managers, []
+        closing = asyncio.gather(
+            *(m.__aexit__(None, None, None) for m in managers), return_exceptions=True
+        )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_GRACE):
+                await closing
+
+
 async def _handshake_client(port: int, cert_pem: bytes, connections: int) -> float:
-    config = _client_config(cert_pem)
     times: list[float] = []
-    for _ in range(connections):
-        start = time.perf_counter()
-        async with _connect(port, config):
+    async with _HeldConnections(port, _client_config(cert_pem)) as held:
+        for _ in range(connections):
+            start = time.perf_counter()
+            await held.open()
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000.0
 
 
 async def _connect_many_client(port: int, cert_pem: bytes, count: int, batch: int) -> float:
-    config = _client_config(cert_pem)
-    opened: list[AbstractAsyncContextManager[Any]] = []
-
-    async def open_one() -> None:
-        manager = _connect(port, config)
-        await manager.__aenter__()
-        opened.append(manager)
-
-    try:
+    async with _HeldConnections(port, _client_config(cert_pem)) as held:
         start = time.perf_counter()
         for first in range(0, count, batch):
-            await asyncio.gather(*(open_one() for _ in range(min(batch, count - first))))
+            await asyncio.gather(*(held.open() for _ in range(min(batch, count - first))))
         elapsed = time.perf_counter() - start
-        if len(opened) != count:
-            raise RuntimeError(f"connect_many: {len(opened)} connections up, not {count}")
-    finally:
-        # Close them all concurrently (one by one would wait out each closing period).
-        closing = asyncio.gather(
-            *(m.__aexit__(None, None, None) for m in opened), return_exceptions=True
-        )
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(closing, CLOSE_TIMEOUT)
+        if len(held) != count:
+            raise RuntimeError(f"connect_many: {len(held)} connections up, not {count}")
     return elapsed
 
 
@@ -432,7 +452,7 @@ def _client_main(
     port = link.recv(STARTUP_TIMEOUT)
 
     async def run() -> float:
-        measure = _CLIENTS[measurement](port, cert_pem, **params)
-        return float(await asyncio.wait_for(measure, timeout))
+        async with asyncio.timeout(timeout):
+            return float(await _CLIENTS[measurement](port, cert_pem, **params))
 
     link.send(asyncio.run(run()))

@@ -5,7 +5,8 @@ of the same thing in the same unit. Both are plain callables ``(quick: bool) -> 
 run in this process and start whatever child processes they need. The harness runs them
 interleaved (baseline, subject, baseline, subject, ...) so that drift on a noisy machine hits
 both alike, and reports the ratio of the medians, oriented so that above 1 is always better
-for the subject.
+for the subject. Cases with the same baseline share its runs: baseline, subject 1, subject 2,
+..., baseline, subject 1, subject 2, ...
 """
 
 from __future__ import annotations
@@ -45,9 +46,23 @@ REGISTRY: dict[str, Case] = {}
 
 
 def register(case: Case) -> Case:
-    """Add ``case`` to the registry (names are unique)."""
+    """Add ``case`` to the registry.
+
+    Names are unique. Cases with the same ``baseline_name`` share their baseline runs, so they
+    must use the very same baseline callable and unit.
+    """
     if case.name in REGISTRY:
         raise ValueError(f"benchmark case {case.name!r} is already registered")
+    for other in REGISTRY.values():
+        if other.baseline_name == case.baseline_name and (
+            other.baseline is not case.baseline
+            or other.unit != case.unit
+            or other.higher_is_better != case.higher_is_better
+        ):
+            raise ValueError(
+                f"cases {other.name!r} and {case.name!r} share the baseline name "
+                f"{case.baseline_name!r} but not the same baseline callable, unit and direction"
+            )
     REGISTRY[case.name] = case
     return case
 
@@ -86,61 +101,79 @@ class CaseResult:
         return "PASS" if ratio >= self.case.target else "MISS"
 
 
-def run_case(case: Case, repeats: int, quick: bool, log: Callable[[str], None]) -> CaseResult:
-    """Run ``case`` ``repeats`` times, baseline and subject interleaved."""
-    result = CaseResult(case)
-    subject_live = True
+def run_group(
+    cases: Sequence[Case], repeats: int, quick: bool, log: Callable[[str], None]
+) -> list[CaseResult]:
+    """Run cases that share one baseline: baseline, each subject, baseline, each subject, ...
+
+    Every case of the group gets the same baseline samples; a subject that is missing or fails
+    drops out of the later rounds, the others go on.
+    """
+    results = [CaseResult(case) for case in cases]
+    live = list(results)
+    baseline = cases[0].baseline
+    label = cases[0].baseline_name
+    unit = cases[0].unit
     for i in range(repeats):
         start = time.perf_counter()
         try:
-            value = case.baseline(quick)
+            value = baseline(quick)
         except Exception as exc:
-            result.errors.append(f"baseline run {i + 1}: {_describe(exc)}")
-            log(f"  {case.name}: baseline run {i + 1} FAILED: {_describe(exc)}")
+            log(f"  {label}: baseline run {i + 1} FAILED: {_describe(exc)}")
             traceback.print_exc()
+            for r in results:
+                r.errors.append(f"baseline run {i + 1}: {_describe(exc)}")
             break
-        result.baseline.append(value)
-        log(
-            f"  {case.name}: baseline {i + 1}/{repeats}: {_fmt(value)} {case.unit}"
-            f"  ({time.perf_counter() - start:.1f} s)"
-        )
-        if not subject_live:
-            continue
-        start = time.perf_counter()
-        try:
-            value = case.subject(quick)
-        except SUBJECT_MISSING as exc:
-            subject_live = False
-            result.subject_status = "not available"
-            result.subject_note = _describe(exc)
-            log(f"  {case.name}: subject not available ({_describe(exc)})")
-            continue
-        except Exception as exc:
-            subject_live = False
-            result.subject_status = "error"
-            result.subject_note = _describe(exc)
-            result.errors.append(f"subject run {i + 1}: {_describe(exc)}")
-            log(f"  {case.name}: subject run {i + 1} FAILED: {_describe(exc)}")
-            traceback.print_exc()
-            continue
-        result.subject.append(value)
-        log(
-            f"  {case.name}: subject  {i + 1}/{repeats}: {_fmt(value)} {case.unit}"
-            f"  ({time.perf_counter() - start:.1f} s)"
-        )
-    if not result.baseline and result.subject_status == "ok":
-        result.subject_status = "not run"
-    return result
+        log(f"  {label}: {i + 1}/{repeats}: {_fmt(value)} {unit}  ({_since(start)})")
+        for r in results:
+            r.baseline.append(value)
+        for r in list(live):
+            name = r.case.name
+            start = time.perf_counter()
+            try:
+                value = r.case.subject(quick)
+            except SUBJECT_MISSING as exc:
+                live.remove(r)
+                r.subject_status = "not available"
+                r.subject_note = _describe(exc)
+                log(f"  {name}: subject not available ({_describe(exc)})")
+                continue
+            except Exception as exc:
+                live.remove(r)
+                r.subject_status = "error"
+                r.subject_note = _describe(exc)
+                r.errors.append(f"subject run {i + 1}: {_describe(exc)}")
+                log(f"  {name}: subject run {i + 1} FAILED: {_describe(exc)}")
+                traceback.print_exc()
+                continue
+            r.subject.append(value)
+            log(f"  {name}: {i + 1}/{repeats}: {_fmt(value)} {unit}  ({_since(start)})")
+    for r in results:
+        if r.subject_status == "ok" and not r.subject:
+            r.subject_status = "not run"
+    return results
 
 
 def run_all(
     cases: Iterable[Case], repeats: int, quick: bool, log: Callable[[str], None] = print
 ) -> list[CaseResult]:
-    results = []
+    """Run ``cases``, grouped by baseline; results come back in the order given."""
+    cases = list(cases)
+    groups: dict[str, list[Case]] = {}
     for case in cases:
-        log(f"{case.name}: {case.description}")
-        results.append(run_case(case, repeats, quick, log))
-    return results
+        groups.setdefault(case.baseline_name, []).append(case)
+    by_name: dict[str, CaseResult] = {}
+    for group in groups.values():
+        log(f"{group[0].baseline_name} vs: {', '.join(c.name for c in group)}")
+        for case in group:
+            log(f"  {case.name}: {case.description}")
+        for result in run_group(group, repeats, quick, log):
+            by_name[result.case.name] = result
+    return [by_name[case.name] for case in cases]
+
+
+def _since(start: float) -> str:
+    return f"{time.perf_counter() - start:.1f} s"
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +278,7 @@ def results_json(
     results: Sequence[CaseResult], *, quick: bool, repeats: int, wall_time: float
 ) -> dict[str, Any]:
     return {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "quick": quick,
         "repeats": repeats,
         "wall_time_s": round(wall_time, 2),

@@ -15,9 +15,11 @@ from aioquic.quic.configuration import QuicConfiguration
 
 from . import _tls
 from ._config import DEFAULT_IDLE_TIMEOUT, ClientConfig, check_client_id, load_pem
+from ._direct import DirectManager
 from ._exceptions import (
     BroadcastNotFoundError,
     CertificateError,
+    ChannelError,
     ConecError,
     ConnectError,
     DisconnectedError,
@@ -132,9 +134,17 @@ class Client:
         self._certificate_chain = chain[1:]
         self._private_key = _tls.load_private_key(key_pem)
         self._ca = load_pem(config.ca)
+        self._client_ca = load_pem(config.client_ca)
+        self._direct = DirectManager(self)
+        self._direct_ids: set[int] = set()
         self._idle_timeout = config.idle_timeout or DEFAULT_IDLE_TIMEOUT
 
     # -- connecting ------------------------------------------------------------------------------
+
+    def _apply_identity(self, config: QuicConfiguration) -> None:
+        config.certificate = self._certificate
+        config.certificate_chain = self._certificate_chain
+        config.private_key = self._private_key
 
     def _quic_config(self) -> QuicConfiguration:
         cfg = self.config
@@ -150,9 +160,7 @@ class Client:
             config.cadata = self._ca
         else:
             config.cafile, config.capath = system_ca_location()
-        config.certificate = self._certificate
-        config.certificate_chain = self._certificate_chain
-        config.private_key = self._private_key
+        self._apply_identity(config)
         return config
 
     async def _connect(self) -> None:
@@ -202,7 +210,11 @@ class Client:
         if not won:
             raise self._best_error(errors, host, port)
         _, self._endpoint, self._conn = won[0]
-        self._endpoint.raw_datagram_handler = self._raw_datagram
+        self._endpoint.raw_datagram_handler = self._direct.raw_datagram
+        if cfg.listen:
+            # Direct channels arrive on this same socket (and so through the same NAT mapping
+            # the coordinator observed).
+            self._endpoint.accept_connections(self._direct.server_config, self._direct.accepted)
         await self._hello()
 
     @staticmethod
@@ -309,9 +321,6 @@ class Client:
             probe.close()
         return addrs
 
-    def _raw_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        """Non-QUIC datagrams (hole-punching packets) are dropped on arrival."""
-
     # -- control stream ----------------------------------------------------------------------------
 
     async def _control_loop(self, st: StreamState) -> None:
@@ -323,9 +332,16 @@ class Client:
                     log.warning("bad control message from the coordinator: %s", exc)
                     self._conn.close(int(CloseCode.PROTOCOL), f"bad control message: {exc}")
                 return
+            if isinstance(msg, control.ChannelOffer):
+                self._nursery.start_soon(self._direct.on_offer, msg)
+                continue
             rid = getattr(msg, "rid", None)
             if rid is not None and rid in self._pending:
                 self._pending.pop(rid).send_nowait(msg)
+
+    def _send_control(self, msg: Any) -> None:
+        if self._control is not None and self._conn is not None and self._conn.is_open:
+            write_message(self._control, control.encode(msg))
 
     async def _request(self, make: Any) -> Any:
         """Send a control request and wait for its reply (matched by request id)."""
@@ -374,17 +390,23 @@ class Client:
             return
         sid = StreamId.proxied(msg.sid)
         send, recv = message_channels(st, msg.peer, sid)
+        self._deliver_incoming(IncomingStream(msg.peer, sid, send, recv), st)
+
+    def _deliver_incoming(self, incoming: IncomingStream, st: StreamState) -> None:
         try:
-            self._incoming_send.send_nowait(IncomingStream(msg.peer, sid, send, recv))
+            self._incoming_send.send_nowait(incoming)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             st.fail(ConecError("client is shutting down"), StreamCode.ABORTED)
 
     # -- opening streams ---------------------------------------------------------------------------
 
+    def _id_in_use(self, wanted: StreamId) -> StreamIdInUseError:
+        return StreamIdInUseError(f"stream id {wanted!r} is already in use by {self.id!r}")
+
     def _take_proxied_id(self, wanted: StreamId | None) -> int:
         if wanted is not None:
             if wanted.n in self._proxied_ids:
-                raise StreamIdInUseError(f"stream id {wanted!r} is already in use by {self.id!r}")
+                raise self._id_in_use(wanted)
             self._proxied_ids.add(wanted.n)
             return wanted.n
         while self._next_proxied in self._proxied_ids:
@@ -439,17 +461,67 @@ class Client:
             self._proxied_ids.discard(n)
             raise
 
+    # -- direct channels ---------------------------------------------------------------------------
+
+    async def new_channel(self, peer: str) -> None:
+        """Open a direct QUIC connection to ``peer``, brokered by the coordinator.
+
+        Raises ``ChannelError`` if ``peer`` is this client, does not listen, cannot be
+        reached within 10 s, is already connected, or presents another certificate than
+        the coordinator vouched for; ``PeerNotFoundError`` if it is not connected.
+        """
+        self._check_alive()
+        await self._direct.open(peer)
+
+    async def close_channel(self, peer: str) -> None:
+        """Close the direct channel to ``peer``; its streams break on both sides.
+
+        Raises ``ChannelError`` if there is none. Either side may open a new one at once.
+        """
+        await self._direct.close(peer)
+
+    async def new_direct_stream(
+        self, peer: str
+    ) -> tuple[MessageSendChannel, MessageReceiveChannel]:
+        """A stream over the open direct channel to ``peer`` (``ChannelError`` if none)."""
+        await trio.lowlevel.checkpoint()
+        return self._direct.new_stream(peer)
+
+    async def _ensure_channel(self, peer: str) -> bool:
+        """True if a direct channel to ``peer`` is open now (opening one if it can)."""
+        if peer in self._direct.channels:
+            return True
+        if peer == self.id or self._direct.recently_failed(peer):
+            return False
+        try:
+            await self._direct.open(peer)
+        except ConecError as exc:
+            log.info("no direct channel to %r, going through the coordinator: %s", peer, exc)
+            return False
+        return True
+
     async def new_stream(self, peer: str) -> tuple[MessageSendChannel, MessageReceiveChannel]:
-        """A stream to ``peer``: direct if a channel exists or can be opened now, else proxied."""
+        """A stream to ``peer``: direct if a channel exists or can be opened now, otherwise
+        proxied through the coordinator (for example when the peer does not listen, or sits
+        behind a symmetric NAT). Raises ``PeerNotFoundError`` if ``peer`` is not connected."""
+        self._check_alive()
+        if await self._ensure_channel(peer):
+            return self._direct.new_stream(peer)
         return await self.new_proxied_stream(peer)
 
     async def new_stream_with_id(
         self, peer: str | None, stream_id: StreamId
     ) -> tuple[MessageSendChannel, MessageReceiveChannel]:
-        """Like ``new_stream`` with a caller-chosen id; ``StreamIdInUseError`` if it is in use."""
+        """Like ``new_stream`` with a caller-chosen id (a direct id needs a direct channel).
+
+        Raises ``StreamIdInUseError`` if this client already uses that id.
+        """
         self._check_alive()
         if stream_id.is_direct:
-            raise ConecError("direct streams need a direct channel; none is open")
+            if peer is None:
+                raise ChannelError("the coordinator cannot be reached over a direct channel")
+            await trio.lowlevel.checkpoint()
+            return self._direct.new_stream(peer, stream_id)
         n = self._take_proxied_id(stream_id)
         try:
             return await self._open_proxied(peer, n)
@@ -484,6 +556,8 @@ class Client:
     async def _shutdown(self) -> None:
         conn, table = self._conn, self._table
         self._incoming_send.close()
+        with trio.CancelScope(shield=True):
+            await self._direct.aclose_all()
         if conn is None or table is None:
             return
         with trio.move_on_after(FLUSH_TIMEOUT) as scope:

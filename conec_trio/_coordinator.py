@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -32,6 +33,8 @@ log = logging.getLogger("conec_trio.coordinator")
 
 # A client must say hello this soon after its handshake, or it is dropped.
 HELLO_TIMEOUT = 10.0
+# How long the target of a channel offer has to answer it.
+OFFER_TIMEOUT = 5.0
 
 
 class ClientSession:
@@ -45,6 +48,7 @@ class ClientSession:
         self.local_addrs: list[tuple[str, int]] = []
         self.control: StreamState | None = None
         self.hello_seen = trio.Event()
+        self.offers: dict[int, trio.MemorySendChannel[control.ChannelOfferReply]] = {}
         self.table = StreamTable(
             conn,
             window=coord.config.stream_window,
@@ -61,7 +65,17 @@ class ClientSession:
 
     @property
     def observed_addr(self) -> tuple[str, int]:
-        return (str(self.conn.peer_address[0]), int(self.conn.peer_address[1]))
+        host = str(self.conn.peer_address[0])
+        if host.startswith("::ffff:"):  # an IPv4 client on a dual-stack socket
+            host = host[len("::ffff:") :]
+        return (host, int(self.conn.peer_address[1]))
+
+    @property
+    def candidates(self) -> list[tuple[str, int]]:
+        """Where peers may reach this client: as the coordinator sees it, then its own view."""
+        out = [self.observed_addr]
+        out.extend(a for a in self.local_addrs if a not in out)
+        return out
 
     def _describe_loss(self) -> ConecError:
         return ConecError(f"client {self.id!r} disconnected")
@@ -86,6 +100,7 @@ class Coordinator:
         self._clients: dict[str, ClientSession] = {}
         self._sessions: set[ClientSession] = set()
         self._endpoint: QuicEndpoint | None = None
+        self._offer_ids = itertools.count(1)
         self._incoming_send, self.incoming_streams = trio.open_memory_channel[IncomingStream](
             config.max_pending_opens
         )
@@ -294,8 +309,53 @@ class Coordinator:
             else:
                 reply = control.BroadcastCountReply(msg.rid, *counts)
             write_message(st, control.encode(reply))
+        elif isinstance(msg, control.ChannelRequest):
+            self._nursery.start_soon(self._broker_channel, session, msg)
+        elif isinstance(msg, control.ChannelOfferReply):
+            waiter = session.offers.pop(msg.oid, None)
+            if waiter is not None:
+                waiter.send_nowait(msg)
         else:
             session.refuse(CloseCode.PROTOCOL, f"unexpected control message {type(msg).__name__}")
+
+    async def _broker_channel(self, session: ClientSession, msg: control.ChannelRequest) -> None:
+        """Ask the target whether it takes a channel from ``session``; tell the requester."""
+        requester = session.id
+        assert requester is not None and session.control is not None
+        target = self._clients.get(msg.peer)
+        reply: Any
+        if msg.peer == requester:
+            reply = control.ErrorReply(msg.rid, "self", "cannot open a direct channel to itself")
+        elif target is None or target.control is None:
+            reply = control.ErrorReply(msg.rid, "no-peer", f"peer {msg.peer!r} is not connected")
+        elif not target.listen:
+            reply = control.ErrorReply(
+                msg.rid,
+                "not-listening",
+                f"peer {msg.peer!r} does not accept direct channels (it runs with listen=False)",
+            )
+        else:
+            oid = next(self._offer_ids)
+            answer_send, answer_recv = trio.open_memory_channel[control.ChannelOfferReply](1)
+            target.offers[oid] = answer_send
+            offer = control.ChannelOffer(oid, requester, session.cert_der, session.candidates)
+            write_message(target.control, control.encode(offer))
+            answer = None
+            with trio.move_on_after(OFFER_TIMEOUT):
+                answer = await answer_recv.receive()
+            target.offers.pop(oid, None)
+            if answer is None:
+                reply = control.ErrorReply(
+                    msg.rid, "no-answer", f"peer {msg.peer!r} did not answer the channel offer"
+                )
+            elif not answer.accept:
+                reply = control.ErrorReply(
+                    msg.rid, "refused", f"peer {msg.peer!r} refused the channel: {answer.message}"
+                )
+            else:
+                reply = control.ChannelGrant(msg.rid, msg.peer, target.cert_der, target.candidates)
+        if session.conn.is_open:
+            write_message(session.control, control.encode(reply))
 
     async def _open_proxied(
         self, session: ClientSession, st: StreamState, msg: control.OpenProxied

@@ -63,7 +63,7 @@ class BroadcastNotFoundError(ConecError):
     """No broadcast channel of that name exists right now."""
 
 
-class Lagged(ConecError):  # noqa: N818 - the name is part of the public contract
+class Lagged(ConecError):
     """A non-blocking receiver dropped ``count`` messages since its last report."""
 
     def __init__(self, count: int) -> None:

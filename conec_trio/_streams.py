@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+
 import trio
 
 from ._exceptions import ConecError, MessageTooLargeError, ProtocolError
 from ._quic import ConnectionListener, QuicConn
 from ._types import StreamId
-from ._wire.framing import FrameDecoder, frame_header
 from ._wire.codes import StreamCode
+from ._wire.framing import FrameDecoder, frame_header
 
 # The relay hands on raw bytes in pieces of at most this size.
 RELAY_CHUNK = 64 * 1024
@@ -211,6 +212,7 @@ class StreamTable(ConnectionListener):
         self._on_terminated = on_terminated
         self._describe_loss = describe_loss or (lambda: ConecError("connection lost"))
         self._blocked: set[StreamState] = set()
+        self.progress = trio.lowlevel.ParkingLot()  # unparked whenever acks or credit arrive
         self._peer_next = 0  # peer-initiated stream ids below this have been seen...
         self._peer_unseen: set[int] = set()  # ...except these (reordered arrivals)
         conn.listener = self
@@ -267,10 +269,14 @@ class StreamTable(ConnectionListener):
     def stop_sending(self, conn: QuicConn, stream_id: int, error_code: int) -> None:
         st = self.streams.get(stream_id)
         if st is not None and st.send_error is None and not st.send_finished:
-            st.send_error = ConecError(f"the peer stopped reading the stream (code {error_code:#x})")
+            st.send_error = ConecError(
+                f"the peer stopped reading the stream (code {error_code:#x})"
+            )
             st.reset(StreamCode.STOPPED)
 
     def send_progress(self, conn: QuicConn) -> None:
+        if self.progress:
+            self.progress.unpark_all()
         if not self._blocked:
             return
         ready = [st for st in self._blocked if st.send_error is not None or st.can_write()]

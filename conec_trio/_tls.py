@@ -156,9 +156,9 @@ def ephemeral_identity(client_id: str) -> tuple[bytes, bytes]:
 
 def _utc(now: datetime.datetime | None) -> datetime.datetime:
     if now is None:
-        return datetime.datetime.now(datetime.timezone.utc)
+        return datetime.datetime.now(datetime.UTC)
     if now.tzinfo is None:
-        return now.replace(tzinfo=datetime.timezone.utc)
+        return now.replace(tzinfo=datetime.UTC)
     return now
 
 

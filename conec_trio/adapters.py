@@ -17,7 +17,7 @@ import io
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence, Set
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import cbor2
 import trio
@@ -48,7 +48,7 @@ class _UntaggedReceiveChannel(trio.abc.ReceiveChannel[T]):
         :exc:`~conec_trio.Lagged` from a receiver made by :func:`open_nonblocking`.
         :exc:`TypeError` if an item is not a :class:`~conec_trio.BroadcastMessage`.
         """
-        message = await self._recv.receive()
+        message: object = await self._recv.receive()  # checked: channels are not type-safe
         if not isinstance(message, BroadcastMessage):
             raise TypeError(
                 f"untagged() needs a receiver of BroadcastMessage items, got "
@@ -201,38 +201,24 @@ class _NonblockingReceiveChannel(trio.abc.ReceiveChannel[T]):
         self._lot.unpark_all()
 
 
-def _raise_keeping_context(exc: BaseException) -> NoReturn:
-    """Raise ``exc`` as it is, without the group it came out of as its ``__context__``."""
-    context = exc.__context__
-    try:
-        raise exc
-    finally:
-        exc.__context__ = context
-        del exc, context
-
-
 @asynccontextmanager
 async def _open_nonblocking(
     recv: trio.abc.ReceiveChannel[T], capacity: int
 ) -> AsyncIterator[trio.abc.ReceiveChannel[T]]:
     nb = _NonblockingReceiveChannel(recv, capacity)
+    # The nursery is entered and exited by hand so that what the body raises never passes
+    # through it: users catch their own exception, not an ExceptionGroup wrapped around it.
+    # The drain task raises nothing, so leaving the nursery raises nothing either.
+    nursery_manager = trio.open_nursery()
+    nursery = await nursery_manager.__aenter__()
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(nb._drain)
-            try:
-                yield nb
-            finally:
-                nb._close_reader()  # also cancels the drain task
-    except BaseExceptionGroup as group:
-        # The drain task raises nothing, so the group holds what the body raised: let the
-        # user catch that, not an ExceptionGroup around it.
-        exceptions = group.exceptions
-        if len(exceptions) > 1:
-            exceptions = tuple(e for e in exceptions if not isinstance(e, trio.Cancelled))
-        if len(exceptions) == 1:
-            _raise_keeping_context(exceptions[0])
-        raise
+        await nursery.start(nb._drain)
+        yield nb
     finally:
+        nb._close_reader()  # also cancels the drain task
+        # Waits for the drain task, which is on its way out; a cancellation of ours does not
+        # interrupt that wait (trio's nurseries never raise Cancelled from it).
+        await nursery_manager.__aexit__(None, None, None)
         await recv.aclose()
 
 
@@ -330,7 +316,7 @@ def _encode(value: object) -> bytes:
     raise ProtocolError(f"cannot encode {type(value).__name__} as CBOR: {problem}") from cause
 
 
-def _decode(data: bytes | bytearray | memoryview, sender: str | None) -> Any:
+def _decode(data: object, sender: str | None) -> Any:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"CborReceiveChannel needs bytes items, got {type(data).__name__}")
     source = "" if sender is None else f" from {sender!r}"

@@ -282,7 +282,7 @@ def _check_days(days: int) -> None:
 
 
 def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return now - _CLOCK_SKEW, now + datetime.timedelta(days=days)
 
 

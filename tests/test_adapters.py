@@ -344,14 +344,17 @@ async def test_nonblocking_leaving_the_block_closes_everything() -> None:
 @pytest.mark.trio
 async def test_nonblocking_body_errors_are_not_wrapped_in_groups() -> None:
     _send, recv = trio.open_memory_channel[int](0)
-    with pytest.raises(KeyError) as info, trio.fail_after(DEADLINE):
+
+    async def body_fails() -> None:
         async with open_nonblocking(recv, 3):
             try:
-                raise ValueError("context")
-            except ValueError:
-                raise KeyError("body") from None
-    assert info.value.__suppress_context__
-    assert isinstance(info.value.__context__, ValueError)
+                raise ValueError("cause")
+            except ValueError as exc:
+                raise KeyError("body") from exc
+
+    with pytest.raises(KeyError) as info, trio.fail_after(DEADLINE):
+        await body_fails()
+    assert isinstance(info.value.__cause__, ValueError)  # chaining survives, nothing added
 
 
 @pytest.mark.trio
@@ -518,7 +521,8 @@ async def test_cbor_round_trip_nested() -> None:
     assert isinstance(send, trio.abc.SendChannel)
     assert isinstance(recv, trio.abc.ReceiveChannel)
     with trio.fail_after(DEADLINE):
-        for value in (NESTED, [], "", b"", 0, None, (1, (2, 3))):
+        values: list[Any] = [NESTED, [], "", b"", 0, None, (1, (2, 3))]
+        for value in values:
             await send.send(value)
         await send.aclose()
         got = [value async for value in recv]
@@ -654,3 +658,14 @@ async def test_cbor_end_of_channel_passes_through() -> None:
     await send.aclose()
     with pytest.raises(trio.EndOfChannel):
         await recv.receive()
+
+
+@pytest.mark.trio
+async def test_nonblocking_entered_while_cancelled_closes_source() -> None:
+    source = ScriptedReceiveChannel()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        async with open_nonblocking(source, 3):
+            pytest.fail("the body must not run in a cancelled scope")  # pragma: no cover
+    assert scope.cancelled_caught
+    assert source.closed

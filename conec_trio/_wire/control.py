@@ -269,6 +269,13 @@ class OpenDirect(Message):
     sid: int
 
 
+@_message(15)
+@dataclass(frozen=True)
+class DirectClose(Message):
+    """Client -> client on a direct connection: I am closing this channel. The receiver
+    forgets the channel and closes the connection, so the closer knows both sides are done."""
+
+
 @_message(20)
 @dataclass(frozen=True)
 class JoinBroadcast(Message):

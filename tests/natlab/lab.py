@@ -312,7 +312,8 @@ class NatLab:
                     input=self._pub_loss_ruleset(),
                 )
         except BaseException:
-            self.down()
+            with contextlib.suppress(LabError):  # the original error matters more
+                self.down()
             raise
         self._ready = True
 
@@ -356,23 +357,12 @@ class NatLab:
             "net.ipv6.conf.all.disable_ipv6=1",
             "net.ipv6.conf.default.disable_ipv6=1",
         ]
-        _run(["ip", "netns", "exec", full, "sysctl", "-q", "-w", *settings])
+        in_ns = ["ip", "netns", "exec", full]
+        _run([*in_ns, "sysctl", "-q", "-w", *settings])
         if name == "pub":
             # Only present when br_netfilter is loaded; keep bridged frames out of pub's
             # IP hooks ("-e": ignore the key if it does not exist).
-            _run(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    full,
-                    "sysctl",
-                    "-e",
-                    "-q",
-                    "-w",
-                    "net.bridge.bridge-nf-call-iptables=0",
-                ]
-            )
+            _run([*in_ns, "sysctl", "-e", "-q", "-w", "net.bridge.bridge-nf-call-iptables=0"])
 
     def _build_topology(self) -> None:
         self._ip(
@@ -426,6 +416,8 @@ table ip natlab {{
     iifname "eth-lan" oifname "eth-pub" counter accept comment "new outbound"
     counter drop comment "unsolicited inbound dropped"
   }}
+  # Unsolicited packets to the router itself are dropped before conntrack confirms
+  # them, so they leave no conntrack entry behind (like a home router).
   chain input {{
     type filter hook input priority filter; policy accept;
     iifname "eth-pub" ct state established,related accept
@@ -433,8 +425,6 @@ table ip natlab {{
   }}
 }}
 """
-        # The input chain drops unsolicited packets to the router itself before conntrack
-        # confirms them, so they leave no conntrack entry behind (like a home router).
         if self._loss_basis_points:
             # netdev ingress runs before conntrack: a lost inbound packet leaves no trace.
             ruleset += f"""

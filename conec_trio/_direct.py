@@ -1,0 +1,486 @@
+"""Direct client-to-client channels: brokering, certificate pinning and hole punching.
+
+The coordinator hands each side the other's certificate and candidate addresses (the address
+it observed, which is the NAT's public mapping, plus the peer's own local addresses). Both
+sides then punch: they send small non-QUIC datagrams from their one UDP socket to every
+candidate, so each NAT learns the other side as a known destination. The opener dials QUIC
+to the first address a punch arrived from (or to every candidate, if none did yet); QUIC's
+own retransmission of the Initial is the handshake retry. Each side accepts the connection
+only from exactly the certificate the coordinator vouched for.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import ssl
+from typing import TYPE_CHECKING, Any
+
+import trio
+from aioquic.quic.configuration import QuicConfiguration
+
+from . import _tls
+from ._exceptions import CertificateError, ChannelError, ConecError, ProtocolError
+from ._quic import QuicConn
+from ._streams import (
+    MessageReceiveChannel,
+    MessageSendChannel,
+    StreamState,
+    StreamTable,
+    message_channels,
+    read_header,
+    write_message,
+)
+from ._types import IncomingStream, StreamId
+from ._wire import control
+from ._wire.codes import CloseCode, StreamCode
+
+if TYPE_CHECKING:
+    from ._client import Client
+
+log = logging.getLogger("conec_trio.direct")
+
+# A punch packet: cannot be mistaken for QUIC (no registered connection id) and names its
+# sender, so the receiver knows which pending channel it belongs to.
+PUNCH_MAGIC = b"\x00conec-punch\x00"
+PUNCH_INTERVAL = 0.05
+# How long the opener waits for a punch from the peer before dialling every candidate.
+PUNCH_HEAD_START = 0.3
+CHANNEL_TIMEOUT = 10.0
+# After a failed attempt, new_stream goes proxied without retrying for this long.
+FAILURE_MEMORY = 30.0
+
+
+def punch_packet(sender: str) -> bytes:
+    return PUNCH_MAGIC + sender.encode()
+
+
+class DirectChannel:
+    """An open direct channel: one QUIC connection to ``peer``."""
+
+    def __init__(self, peer: str, conn: QuicConn, table: StreamTable) -> None:
+        self.peer = peer
+        self.conn = conn
+        self.table = table
+        self.next_sid = 0
+
+
+class _Expected:
+    """A channel the coordinator announced: the pinned certificate and where to punch."""
+
+    def __init__(self, peer: str, cert_der: bytes, addrs: list[tuple[str, int]]) -> None:
+        self.peer = peer
+        self.cert_der = cert_der
+        self.addrs = addrs
+        self.punched_from: tuple[Any, ...] | None = None
+        self.punch_seen = trio.Event()
+        self.done = trio.Event()
+
+
+class DirectManager:
+    """A client's direct channels (both the ones it opened and the ones it accepted)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.channels: dict[str, DirectChannel] = {}
+        self._expected: dict[str, _Expected] = {}
+        self._failed_at: dict[str, float] = {}
+        self._opening: set[str] = set()
+
+    # -- candidates and punching -----------------------------------------------------------
+
+    def _usable(self, addrs: list[tuple[str, int]]) -> list[tuple[Any, ...]]:
+        """Candidates this socket can send to, deduplicated, in the coordinator's order."""
+        endpoint = self.client._endpoint
+        assert endpoint is not None
+        family = endpoint.sock.family
+        out: list[tuple[Any, ...]] = []
+        for host, port in addrs:
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:
+                continue
+            if ip.version == 4 and family == socket.AF_INET6:
+                host = f"::ffff:{ip}"
+            elif ip.version == 6 and family == socket.AF_INET:
+                if ip.ipv4_mapped is None:
+                    continue
+                host = str(ip.ipv4_mapped)
+            if ip.is_unspecified:
+                continue
+            addr = (host, port)
+            if addr not in out:
+                out.append(addr)
+        return out
+
+    async def _punch(self, expected: _Expected) -> None:
+        """Send punches to every candidate until the channel is up or the time is over."""
+        endpoint = self.client._endpoint
+        assert endpoint is not None
+        packet = punch_packet(self.client.id)
+        targets = self._usable(expected.addrs)
+        with trio.move_on_after(CHANNEL_TIMEOUT):
+            while not expected.done.is_set():
+                for addr in targets:
+                    await endpoint.send_raw(packet, addr)
+                with trio.move_on_after(PUNCH_INTERVAL):
+                    await expected.done.wait()
+
+    def raw_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        """A non-QUIC datagram arrived on the client's socket: maybe a punch."""
+        if not data.startswith(PUNCH_MAGIC):
+            return
+        sender = data[len(PUNCH_MAGIC) :].decode(errors="replace")
+        expected = self._expected.get(sender)
+        if expected is None or expected.punch_seen.is_set():
+            return
+        expected.punched_from = addr
+        expected.punch_seen.set()
+        # Answer at once from this socket: the sender's NAT may only now have a mapping.
+        endpoint = self.client._endpoint
+        if endpoint is not None:
+            endpoint._send_now(punch_packet(self.client.id), addr)
+
+    # -- opening (this side dials) ---------------------------------------------------------------
+
+    async def open(self, peer: str, *, timeout: float = CHANNEL_TIMEOUT) -> DirectChannel:
+        client = self.client
+        if peer == client.id:
+            raise ChannelError("cannot open a direct channel to this client itself")
+        if peer in self.channels:
+            raise ChannelError(f"a direct channel to {peer!r} is already open")
+        if peer in self._opening:
+            raise ChannelError(f"a direct channel to {peer!r} is already being opened")
+        self._opening.add(peer)
+        try:
+            return await self._open(peer, timeout)
+        except ChannelError:
+            self._failed_at[peer] = trio.current_time()
+            raise
+        finally:
+            self._opening.discard(peer)
+
+    async def _open(self, peer: str, timeout: float) -> DirectChannel:
+        client = self.client
+        reply = await client._request(lambda rid: control.ChannelRequest(rid, peer))
+        if isinstance(reply, control.ErrorReply):
+            if reply.reason == "no-peer":
+                from ._exceptions import PeerNotFoundError
+
+                raise PeerNotFoundError(reply.message)
+            raise ChannelError(reply.message)
+        if not isinstance(reply, control.ChannelGrant):
+            raise ProtocolError(f"unexpected reply {type(reply).__name__} to a channel request")
+        self._check_peer_ca(peer, reply.cert_der)
+        expected = _Expected(peer, reply.cert_der, list(reply.addrs))
+        self._expected[peer] = expected
+        try:
+            async with trio.open_nursery() as nursery:
+                if client.config.holepunch:
+                    nursery.start_soon(self._punch, expected)
+                with trio.move_on_after(timeout):
+                    channel = await self._dial(expected)
+                    expected.done.set()
+                    return channel
+                expected.done.set()
+        finally:
+            if self._expected.get(peer) is expected:
+                del self._expected[peer]
+        raise ChannelError(
+            f"could not reach peer {peer!r} directly within {timeout:g} s (tried "
+            f"{', '.join(f'{h}:{p}' for h, p in self._usable(expected.addrs)) or 'no address'}; "
+            "a symmetric NAT or a firewall may be in the way)"
+        )
+
+    async def _dial(self, expected: _Expected) -> DirectChannel:
+        """Connect to the first address that works; keeps trying until cancelled."""
+        if self.client.config.holepunch:
+            with trio.move_on_after(PUNCH_HEAD_START):
+                await expected.punch_seen.wait()
+        if expected.punched_from is not None:
+            targets = [expected.punched_from]
+        else:
+            targets = self._usable(expected.addrs)
+        if not targets:
+            raise ChannelError(f"peer {expected.peer!r} has no address this client can reach")
+        winner: list[QuicConn] = []
+        conns: list[QuicConn] = []
+        try:
+            async with trio.open_nursery() as attempts:
+                for addr in targets:
+                    conn = self._connect(expected, addr)
+                    conns.append(conn)
+                    attempts.start_soon(
+                        self._await_handshake, conn, winner, attempts.cancel_scope
+                    )
+        finally:
+            for conn in conns:
+                if not winner or conn is not winner[0]:
+                    conn.close(int(CloseCode.NORMAL), "another address answered first")
+        if not winner:
+            reasons = "; ".join(c.close_reason for c in conns if c.close_reason)
+            raise ChannelError(
+                f"direct connection to {expected.peer!r} failed: {reasons or 'no answer'}"
+            )
+        conn = winner[0]
+        cert = conn.quic.peer_certificate
+        try:
+            if cert is None:
+                raise CertificateError(f"peer {expected.peer!r} presented no certificate")
+            _tls.verify_pinned(cert, expected.cert_der, expected.peer)
+        except CertificateError as exc:
+            conn.close(int(CloseCode.CERTIFICATE), str(exc))
+            raise ChannelError(str(exc)) from exc
+        return self._register(expected.peer, conn)
+
+    @staticmethod
+    async def _await_handshake(
+        conn: QuicConn, winner: list[QuicConn], done: trio.CancelScope
+    ) -> None:
+        async with trio.open_nursery() as either:
+
+            async def stop_when(event: trio.Event) -> None:
+                await event.wait()
+                either.cancel_scope.cancel()
+
+            either.start_soon(stop_when, conn.handshake_complete)
+            either.start_soon(stop_when, conn.closed)
+        if conn.handshake_complete.is_set() and conn.is_open and not winner:
+            winner.append(conn)
+            done.cancel()
+
+    def _connect(self, expected: _Expected, addr: tuple[Any, ...]) -> QuicConn:
+        client = self.client
+        cfg = client.config
+        config = QuicConfiguration(
+            is_client=True,
+            alpn_protocols=[control.ALPN],
+            server_name=expected.peer,
+            idle_timeout=client._idle_timeout,
+            max_stream_data=cfg.stream_window,
+            max_data=cfg.connection_window,
+            verify_mode=ssl.CERT_NONE,  # the pin check after the handshake replaces it
+        )
+        client._apply_identity(config)
+        endpoint = client._endpoint
+        assert endpoint is not None
+        conn = endpoint.connect(
+            addr,
+            config,
+            keepalive_interval=client._idle_timeout / 3 if cfg.keepalive else None,
+            request_client_certificate=False,
+            stream_window=cfg.stream_window,
+            connection_window=cfg.connection_window,
+            max_streams=cfg.max_streams,
+        )
+        # A listener first, so nothing the peer sends is lost before registration.
+        self._make_table(expected.peer, conn)
+        return conn
+
+    def _check_peer_ca(self, peer: str, cert_der: bytes) -> None:
+        ca = self.client._client_ca
+        if ca is None:
+            return
+        try:
+            _tls.verify_client_cert(_tls.load_cert(cert_der), [], peer, ca)
+        except CertificateError as exc:
+            raise ChannelError(
+                f"peer {peer!r}'s certificate does not chain to this client's client_ca: {exc}"
+            ) from exc
+
+    # -- accepting (the peer dials) ---------------------------------------------------------------
+
+    async def on_offer(self, offer: control.ChannelOffer) -> None:
+        """The coordinator says ``offer.peer`` wants a channel: agree (or not) and punch."""
+        client = self.client
+        reply: control.ChannelOfferReply
+        if not client.config.listen:
+            reply = control.ChannelOfferReply(offer.oid, False, "this client does not listen")
+        else:
+            try:
+                self._check_peer_ca(offer.peer, offer.cert_der)
+            except ChannelError as exc:
+                reply = control.ChannelOfferReply(offer.oid, False, str(exc)[:1000])
+            else:
+                reply = control.ChannelOfferReply(offer.oid, True, "")
+        if not reply.accept:
+            client._send_control(reply)
+            return
+        old = self.channels.pop(offer.peer, None)
+        if old is not None:
+            # The peer dials again: it no longer has the old channel.
+            old.conn.close(int(CloseCode.CHANNEL_CLOSED), "replaced by a new channel")
+        expected = _Expected(offer.peer, offer.cert_der, list(offer.addrs))
+        self._expected[offer.peer] = expected
+        try:
+            async with trio.open_nursery() as nursery:
+                if client.config.holepunch:
+                    nursery.start_soon(self._punch, expected)
+                # Punch first, then say yes: by the time the opener dials, our NAT knows it.
+                await trio.lowlevel.checkpoint()
+                client._send_control(reply)
+                with trio.move_on_after(CHANNEL_TIMEOUT):
+                    await expected.done.wait()
+                expected.done.set()
+        finally:
+            if self._expected.get(offer.peer) is expected:
+                del self._expected[offer.peer]
+
+    def server_config(self) -> tuple[QuicConfiguration, dict[str, Any]]:
+        client = self.client
+        cfg = client.config
+        config = QuicConfiguration(
+            is_client=False,
+            alpn_protocols=[control.ALPN],
+            idle_timeout=client._idle_timeout,
+            max_stream_data=cfg.stream_window,
+            max_data=cfg.connection_window,
+        )
+        client._apply_identity(config)
+        options = {
+            "request_client_certificate": True,
+            "stream_window": cfg.stream_window,
+            "connection_window": cfg.connection_window,
+            "max_streams": cfg.max_streams,
+        }
+        return config, options
+
+    def accepted(self, conn: QuicConn) -> None:
+        """A peer dials us; who it is shows when its certificate arrives."""
+        self._make_table(None, conn)
+
+    def _make_table(self, peer: str | None, conn: QuicConn) -> DirectTable:
+        return DirectTable(self, peer, conn)
+
+    def handshake_done(self, table: DirectTable) -> None:
+        if table.peer is not None:
+            return  # we dialled: _dial checks the pin
+        conn = table.conn
+        cert = conn.quic.peer_certificate
+        der = _tls.cert_der(cert) if cert is not None else b""
+        for expected in self._expected.values():
+            if der and der == expected.cert_der:
+                table.peer = expected.peer
+                self._register(expected.peer, conn)
+                expected.done.set()
+                return
+        log.warning("refusing a direct connection from %s: certificate not vouched for", conn.peer_address)
+        conn.close(
+            int(CloseCode.CERTIFICATE),
+            "certificate is not the one the coordinator vouched for",
+        )
+
+    def _register(self, peer: str, conn: QuicConn) -> DirectChannel:
+        table = conn.listener
+        assert isinstance(table, DirectTable)
+        channel = DirectChannel(peer, conn, table)
+        self.channels[peer] = channel
+        self._failed_at.pop(peer, None)
+        log.info("direct channel to %r open via %s", peer, conn.peer_address)
+        return channel
+
+    def channel_gone(self, table: DirectTable) -> None:
+        peer = table.peer
+        if peer is not None:
+            channel = self.channels.get(peer)
+            if channel is not None and channel.conn is table.conn:
+                del self.channels[peer]
+
+    # -- streams -----------------------------------------------------------------------------------
+
+    def recently_failed(self, peer: str) -> bool:
+        failed = self._failed_at.get(peer)
+        return failed is not None and trio.current_time() - failed < FAILURE_MEMORY
+
+    def new_stream(
+        self, peer: str, stream_id: StreamId | None = None
+    ) -> tuple[MessageSendChannel, MessageReceiveChannel]:
+        channel = self.channels.get(peer)
+        if channel is None or not channel.conn.is_open:
+            raise ChannelError(f"no direct channel to {peer!r} is open (call new_channel first)")
+        ids = self.client._direct_ids
+        if stream_id is not None:
+            if stream_id.n in ids:
+                raise self.client._id_in_use(stream_id)
+            n = stream_id.n
+        else:
+            while channel.next_sid in ids:
+                channel.next_sid += 1
+            n = channel.next_sid
+            channel.next_sid += 1
+        ids.add(n)
+        st = channel.table.open_stream()
+        write_message(st, control.encode(control.OpenDirect(n)))
+        return message_channels(st, peer, StreamId.direct(n))
+
+    async def accept_stream(self, table: DirectTable, st: StreamState) -> None:
+        try:
+            msg = control.decode(await read_header(st))
+        except ConecError as exc:
+            st.fail(ProtocolError(f"bad stream header: {exc}"), StreamCode.PROTOCOL)
+            return
+        peer = table.peer
+        if isinstance(msg, control.DirectClose):
+            st.finish_send()
+            st.stop_receiving(StreamCode.STOPPED)
+            self.channel_gone(table)
+            table.conn.close(int(CloseCode.CHANNEL_CLOSED), "channel closed by the peer")
+            return
+        if not isinstance(msg, control.OpenDirect) or peer is None:
+            st.fail(ProtocolError("unexpected stream header"), StreamCode.PROTOCOL)
+            return
+        sid = StreamId.direct(msg.sid)
+        send, recv = message_channels(st, peer, sid)
+        self.client._deliver_incoming(IncomingStream(peer, sid, send, recv), st)
+
+    # -- closing -----------------------------------------------------------------------------------
+
+    async def close(self, peer: str) -> None:
+        channel = self.channels.pop(peer, None)
+        if channel is None:
+            raise ChannelError(f"no direct channel to {peer!r} is open")
+        conn = channel.conn
+        if conn.is_open:
+            st = channel.table.open_stream()
+            write_message(st, control.encode(control.DirectClose()))
+            st.finish_send()
+            # The peer forgets the channel, then closes the connection: once we see that,
+            # either side may open a new channel at once.
+            with trio.move_on_after(2.0):
+                await conn.closed.wait()
+        await conn.aclose(int(CloseCode.CHANNEL_CLOSED), "channel closed")
+
+    async def aclose_all(self) -> None:
+        for channel in list(self.channels.values()):
+            await channel.conn.aclose(int(CloseCode.NORMAL), "client leaving")
+        self.channels.clear()
+
+
+class DirectTable(StreamTable):
+    """The stream table of a direct connection; knows its peer once the cert is checked."""
+
+    def __init__(self, manager: DirectManager, peer: str | None, conn: QuicConn) -> None:
+        client = manager.client
+        self.manager = manager
+        self.peer = peer
+        super().__init__(
+            conn,
+            window=client.config.stream_window,
+            max_message_size=client.config.max_message_size,
+            on_new_stream=self._new_stream,
+            on_terminated=self._gone,
+            describe_loss=self._loss,
+        )
+
+    def _loss(self) -> ConecError:
+        return ChannelError(f"the direct channel to {self.peer!r} was closed")
+
+    def _new_stream(self, st: StreamState) -> None:
+        self.manager.client._nursery.start_soon(self.manager.accept_stream, self, st)
+
+    def _gone(self, conn: QuicConn, error_code: int, reason: str) -> None:
+        self.manager.channel_gone(self)
+
+    def handshake_completed(self, conn: QuicConn) -> None:
+        self.manager.handshake_done(self)

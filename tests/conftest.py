@@ -1,0 +1,84 @@
+"""Shared fixtures: a coordinator on 127.0.0.1 port 0 and clients that trust its cert."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+import conec_trio
+from conec_trio import certs
+
+
+@pytest.fixture(scope="session")
+def coord_identity() -> tuple[bytes, bytes]:
+    """A self-signed coordinator cert valid for localhost, 127.0.0.1 and ::1."""
+    return certs.self_signed_cert(["localhost", "127.0.0.1", "::1"])
+
+
+@pytest.fixture
+def coord_config(coord_identity: tuple[bytes, bytes]) -> Callable[..., conec_trio.CoordConfig]:
+    def make(**overrides: Any) -> conec_trio.CoordConfig:
+        cert, key = coord_identity
+        options: dict[str, Any] = {"host": "127.0.0.1", "port": 0}
+        options.update(overrides)
+        return conec_trio.CoordConfig(cert_chain=cert, private_key=key, **options)
+
+    return make
+
+
+@pytest.fixture
+async def coord(
+    coord_config: Callable[..., conec_trio.CoordConfig],
+) -> AsyncIterator[conec_trio.Coordinator]:
+    """A running coordinator with default settings."""
+    async with conec_trio.open_coordinator(coord_config()) as c:
+        yield c
+
+
+ClientFactory = Callable[..., AbstractAsyncContextManager[conec_trio.Client]]
+
+
+@pytest.fixture
+def client_config(
+    coord_identity: tuple[bytes, bytes],
+) -> Callable[..., conec_trio.ClientConfig]:
+    """``client_config(coord, "alice", **overrides)``: a config that reaches ``coord``."""
+
+    def make(coordinator: conec_trio.Coordinator, client_id: str, **overrides: Any) -> conec_trio.ClientConfig:
+        options: dict[str, Any] = {
+            "coord_host": "127.0.0.1",
+            "coord_port": coordinator.address[1],
+            "ca": coord_identity[0],
+        }
+        options.update(overrides)
+        return conec_trio.ClientConfig(id=client_id, **options)
+
+    return make
+
+
+@pytest.fixture
+def open_client(client_config: Callable[..., conec_trio.ClientConfig]) -> ClientFactory:
+    """``async with open_client(coord, "alice") as alice: ...``"""
+
+    @asynccontextmanager
+    async def make(
+        coordinator: conec_trio.Coordinator, client_id: str, **overrides: Any
+    ) -> AsyncIterator[conec_trio.Client]:
+        async with conec_trio.open_client(client_config(coordinator, client_id, **overrides)) as c:
+            yield c
+
+    return make
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` is true, checking after every scheduling round, with a deadline.
+
+    For conditions that change without an event to wait on (counters in another task).
+    """
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.005)
