@@ -31,7 +31,7 @@ from ._exceptions import (
     StreamIdInUseError,
     VersionMismatchError,
 )
-from ._quic import QuicConn, QuicEndpoint, make_udp_socket
+from ._quic import DatagramSocket, QuicConn, QuicEndpoint, make_udp_socket
 from ._streams import (
     MessageReceiveChannel,
     MessageSendChannel,
@@ -236,7 +236,7 @@ class Client:
 
     @staticmethod
     async def _run_endpoint(
-        sock: socket.socket,
+        sock: DatagramSocket,
         scope: trio.CancelScope,
         *,
         task_status: trio.TaskStatus[QuicEndpoint] = trio.TASK_STATUS_IGNORED,
@@ -306,20 +306,20 @@ class Client:
         self._nursery.start_soon(self._control_loop, st)
 
     def _local_addrs(self) -> list[tuple[str, int]]:
+        """This client's own view of its address (a peer on the same LAN can use it)."""
         assert self._endpoint is not None and self._conn is not None
-        port = int(self._endpoint.local_address[1])
-        family = self._endpoint.sock.family
-        addrs: list[tuple[str, int]] = []
+        host, port = self._endpoint.local_address[:2]
+        if host not in ("0.0.0.0", "::"):
+            return [(str(host), int(port))]
         # The address the OS would send from towards the coordinator (no packet is sent).
-        probe = socket.socket(family, socket.SOCK_DGRAM)
+        probe = socket.socket(self._endpoint.sock.family, socket.SOCK_DGRAM)
         try:
             probe.connect(self._conn.peer_address[:2])
-            addrs.append((str(probe.getsockname()[0]), port))
+            return [(str(probe.getsockname()[0]), int(port))]
         except OSError:
-            pass
+            return []
         finally:
             probe.close()
-        return addrs
 
     # -- control stream ----------------------------------------------------------------------------
 

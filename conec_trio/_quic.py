@@ -13,12 +13,13 @@ small messages written in one scheduling round share packets.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
 import socket
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
@@ -347,7 +348,7 @@ class QuicConn:
 class QuicEndpoint:
     """One UDP socket, many QUIC connections (client and server role)."""
 
-    def __init__(self, sock: socket.socket, nursery: trio.Nursery) -> None:
+    def __init__(self, sock: DatagramSocket, nursery: trio.Nursery) -> None:
         self.sock = sock
         self._nursery = nursery
         self._by_cid: dict[bytes, QuicConn] = {}
@@ -383,17 +384,13 @@ class QuicEndpoint:
         task_status.started()
         touched: dict[QuicConn, None] = {}
         while True:
-            await trio.lowlevel.wait_readable(sock)
+            await sock.wait_readable()
             now = trio.current_time()
             for _ in range(RECEIVE_BATCH):
-                try:
-                    data, addr = sock.recvfrom(MAX_UDP_PAYLOAD)
-                except BlockingIOError:
+                received = sock.recvfrom_nowait()
+                if received is None:
                     break
-                except OSError:
-                    # ICMP errors from earlier sends can surface here; they concern one
-                    # destination, not this socket.
-                    continue
+                data, addr = received
                 conn = self._dispatch(data, addr, now)
                 if conn is not None:
                     touched[conn] = None
@@ -527,50 +524,117 @@ class QuicEndpoint:
 
     def _send_now(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """Best-effort immediate send for stateless replies (dropped if the socket is full)."""
-        try:
-            self.sock.sendto(data, addr)
-        except OSError:
-            pass
+        self.sock.sendto_nowait(data, addr)
 
     async def send_datagrams(self, datagrams: Iterable[tuple[bytes, tuple[Any, ...]]]) -> None:
         sock = self.sock
         for data, addr in datagrams:
-            while True:
-                try:
-                    sock.sendto(data, addr)
-                    break
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(sock)
-                except OSError as exc:
-                    # Unreachable destinations, ICMP errors, or a v6 address on a v4 socket:
-                    # the datagram is lost, as on the wire; QUIC's recovery deals with it.
-                    if exc.errno in (errno.EINTR,):
-                        continue
-                    break
+            while not sock.sendto_nowait(data, addr):
+                await sock.wait_writable()
 
     async def send_raw(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """Send one non-QUIC datagram (hole punching)."""
         await self.send_datagrams([(data, addr)])
 
 
-def make_udp_socket(family: int, host: str, port: int) -> socket.socket:
-    """A non-blocking UDP socket bound to (host, port)."""
+class DatagramSocket(Protocol):
+    """What an endpoint needs of a UDP socket. Tests plug in a fake network here."""
+
+    family: int
+
+    def getsockname(self) -> tuple[Any, ...]: ...
+
+    async def wait_readable(self) -> None: ...
+
+    def recvfrom_nowait(self) -> tuple[bytes, tuple[Any, ...]] | None:
+        """One datagram, or None when none is waiting."""
+
+    def sendto_nowait(self, data: bytes, addr: tuple[Any, ...]) -> bool:
+        """Send one datagram; False if the socket buffer is full (wait_writable, retry)."""
+
+    async def wait_writable(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class UdpSocket:
+    """A real, non-blocking UDP socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.family = sock.family
+
+    def getsockname(self) -> tuple[Any, ...]:
+        return tuple(self._sock.getsockname())
+
+    async def wait_readable(self) -> None:
+        await trio.lowlevel.wait_readable(self._sock)
+
+    def recvfrom_nowait(self) -> tuple[bytes, tuple[Any, ...]] | None:
+        while True:
+            try:
+                return self._sock.recvfrom(MAX_UDP_PAYLOAD)  # type: ignore[no-any-return]
+            except BlockingIOError:
+                return None
+            except OSError:
+                # ICMP errors from earlier sends can surface here; they concern one
+                # destination, not this socket.
+                continue
+
+    def sendto_nowait(self, data: bytes, addr: tuple[Any, ...]) -> bool:
+        try:
+            self._sock.sendto(data, addr)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                return self.sendto_nowait(data, addr)
+            # Unreachable destination, or an address of the other family: the datagram is
+            # lost, as on the wire; QUIC's recovery deals with it.
+        return True
+
+    async def wait_writable(self) -> None:
+        await trio.lowlevel.wait_writable(self._sock)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+SocketFactory = Callable[[int, str, int], DatagramSocket]
+
+
+def _real_udp_socket(family: int, host: str, port: int) -> DatagramSocket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
         if family == socket.AF_INET6:
             # Dual stack where the OS allows, so "::" serves IPv4 clients too.
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            except OSError:
-                pass
-        for opt, size in ((socket.SO_RCVBUF, 4 * 1024 * 1024), (socket.SO_SNDBUF, 4 * 1024 * 1024)):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, size)
-            except OSError:
-                pass
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
         sock.bind((host, port))
     except BaseException:
         sock.close()
         raise
-    return sock
+    return UdpSocket(sock)
+
+
+_socket_factory: SocketFactory = _real_udp_socket
+
+
+def set_socket_factory(factory: SocketFactory | None) -> SocketFactory:
+    """Make every new endpoint use ``factory`` (None: real sockets). Returns the old one.
+
+    For tests on a simulated network; not thread-safe, not for production use.
+    """
+    global _socket_factory
+    old = _socket_factory
+    _socket_factory = factory or _real_udp_socket
+    return old
+
+
+def make_udp_socket(family: int, host: str, port: int) -> DatagramSocket:
+    """A bound, non-blocking UDP socket (or the test network's stand-in)."""
+    return _socket_factory(family, host, port)

@@ -411,6 +411,13 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+class _Progress:
+    """The step the demo is at, for the message when something fails outside a step."""
+
+    def __init__(self) -> None:
+        self.step = "starting"
+
+
 @contextmanager
 def _step(progress: _Progress, name: str, seconds: float) -> Iterator[None]:
     """Run one demo step with a deadline; any failure becomes a DemoError naming the step."""
@@ -457,13 +464,6 @@ class _Tap(trio.abc.ReceiveChannel[bytes]):
         await self._inner.aclose()
 
 
-class _Progress:
-    """The step the demo is at, for the message when something fails outside a step."""
-
-    def __init__(self) -> None:
-        self.step = "starting"
-
-
 async def _demo(quick: bool) -> None:
     progress = _Progress()
     total = 30.0 if quick else 60.0
@@ -479,10 +479,11 @@ async def _demo(quick: bool) -> None:
 
 
 async def _demo_steps(quick: bool, progress: _Progress) -> None:
+    # Transfers stop at a size or after a time budget, whichever comes first, so that the
+    # demo takes a few seconds on slow machines too.
     bulk_bytes = (4 if quick else 20) * 1_000_000
-    chunk = 64 * 1024
     small_count = 2_000 if quick else 20_000
-    step_time = 10.0 if quick else 20.0
+    budget = 0.5 if quick else 2.0
     started = trio.current_time()
 
     _say("conec-trio demo: a coordinator and three clients on 127.0.0.1 (throwaway certificate)")
@@ -515,10 +516,10 @@ async def _demo_steps(quick: bool, progress: _Progress) -> None:
                 await _coordinator_exchange(alice, coord)
             with _step(progress, "loopback stream", 5):
                 await _loopback_exchange(alice)
-            with _step(progress, "bulk transfer", step_time):
-                await _bulk(alice, bob, bulk_bytes, chunk)
-            with _step(progress, "small messages", step_time):
-                await _small_messages(alice, bob, small_count)
+            with _step(progress, "bulk transfer", budget + 10):
+                await _bulk(alice, bob, bulk_bytes, budget)
+            with _step(progress, "small messages", budget + 10):
+                await _small_messages(alice, bob, small_count, budget)
             with _step(progress, "non-blocking reader", 5):
                 await _nonblocking(alice, bob)
             with _step(progress, "CBOR", 5):
@@ -586,68 +587,59 @@ async def _loopback_exchange(alice: Client) -> None:
     _line("loopback", f"alice -> alice {got!r}, reply {reply!r}")
 
 
-async def _bulk(alice: Client, bob: Client, total: int, chunk: int) -> None:
-    payload = bytes(chunk)
-    count = math.ceil(total / chunk)
-    total = count * chunk
+async def _transfer(
+    alice: Client, bob: Client, size: int, max_count: int, budget: float
+) -> tuple[int, float]:
+    """alice sends ``size``-byte messages to bob through the coordinator, ``max_count`` of
+    them or as many as fit in ``budget`` seconds, then ends the stream; bob counts them and
+    answers with the count once the stream ended.
+
+    Returns ``(messages, seconds)``: from alice's first send to her receipt of bob's answer.
+    """
+    payload = bytes(size)
     send, recv = await alice.new_proxied_stream("bob")
-    bob_send, bob_recv = None, None
-    received = 0
-
-    async def receiver() -> None:
-        nonlocal bob_send, bob_recv, received
-        bob_send, bob_recv = await _accept(bob, "alice")
-        async for message in bob_recv:
-            received += len(message)
-        await bob_send.send(received.to_bytes(8, "big"))
-
-    t0 = trio.current_time()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(receiver)
-        for _ in range(count):
-            await send.send(payload)
-        await send.aclose()
-        ack = await recv.receive()
-    elapsed = trio.current_time() - t0
-    _check(int.from_bytes(ack, "big") == total, f"bob got {received} of {total} bytes")
-    await recv.aclose()
-    assert bob_send is not None and bob_recv is not None
-    await bob_send.aclose()
-    await bob_recv.aclose()
-    _line(
-        "bulk",
-        f"{total / 1e6:.1f} MB alice -> bob via the coordinator in {chunk // 1024} KiB "
-        f"messages: {elapsed:.2f} s, {total / 1e6 / elapsed:.0f} MB/s",
-    )
-
-
-async def _small_messages(alice: Client, bob: Client, count: int) -> None:
-    payload = bytes(64)
-    send, recv = await alice.new_proxied_stream("bob")
-    received = 0
     bob_channels: list[Any] = []
+    received = 0
 
     async def receiver() -> None:
         nonlocal received
         bob_send, bob_recv = await _accept(bob, "alice")
         bob_channels.extend((bob_send, bob_recv))
         async for message in bob_recv:
-            if len(message) == 64:
+            if len(message) == size:
                 received += 1
         await bob_send.send(received.to_bytes(8, "big"))
 
+    sent = 0
     t0 = trio.current_time()
+    deadline = t0 + budget
     async with trio.open_nursery() as nursery:
         nursery.start_soon(receiver)
-        for _ in range(count):
+        while sent < max_count and (sent == 0 or trio.current_time() < deadline):
             await send.send(payload)
+            sent += 1
         await send.aclose()
         ack = await recv.receive()
     elapsed = trio.current_time() - t0
-    _check(int.from_bytes(ack, "big") == count, f"bob got {received} of {count} messages")
-    await recv.aclose()
-    for channel in bob_channels:
+    _check(int.from_bytes(ack, "big") == sent, f"alice sent {sent} messages, bob got {received}")
+    for channel in (recv, *bob_channels):
         await channel.aclose()
+    return sent, elapsed
+
+
+async def _bulk(alice: Client, bob: Client, max_bytes: int, budget: float) -> None:
+    chunk = 64 * 1024
+    count, elapsed = await _transfer(alice, bob, chunk, math.ceil(max_bytes / chunk), budget)
+    total = count * chunk
+    _line(
+        "bulk",
+        f"{total / 1e6:.1f} MB alice -> bob in {chunk // 1024} KiB messages: "
+        f"{elapsed:.2f} s, {total / 1e6 / elapsed:.1f} MB/s",
+    )
+
+
+async def _small_messages(alice: Client, bob: Client, max_count: int, budget: float) -> None:
+    count, elapsed = await _transfer(alice, bob, 64, max_count, budget)
     _line(
         "small messages",
         f"{count:,} x 64 B alice -> bob: {elapsed:.2f} s, {count / elapsed:,.0f} msgs/s",

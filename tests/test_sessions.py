@@ -18,12 +18,11 @@ from typing import Any
 
 import pytest
 import trio
+from conftest import ClientFactory, wait_for
 
 import conec_trio
 from conec_trio import certs
 from conec_trio._wire import control
-
-from conftest import ClientFactory, wait_for
 
 CoordConfigFactory = Callable[..., conec_trio.CoordConfig]
 ClientConfigFactory = Callable[..., conec_trio.ClientConfig]
