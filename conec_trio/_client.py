@@ -42,7 +42,7 @@ from ._streams import (
     write_message,
 )
 from ._types import BroadcastMessage, IncomingStream, StreamId
-from ._util import system_ca_location, unwrap_single_exception
+from ._util import system_ca_location, unwrap_single_exception, wait_any
 from ._wire import control
 from ._wire.codes import CloseCode, StreamCode
 
@@ -112,6 +112,7 @@ class Client:
         self._nursery = nursery
         self._conn: QuicConn | None = None
         self._endpoint: QuicEndpoint | None = None
+        self._sockets: list[DatagramSocket] = []
         self._table: StreamTable | None = None
         self._control: StreamState | None = None
         self._lost: ConecError | None = None
@@ -174,7 +175,9 @@ class Client:
         attempts: list[tuple[trio.CancelScope, QuicEndpoint, QuicConn]] = []
         # Every resolved address is tried at once ("localhost" may be ::1 or 127.0.0.1);
         # the first finished handshake wins.
-        for family, addr in dict.fromkeys((info[0], info[4][:2]) for info in infos):
+        # Full socket addresses: an AF_INET6 socket reports senders as 4-tuples, and aioquic
+        # only accepts packets from the exact address it dialled.
+        for family, addr in dict.fromkeys((info[0], tuple(info[4])) for info in infos):
             bind_host = "::" if family == socket.AF_INET6 else "0.0.0.0"
             try:
                 sock = make_udp_socket(family, bind_host, 0)
@@ -223,32 +226,24 @@ class Client:
         attempts: list[tuple[trio.CancelScope, QuicEndpoint, QuicConn]],
         done: trio.CancelScope,
     ) -> None:
-        async with trio.open_nursery() as either:
-
-            async def wait_and_stop(event: trio.Event) -> None:
-                await event.wait()
-                either.cancel_scope.cancel()
-
-            either.start_soon(wait_and_stop, conn.handshake_complete)
-            either.start_soon(wait_and_stop, conn.closed)
+        await wait_any(conn.handshake_complete, conn.closed)
         if conn.handshake_complete.is_set() or all(not c.is_open for _, _, c in attempts):
             done.cancel()
 
-    @staticmethod
     async def _run_endpoint(
+        self,
         sock: DatagramSocket,
         scope: trio.CancelScope,
         *,
         task_status: trio.TaskStatus[QuicEndpoint] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        # The socket outlives this task: open_client closes it last, after the goodbyes.
+        self._sockets.append(sock)
         with scope:
-            try:
-                async with trio.open_nursery() as nursery:
-                    endpoint = QuicEndpoint(sock, nursery)
-                    await nursery.start(endpoint.run)
-                    task_status.started(endpoint)
-            finally:
-                sock.close()
+            async with trio.open_nursery() as nursery:
+                endpoint = QuicEndpoint(sock, nursery)
+                await nursery.start(endpoint.run)
+                task_status.started(endpoint)
 
     def _best_error(self, errors: list[ConecError], host: str, port: int) -> ConecError:
         # A certificate problem or a refusal says more than a silence.
@@ -442,6 +437,8 @@ class Client:
         if not isinstance(reply, control.StreamAccepted):
             st.fail(ProtocolError("unexpected reply"), StreamCode.PROTOCOL)
             raise ProtocolError(f"unexpected reply {type(reply).__name__} to a stream open")
+        # The id is in use until both directions of the stream have ended.
+        st.on_done = lambda: self._proxied_ids.discard(n)
         return message_channels(st, peer, StreamId.proxied(n))
 
     async def new_proxied_stream(
@@ -584,15 +581,22 @@ async def open_client(config: ClientConfig) -> AsyncIterator[Client]:
     ...), before the block runs. Leaving the block closes every stream and channel.
     """
     with unwrap_single_exception():
-        async with trio.open_nursery() as nursery:
-            client = Client(config, nursery)
-            try:
-                await client._connect()
-            except BaseException:
-                nursery.cancel_scope.cancel()
-                raise
-            try:
-                yield client
-            finally:
-                await client._shutdown()
-                nursery.cancel_scope.cancel()
+        client: Client | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                client = Client(config, nursery)
+                try:
+                    await client._connect()
+                except BaseException:
+                    nursery.cancel_scope.cancel()
+                    raise
+                try:
+                    yield client
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await client._shutdown()
+                    nursery.cancel_scope.cancel()
+        finally:
+            if client is not None:
+                for sock in client._sockets:
+                    sock.close()

@@ -25,7 +25,7 @@ from ._streams import (
     write_message,
 )
 from ._types import IncomingStream, StreamId
-from ._util import unwrap_single_exception
+from ._util import unwrap_single_exception, wait_any
 from ._wire import control
 from ._wire.codes import CloseCode, StreamCode
 
@@ -179,18 +179,16 @@ class Coordinator:
 
     async def _expect_hello(self, session: ClientSession) -> None:
         with trio.move_on_after(HELLO_TIMEOUT):
-            await session.hello_seen.wait()
+            await wait_any(session.hello_seen, session.conn.closed)
             return
         if session.conn.is_open:
             session.refuse(CloseCode.PROTOCOL, "no hello within the allowed time")
 
     async def _shutdown(self) -> None:
+        self._incoming_send.close()
         for session in list(self._sessions):
-            session.conn.close(int(CloseCode.SHUTDOWN), "coordinator shutting down")
-        with trio.move_on_after(1.0) as scope:
-            scope.shield = True
-            for session in list(self._sessions):
-                await session.conn.transmit()
+            session.conn.close_now(int(CloseCode.SHUTDOWN), "coordinator shutting down")
+        await trio.lowlevel.checkpoint()
 
     def _client_gone(self, session: ClientSession, reason: str) -> None:
         self._sessions.discard(session)
@@ -402,11 +400,17 @@ async def open_coordinator(config: CoordConfig) -> AsyncIterator[Coordinator]:
     Leaving the block disconnects every client (they see their streams break at once).
     """
     with unwrap_single_exception():
-        async with trio.open_nursery() as nursery:
-            coord = Coordinator(config, nursery)
-            await coord._start()
-            try:
-                yield coord
-            finally:
-                await coord._shutdown()
-                nursery.cancel_scope.cancel()
+        coord: Coordinator | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                coord = Coordinator(config, nursery)
+                await coord._start()
+                try:
+                    yield coord
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await coord._shutdown()
+                    nursery.cancel_scope.cancel()
+        finally:
+            if coord is not None and coord._endpoint is not None:
+                coord._endpoint.sock.close()

@@ -34,6 +34,7 @@ from ._streams import (
 )
 from ._types import IncomingStream, StreamId
 from ._wire import control
+from ._util import wait_any
 from ._wire.codes import CloseCode, StreamCode
 
 if TYPE_CHECKING:
@@ -109,7 +110,8 @@ class DirectManager:
                 host = str(ip.ipv4_mapped)
             if ip.is_unspecified:
                 continue
-            addr = (host, port)
+            # An AF_INET6 socket names senders (host, port, flowinfo, scope_id).
+            addr: tuple[Any, ...] = (host, port, 0, 0) if family == socket.AF_INET6 else (host, port)
             if addr not in out:
                 out.append(addr)
         return out
@@ -238,14 +240,7 @@ class DirectManager:
     async def _await_handshake(
         conn: QuicConn, winner: list[QuicConn], done: trio.CancelScope
     ) -> None:
-        async with trio.open_nursery() as either:
-
-            async def stop_when(event: trio.Event) -> None:
-                await event.wait()
-                either.cancel_scope.cancel()
-
-            either.start_soon(stop_when, conn.handshake_complete)
-            either.start_soon(stop_when, conn.closed)
+        await wait_any(conn.handshake_complete, conn.closed)
         if conn.handshake_complete.is_set() and conn.is_open and not winner:
             winner.append(conn)
             done.cancel()
@@ -411,6 +406,7 @@ class DirectManager:
             channel.next_sid += 1
         ids.add(n)
         st = channel.table.open_stream()
+        st.on_done = lambda: ids.discard(n)
         write_message(st, control.encode(control.OpenDirect(n)))
         return message_channels(st, peer, StreamId.direct(n))
 

@@ -26,6 +26,8 @@ from ._wire.framing import FrameDecoder, frame_header
 
 # The relay hands on raw bytes in pieces of at most this size.
 RELAY_CHUNK = 64 * 1024
+# Messages up to this size are written to QUIC together with their header in one call.
+SMALL_MESSAGE = 4096
 
 
 def _varint_len(n: int) -> int:
@@ -51,6 +53,7 @@ class StreamState:
         self.readers = trio.lowlevel.ParkingLot()
         self.writers = trio.lowlevel.ParkingLot()
         self.linked: StreamState | None = None  # the other half, when relayed
+        self.on_done: Callable[[], None] | None = None  # called once both directions end
         self._arrived = 0
         self._reported = 0
 
@@ -225,6 +228,9 @@ class StreamTable(ConnectionListener):
 
     def maybe_forget(self, st: StreamState) -> None:
         if st.send_finished and st.recv_finished:
+            if st.on_done is not None:
+                st.on_done()
+                st.on_done = None
             self.streams.pop(st.stream_id, None)
             self._blocked.discard(st)
             self.conn.quic.forget_stream(st.stream_id)
@@ -252,6 +258,8 @@ class StreamTable(ConnectionListener):
         st = self.streams.get(stream_id)
         if st is None:
             if not (self._peer_initiated(stream_id) and self._is_new_peer_stream(stream_id)):
+                # Late data for a stream we no longer read: give its credit back.
+                self.conn.discard_received(len(data))
                 return
             st = StreamState(self, stream_id)
             self.streams[stream_id] = st
@@ -336,8 +344,11 @@ class MessageSendChannel(trio.abc.SendChannel[bytes]):
             if self._closed:
                 raise trio.ClosedResourceError("this send channel was closed")
         conn = st.conn
-        conn.send_stream_data(st.stream_id, frame_header(size))
-        conn.send_stream_data(st.stream_id, bytes(value))
+        if size <= SMALL_MESSAGE:
+            conn.send_stream_data(st.stream_id, frame_header(size) + bytes(value))
+        else:  # not worth copying a large message just to prepend its header
+            conn.send_stream_data(st.stream_id, frame_header(size))
+            conn.send_stream_data(st.stream_id, bytes(value))
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def aclose(self) -> None:

@@ -37,6 +37,18 @@ def unwrap_single_exception() -> Iterator[None]:
         raise
 
 
+async def wait_any(*events: trio.Event) -> None:
+    """Return as soon as any of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+
+        async def stop_when(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(stop_when, event)
+
+
 def system_ca_location() -> tuple[str | None, str | None]:
     """(cafile, capath) of the system trust store, as OpenSSL was built to find it."""
     paths = ssl.get_default_verify_paths()

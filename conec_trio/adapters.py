@@ -114,10 +114,7 @@ class _NonblockingReceiveChannel(trio.abc.ReceiveChannel[T]):
         self._source_error = error
         self._lot.unpark_all()
 
-    async def _drain(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        task_status.started()
+    async def _drain(self) -> None:
         with self._drain_scope:
             while True:
                 try:
@@ -212,14 +209,20 @@ async def _open_nonblocking(
     nursery_manager = trio.open_nursery()
     nursery = await nursery_manager.__aenter__()
     try:
-        await nursery.start(nb._drain)
+        # start_soon, not start: the drain task is shielded from outside cancellation, and a
+        # task start()ed in a cancelled scope would stay in start()'s own nursery. Nothing is
+        # lost before it runs: messages wait in ``recv`` until it does.
+        nursery.start_soon(nb._drain, name="conec_trio.open_nonblocking drain")
+        await trio.lowlevel.checkpoint()  # opening is a checkpoint, like trio's own open_*
         yield nb
     finally:
-        nb._close_reader()  # also cancels the drain task
-        # Waits for the drain task, which is on its way out; a cancellation of ours does not
-        # interrupt that wait (trio's nurseries never raise Cancelled from it).
-        await nursery_manager.__aexit__(None, None, None)
-        await recv.aclose()
+        try:
+            nb._close_reader()  # also cancels the drain task
+            # Waits for the drain task, which is on its way out; a cancellation of ours does
+            # not interrupt that wait (trio's nurseries never raise Cancelled from it).
+            await nursery_manager.__aexit__(None, None, None)
+        finally:
+            await recv.aclose()
 
 
 def open_nonblocking(

@@ -5,7 +5,8 @@ Subcommands:
 - ``demo``: a coordinator and three clients on loopback, showing every kind of stream and how
   fast it goes, in a few seconds;
 - ``coord``: run a coordinator until Ctrl-C (SIGINT) or SIGTERM;
-- ``certs ca`` / ``certs issue``: make a CA, and certificates it signs.
+- ``certs ca`` / ``certs issue``: make a CA, and certificates it signs;
+- ``expose`` / ``forward``: TCP port forwarding over conec (in :mod:`conec_trio.forward`).
 
 Each subcommand is one ``_add_<name>_command(subparsers)`` function that builds its parser and
 sets ``run`` to a function taking the parsed arguments and returning the exit status; a new
@@ -20,17 +21,16 @@ import errno
 import ipaddress
 import logging
 import math
-import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import trio
 
-from . import __version__, _tls, certs
+from . import __version__, _tls, certs, forward
 from ._client import Client, open_client
 from ._config import DEFAULT_PORT, ClientConfig, CoordConfig
 from ._coordinator import Coordinator, open_coordinator
@@ -57,7 +57,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(getattr(args, "verbose", 0))
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
@@ -71,13 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conec-trio",
         description="COordinated NEtwork Channels for Trio, over QUIC: one coordinator, many "
-        "clients, proxied and broadcast message streams.",
+        "clients, proxied, direct and broadcast message streams.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # One line per command; each _add_*_command builds its subparser and sets ``run``.
     _add_demo_command(subparsers)
     _add_coord_command(subparsers)
     _add_certs_command(subparsers)
+    forward.add_expose_command(subparsers)
+    forward.add_forward_command(subparsers)
     return parser
 
 
@@ -93,9 +95,9 @@ def _error(message: str) -> int:
     return 1
 
 
-def _say(*parts: object, file: TextIO | None = None) -> None:
+def _say(line: str) -> None:
     """Print one line at once: scripts wait for our lines, so none may sit in a buffer."""
-    print(*parts, file=file or sys.stdout, flush=True)
+    print(line, flush=True)
 
 
 def _format_address(host: str, port: int) -> str:
@@ -147,12 +149,17 @@ def _add_coord_command(subparsers: Any) -> None:
         f"./{DEFAULT_STATE_DIR}/; files {COORD_CERT_FILE} and {COORD_KEY_FILE})",
     )
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="log clients coming and going (-vv: debug)"
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log clients coming and going (-vv: debug)",
     )
     parser.set_defaults(run=_run_coord)
 
 
 def _run_coord(args: argparse.Namespace) -> int:
+    _setup_logging(args.verbose)
     if (args.cert is None) != (args.key is None):
         return _error("--cert and --key go together: give both, or neither")
     if not 0 <= args.port <= 65535:
@@ -162,8 +169,9 @@ def _run_coord(args: argparse.Namespace) -> int:
         if args.cert is not None:
             cert_pem = _read_pem(args.cert, "--cert")
             key_pem = _read_pem(args.key, "--key")
-            assert cert_pem is not None and key_pem is not None
-            _say(f"certificate: {args.cert.resolve()} (clients pass the CA that issued it as --ca)")
+            assert cert_pem is not None
+            assert key_pem is not None
+            _say(f"certificate: {args.cert.resolve()} (clients pass its CA as --ca)")
         else:
             cert_pem, key_pem = _coord_identity(args.state_dir, args.host)
     except (OSError, ValueError, ConecError) as exc:
@@ -178,6 +186,8 @@ def _run_coord(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C before the signal handler was in place
         _say("coordinator stopped")
         return 0
+    except ConecError as exc:  # say, a key that does not parse
+        return _error(str(exc))
 
 
 def _read_pem(path: Path | None, option: str) -> bytes | None:
@@ -234,7 +244,7 @@ def _load_fitting_identity(
         key = _tls.load_private_key(key_pem)
     except (OSError, ConecError):
         return None
-    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)
     if cert.not_valid_after_utc < soon or key.public_key() != cert.public_key():
         return None
     if not set(names) <= _tls.cert_names(cert):
@@ -267,7 +277,8 @@ async def _serve_coordinator(
                     _say(f"ready on {_format_address(*coord.address)}")
                     async for signum in signals:
                         name = signal.Signals(signum).name
-                        _say(f"coordinator stopped ({name}; {coord.num_clients} client(s) disconnected)")
+                        clients = coord.num_clients
+                        _say(f"coordinator stopped ({name}; {clients} client(s) disconnected)")
                         return 0
             except OSError as exc:
                 if bound:
@@ -391,6 +402,7 @@ class DemoError(Exception):
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    _setup_logging(args.verbose)
     try:
         trio.run(_demo, args.quick)
     except DemoError as exc:
@@ -553,8 +565,8 @@ async def _proxied_exchange(alice: Client, bob: Client) -> None:
         await channel.aclose()
     _line(
         "proxied",
-        f"alice -> bob {got!r}, bob -> alice {reply!r} via the coordinator "
-        f"({send.stream_id!r}; open + round trip {elapsed * 1000:.1f} ms)",
+        f"alice -> bob {got!r}, reply {reply!r} ({send.stream_id!r}, "
+        f"open + round trip {elapsed * 1000:.1f} ms)",
     )
 
 
@@ -570,7 +582,8 @@ async def _coordinator_exchange(alice: Client, coord: Coordinator) -> None:
     for channel in (send, recv, incoming.send, incoming.recv):
         await channel.aclose()
     _line(
-        "to coordinator", f"alice -> coordinator {got!r}, reply {reply!r} (peer None on alice's end)"
+        "to coordinator",
+        f"alice -> coordinator {got!r}, reply {reply!r} (alice's end has peer None)",
     )
 
 
@@ -670,13 +683,13 @@ async def _nonblocking(alice: Client, bob: Client) -> None:
     await bob_send.aclose()
     _line(
         "non-blocking",
-        f"alice sent {sent:,} without waiting; bob's reader (capacity {capacity}) raised "
-        f"Lagged(count={lagged}), then gave #{kept[0]}..#{kept[-1]}",
+        f"alice sent {sent:,}; bob's reader (capacity {capacity}) got "
+        f"Lagged(count={lagged}), then #{kept[0]}..#{kept[-1]}",
     )
 
 
 async def _cbor(alice: Client, bob: Client) -> None:
-    value = {"from": "alice", "n": 42, "tags": ["quic", "trio"], "ratio": 0.5, "raw": b"\x00\xff"}
+    value = {"n": 42, "tags": ["quic", "trio"], "raw": b"\x00\xff"}
     send, recv = await alice.new_proxied_stream("bob")
     bob_send, bob_recv = await _accept(bob, "alice")
     await CborSendChannel(send).send(value)
@@ -686,7 +699,7 @@ async def _cbor(alice: Client, bob: Client) -> None:
     _check(got == value and back == value, f"sent {value!r}, bob got {got!r}, back {back!r}")
     for channel in (send, recv, bob_send, bob_recv):
         await channel.aclose()
-    _line("CBOR", f"{value!r} alice -> bob -> alice, equal on arrival")
+    _line("CBOR", f"{value!r} alice -> bob -> alice, unchanged")
 
 
 async def _broadcast(clients: dict[str, Client], coord: Coordinator) -> None:
@@ -720,7 +733,6 @@ async def _broadcast(clients: dict[str, Client], coord: Coordinator) -> None:
         await recv.aclose()
     _line(
         "broadcast",
-        f"{name!r}: alice, bob, carol each sent 1 and received 3 (own included); "
-        f"broadcast_count = {counts}, coord.num_broadcasts = {num_broadcasts}",
+        f"{name!r}: each client sent 1, received 3; broadcast_count = {counts}, "
+        f"coord.num_broadcasts = {num_broadcasts}",
     )
-

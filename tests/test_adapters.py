@@ -669,3 +669,16 @@ async def test_nonblocking_entered_while_cancelled_closes_source() -> None:
             pytest.fail("the body must not run in a cancelled scope")  # pragma: no cover
     assert scope.cancelled_caught
     assert source.closed
+
+
+@pytest.mark.trio
+async def test_nonblocking_drain_outlives_outside_cancellation_while_block_is_open() -> None:
+    send, recv = trio.open_memory_channel[int](math.inf)
+    with trio.CancelScope() as outer:
+        async with open_nonblocking(recv, 3) as nb:
+            outer.cancel()
+            # A reader shielded inside the block still gets what arrives.
+            with trio.CancelScope(shield=True), trio.fail_after(DEADLINE):
+                send.send_nowait(1)
+                assert await nb.receive() == 1
+    assert outer.cancelled_caught

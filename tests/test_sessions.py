@@ -9,6 +9,7 @@ running behind.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import re
 import socket
@@ -32,19 +33,28 @@ ClientConfigFactory = Callable[..., conec_trio.ClientConfig]
 
 
 def open_fds() -> set[str]:
+    """Open file descriptors, after closing whatever only garbage collection would close."""
+    gc.collect()
     return set(os.listdir("/proc/self/fd"))
 
 
-def task_count() -> int:
-    """Every task in this trio run, the test's fixtures included."""
+def task_count(*, exclude: trio.Nursery | None = None) -> int:
+    """Every task in this trio run (the test's fixtures included), except those under
+    ``exclude``."""
     count = 0
     stack = [trio.lowlevel.current_root_task()]
     while stack:
         task = stack.pop()
         count += 1
         for nursery in task.child_nurseries:
-            stack.extend(nursery.child_tasks)
+            if nursery is not exclude:
+                stack.extend(nursery.child_tasks)
     return count
+
+
+def coordinator_tasks(coord: conec_trio.Coordinator) -> int:
+    """Tasks the coordinator runs now."""
+    return task_count() - task_count(exclude=coord._nursery)
 
 
 async def expect_open_client_error(
@@ -52,12 +62,14 @@ async def expect_open_client_error(
     error: type[conec_trio.ConecError],
     *,
     within: float = 5.0,
+    coord: conec_trio.Coordinator | None = None,
 ) -> conec_trio.ConecError:
     """``open_client(config)`` raises exactly ``error`` within ``within`` seconds, before the
-    body runs, and leaves no socket open and no task running.
+    body runs, and leaves no socket open and no task running (``coord``'s own tasks aside).
     """
+    not_ours = None if coord is None else coord._nursery
     fds_before = open_fds()
-    tasks_before = task_count()
+    tasks_before = task_count(exclude=not_ours)
     body_ran = False
     start = trio.current_time()
     with trio.fail_after(within):
@@ -73,10 +85,8 @@ async def expect_open_client_error(
         f"expected {error.__name__}, got {type(excinfo.value).__name__}: {excinfo.value}"
     )
     assert elapsed < within
-    assert open_fds() == fds_before, "open_client leaked file descriptors when it failed"
-    # The coordinator may still be finishing its side of a refused connection (QUIC's closing
-    # period); what the client started must be gone, so the count comes back down.
-    await wait_for(lambda: task_count() <= tasks_before, timeout=3)
+    assert open_fds() <= fds_before, "open_client leaked file descriptors when it failed"
+    assert task_count(exclude=not_ours) == tasks_before, "open_client left tasks running"
     return excinfo.value
 
 
@@ -111,6 +121,13 @@ def localhost_resolves_to(address: str) -> bool:
     except OSError:
         return False
     return any(info[4][0] == address for info in infos)
+
+
+IPV6_BUG = (
+    "bug: Client._connect connects to info[4][:2], a 2-tuple, but an AF_INET6 socket reports "
+    "senders as 4-tuples (host, port, flowinfo, scope_id); aioquic's client drops every packet "
+    "from an address not among its network paths, so no IPv6 coordinator is ever reached"
+)
 
 
 class _FixedResolver(trio.abc.HostnameResolver):
@@ -198,7 +215,7 @@ async def test_leaving_the_block_closes_the_clients_socket_at_once(
         assert open_fds() != fds_before  # it does hold a socket while open
         await roundtrip_with_coordinator(coord, alice)
     # Leaving returns only when everything the client started is down.
-    assert open_fds() == fds_before
+    assert open_fds() <= fds_before
     # The coordinator side may still be in its closing period; the client's tasks are gone.
     await wait_for(lambda: task_count() <= tasks_before, timeout=3)
 
@@ -220,7 +237,7 @@ async def test_vanished_client_is_dropped_after_its_idle_timeout(
     open_client: ClientFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    idle_timeout = 1.0
+    idle_timeout = 0.6
     async with open_client(coord, "ghost", keepalive=False, idle_timeout=idle_timeout) as ghost:
         assert coord.num_clients == 1
         # The client's host vanishes: nothing it sends reaches the network any more, so not
@@ -303,15 +320,28 @@ async def test_user_exception_in_the_block_propagates_as_itself(
     assert excinfo2.value is mine
 
 
-async def test_cancelling_the_block_from_outside_is_clean(
+@pytest.mark.xfail(
+    reason="bug: a cancelled client block can exit without sending CONNECTION_CLOSE: "
+    "QuicConn.drive's finally marks the connection closed without closing it, and "
+    "QuicConn.close then returns early, so the coordinator only notices after its idle timeout",
+    strict=True,
+)
+async def test_cancelling_the_block_from_outside_says_goodbye(
     coord: conec_trio.Coordinator, open_client: ClientFactory
 ) -> None:
-    with trio.fail_after(5):
-        with trio.move_on_after(0.2) as scope:
-            async with open_client(coord, "alice"):
-                await trio.sleep_forever()
-    assert scope.cancelled_caught
-    await wait_for(lambda: coord.num_clients == 0, timeout=2)
+    # Cancelling the block (a timeout around a session, Ctrl-C) is leaving it: the coordinator
+    # must see the client go at once, not after its idle timeout. Which of the client's tasks
+    # trio wakes first on cancellation is random, so try a few times.
+    for _ in range(12):
+        with trio.fail_after(5):
+            with trio.CancelScope() as scope:
+                async with open_client(coord, "alice"):
+                    assert coord.num_clients == 1
+                    scope.cancel()
+                    await trio.sleep_forever()
+        assert scope.cancelled_caught
+        # Well under the 10 s idle timeout: only a goodbye explains it.
+        await wait_for(lambda: coord.num_clients == 0, timeout=1)
 
 
 # --- addresses -------------------------------------------------------------------------------
@@ -335,6 +365,7 @@ async def test_coordinator_address_is_the_bound_address(
 
 
 @pytest.mark.skipif(not ipv6_loopback_available(), reason="this machine has no IPv6 loopback")
+@pytest.mark.xfail(reason=IPV6_BUG, strict=True)
 async def test_coordinator_address_on_ipv6_loopback(
     coord_config: CoordConfigFactory, open_client: ClientFactory
 ) -> None:
@@ -342,7 +373,7 @@ async def test_coordinator_address_on_ipv6_loopback(
         host, port = coord.address
         assert host == "::1"
         assert port != 0
-        async with open_client(coord, "alice", coord_host="::1") as alice:
+        async with open_client(coord, "alice", coord_host="::1", connect_timeout=1) as alice:
             await roundtrip_with_coordinator(coord, alice)
 
 
@@ -361,12 +392,13 @@ async def test_localhost_reaches_a_coordinator_on_127_0_0_1(
     not localhost_resolves_to("::1"),
     reason="'localhost' does not resolve to ::1 here (see the test with a custom resolver)",
 )
+@pytest.mark.xfail(reason=IPV6_BUG, strict=True)
 async def test_localhost_reaches_a_coordinator_on_ipv6_loopback(
     coord_config: CoordConfigFactory, open_client: ClientFactory
 ) -> None:
     async with conec_trio.open_coordinator(coord_config(host="::1")) as coord:
         start = trio.current_time()
-        async with open_client(coord, "alice", coord_host="localhost") as alice:
+        async with open_client(coord, "alice", coord_host="localhost", connect_timeout=1) as alice:
             assert trio.current_time() - start < 2
             await roundtrip_with_coordinator(coord, alice)
 
@@ -376,7 +408,11 @@ async def test_localhost_reaches_a_coordinator_on_ipv6_loopback(
     ("bound", "resolved"),
     [
         ("127.0.0.1", ["::1", "127.0.0.1"]),
-        ("::1", ["127.0.0.1", "::1"]),
+        pytest.param(
+            "::1",
+            ["127.0.0.1", "::1"],
+            marks=pytest.mark.xfail(reason=IPV6_BUG, strict=True),
+        ),
     ],
     ids=["bound-v4-v6-resolved-first", "bound-v6-v4-resolved-first"],
 )
@@ -391,7 +427,9 @@ async def test_every_resolved_address_is_tried(
     async with conec_trio.open_coordinator(coord_config(host=bound)) as coord:
         with resolver("localhost", resolved):
             start = trio.current_time()
-            async with open_client(coord, "alice", coord_host="localhost") as alice:
+            async with open_client(
+                coord, "alice", coord_host="localhost", connect_timeout=1
+            ) as alice:
                 elapsed = trio.current_time() - start
                 assert elapsed < 2, f"open_client took {elapsed:.2f} s"
                 assert coord.num_clients == 1
@@ -413,13 +451,31 @@ async def test_unreachable_coordinator_is_a_connect_error(
         config = client_config(coord, "alice", coord_port=port, connect_timeout=connect_timeout)
         start = trio.current_time()
         err = await expect_open_client_error(
-            config, conec_trio.ConnectError, within=connect_timeout + 2
+            config, conec_trio.ConnectError, within=connect_timeout + 2, coord=coord
         )
         elapsed = trio.current_time() - start
     assert elapsed < connect_timeout + 1.5
     message = str(err)
     assert f"127.0.0.1:{port}" in message
     assert "running" in message or "host and port" in message, message
+
+
+@pytest.mark.xfail(
+    reason="bug: _client._close_error looks transport error codes up among conec's application "
+    "close codes: aioquic's idle timeout (INTERNAL_ERROR = 0x1) reads as CloseCode.VERSION",
+    strict=True,
+)
+async def test_unreachable_coordinator_with_short_idle_timeout_is_a_connect_error(
+    client_config: ClientConfigFactory, coord: conec_trio.Coordinator
+) -> None:
+    # The handshake attempt idles out before connect_timeout ends: still "no answer".
+    with silent_udp_port() as port:
+        err = await expect_open_client_error(
+            client_config(coord, "alice", coord_port=port, connect_timeout=3, idle_timeout=0.5),
+            conec_trio.ConnectError,
+            coord=coord,
+        )
+    assert f"127.0.0.1:{port}" in str(err)
 
 
 async def test_wrong_ca_is_a_certificate_error(
@@ -429,6 +485,7 @@ async def test_wrong_ca_is_a_certificate_error(
     err = await expect_open_client_error(
         client_config(coord, "alice", ca=other_ca, connect_timeout=3),
         conec_trio.CertificateError,
+        coord=coord,
     )
     message = str(err)
     assert "certificate" in message
@@ -462,6 +519,7 @@ async def test_coord_host_not_in_coordinator_cert_is_a_certificate_error(
         err = await expect_open_client_error(
             client_config(coord, "alice", coord_host=coord_host, ca=cert, connect_timeout=3),
             conec_trio.CertificateError,
+            coord=coord,
         )
         assert "coord_host" in str(err), str(err)
         assert coord.num_clients == 0
@@ -474,6 +532,7 @@ async def test_unresolvable_host_is_a_connect_error(
         client_config(coord, "alice", coord_host="no-such-host.invalid", connect_timeout=3),
         conec_trio.ConnectError,
         within=10,
+        coord=coord,
     )
     assert "no-such-host.invalid" in str(err)
     assert "resolve" in str(err)
@@ -486,7 +545,7 @@ async def test_duplicate_id_is_refused_and_the_first_client_stays(
 ) -> None:
     async with open_client(coord, "alice") as first:
         err = await expect_open_client_error(
-            client_config(coord, "alice"), conec_trio.IdInUseError
+            client_config(coord, "alice"), conec_trio.IdInUseError, coord=coord
         )
         assert "'alice'" in str(err)
         assert "already connected" in str(err)
@@ -520,7 +579,10 @@ async def test_invalid_id_is_refused_before_any_network_activity(
     monkeypatch.setattr(conec_trio._client, "make_udp_socket", no_network)
     with silent_udp_port() as port:
         err = await expect_open_client_error(
-            client_config(coord, bad_id, coord_port=port), conec_trio.InvalidIdError, within=1
+            client_config(coord, bad_id, coord_port=port),
+            conec_trio.InvalidIdError,
+            within=1,
+            coord=coord,
         )
     assert repr(bad_id) in str(err)
     assert "letters, digits" in str(err)
@@ -559,7 +621,7 @@ async def test_version_mismatch_is_refused_saying_so(
     module = conec_trio._client if newer == "client" else conec_trio._coordinator
     monkeypatch.setattr(module, "control", _VersionProxy(other))
     err = await expect_open_client_error(
-        client_config(coord, "alice"), conec_trio.VersionMismatchError
+        client_config(coord, "alice"), conec_trio.VersionMismatchError, coord=coord
     )
     message = str(err)
     assert "version" in message
@@ -577,14 +639,58 @@ async def test_refused_clients_do_not_disturb_the_coordinator(
     async with open_client(coord, "alice") as alice:
         for _ in range(3):
             await expect_open_client_error(
-                client_config(coord, "alice"), conec_trio.IdInUseError
+                client_config(coord, "alice"), conec_trio.IdInUseError, coord=coord
             )
             await expect_open_client_error(
-                client_config(coord, "bob", ca=other_ca), conec_trio.CertificateError
+                client_config(coord, "bob", ca=other_ca),
+                conec_trio.CertificateError,
+                coord=coord,
             )
         async with open_client(coord, "bob"):
             assert coord.client_ids() == ["alice", "bob"]
         await roundtrip_with_coordinator(coord, alice)
+
+
+# --- the coordinator's side of comings and goings ------------------------------------------
+
+
+@pytest.mark.xfail(
+    reason="bug: open_coordinator never closes its UDP socket (Coordinator._start makes it, "
+    "nothing closes it), so the port stays bound after the block until garbage collection",
+    strict=True,
+)
+async def test_leaving_the_coordinator_block_frees_its_port(
+    coord_config: CoordConfigFactory, open_client: ClientFactory
+) -> None:
+    fds_before = open_fds()
+    async with conec_trio.open_coordinator(coord_config()) as coord:
+        port = coord.address[1]
+        async with open_client(coord, "alice") as alice:
+            await roundtrip_with_coordinator(coord, alice)
+    assert open_fds() <= fds_before, "the coordinator's socket is still open"
+    # A coordinator restarted on the same port (as a service on its fixed port is) works.
+    async with (
+        conec_trio.open_coordinator(coord_config(port=port)) as again,
+        open_client(again, "alice") as alice,
+    ):
+        await roundtrip_with_coordinator(again, alice)
+
+
+@pytest.mark.xfail(
+    reason="bug: Coordinator._expect_hello waits HELLO_TIMEOUT (10 s) for a hello even after "
+    "the connection closed, so every failed handshake keeps a coordinator task alive for 10 s",
+    strict=True,
+)
+async def test_failed_handshakes_leave_no_coordinator_task_behind(
+    coord: conec_trio.Coordinator, client_config: ClientConfigFactory
+) -> None:
+    other_ca, _ = certs.self_signed_cert(["127.0.0.1"])
+    baseline = coordinator_tasks(coord)
+    await expect_open_client_error(
+        client_config(coord, "alice", ca=other_ca), conec_trio.CertificateError, coord=coord
+    )
+    # QUIC's closing period on loopback is a few milliseconds; 1.5 s is plenty.
+    await wait_for(lambda: coordinator_tasks(coord) <= baseline, timeout=1.5)
 
 
 # --- stateless retry -------------------------------------------------------------------------
@@ -609,4 +715,3 @@ async def test_stateless_retry_coordinator_relays_between_clients(
             await incoming.send.send(b"hello alice")
             assert await recv.receive() == b"hello alice"
         await roundtrip_with_coordinator(coord, alice)
-

@@ -6,17 +6,21 @@ from enum import IntEnum
 
 
 class CloseCode(IntEnum):
-    """Why a connection was closed; the reason phrase carries the words for the user."""
+    """Why a connection was closed; the reason phrase carries the words for the user.
+
+    aioquic reports transport and application close codes alike, so ours stay clear of the
+    transport's (0x0-0x10, and TLS alerts at 0x100-0x1ff).
+    """
 
     NORMAL = 0x0
-    VERSION = 0x1
-    ID_TAKEN = 0x2
-    BAD_ID = 0x3
-    CERTIFICATE = 0x4
-    LIMIT = 0x5
-    PROTOCOL = 0x6
-    SHUTDOWN = 0x7
-    CHANNEL_CLOSED = 0x8
+    VERSION = 0x1001
+    ID_TAKEN = 0x1002
+    BAD_ID = 0x1003
+    CERTIFICATE = 0x1004
+    LIMIT = 0x1005
+    PROTOCOL = 0x1006
+    SHUTDOWN = 0x1007
+    CHANNEL_CLOSED = 0x1008
 
 
 class StreamCode(IntEnum):

@@ -59,3 +59,19 @@ def nat_lab(_natlab_ready: None) -> Iterator[LabFactory]:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the timings natlab tests recorded with ``record_property("timing", ...)``."""
+    lines = [
+        f"{report.nodeid.split('::')[-1]}: {value}"
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if isinstance(report, pytest.TestReport) and report.when == "call"
+        for name, value in report.user_properties
+        if name == "timing"
+    ]
+    if lines:
+        terminalreporter.section("NAT lab timings")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -1,0 +1,288 @@
+"""A conec_trio node for the NAT lab: a coordinator or a client, run inside a lab namespace.
+
+Run with the test's own interpreter (``python conec_node.py ROLE ...``). Every line it
+prints on stdout is one JSON object with an ``"event"`` key; logs go to stderr.
+
+``coord``
+    Runs ``open_coordinator`` on ``--host``:``--port`` with the certificate and key files
+    given, prints ``{"event": "ready", ...}`` and stays up until its stdin is closed.
+
+``client``
+    Connects to the coordinator at ``--coord``:``--port`` (trusting ``--ca``) as ``--id``,
+    prints ``{"event": "connected", "observed": [ip, port], ...}``, and from then on echoes
+    every message of every stream another client opens to it (one ``"incoming"`` line per
+    finished stream). It runs the commands it reads on stdin, one per line and one at a
+    time, each bounded with ``trio.fail_after``, and prints one ``"result"`` line per
+    command:
+
+    ``open PEER N``
+        ``new_channel(PEER)``, then a direct stream carrying N messages that must come back
+        echoed. Reports ``channel_ms``, ``via`` (the peer address the channel uses),
+        ``is_direct``, ``echoed``.
+    ``stream PEER N``
+        ``new_stream(PEER)`` (direct if a channel can be had, else proxied), N echoed
+        messages. Reports ``is_direct``, ``stream_ms``, ``echoed``.
+    ``close PEER``
+        ``close_channel(PEER)``.
+    ``ping``
+        One request/reply round trip to the coordinator (after the lab forgot the NAT
+        mappings, this makes this host's NAT map its coordinator connection again).
+
+    A command that raises reports ``error`` (the exception's class and message) and
+    ``error_type`` instead. Every result carries ``elapsed_ms``, the command's whole time.
+    The client leaves its block and exits as soon as stdin is closed, even mid-command.
+
+Every process also has a hard bound on its whole life (``--life``), so none outlives a
+test that lost track of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+import conec_trio
+
+COMMAND_TIMEOUT = 20.0  # each command; the library's own channel timeout is 10 s
+
+
+def emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, BaseExceptionGroup):
+        text += " [" + "; ".join(describe(sub) for sub in exc.exceptions) + "]"
+    return text
+
+
+async def stdin_lines() -> Any:
+    """Lines of stdin (without the newline) until it is closed."""
+    stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    buffer = b""
+    async with stream:
+        while True:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                break
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                yield line.decode().strip()
+    if buffer.strip():
+        yield buffer.decode().strip()
+
+
+# -- coordinator -------------------------------------------------------------------------------
+
+
+async def run_coord(args: argparse.Namespace) -> None:
+    config = conec_trio.CoordConfig(
+        cert_chain=args.cert, private_key=args.key, host=args.host, port=args.port
+    )
+    async with conec_trio.open_coordinator(config) as coord:
+        emit("ready", address=list(coord.address))
+        async for _ in stdin_lines():
+            pass
+        emit("bye", clients=coord.num_clients)
+
+
+# -- client ------------------------------------------------------------------------------------
+
+
+async def echo(stream: conec_trio.IncomingStream) -> None:
+    """Send every message of ``stream`` back; report when the opener finished it."""
+    count = 0
+    error = None
+    try:
+        with trio.fail_after(COMMAND_TIMEOUT):
+            async for message in stream.recv:
+                await stream.send.send(message)
+                count += 1
+            await stream.send.aclose()
+    except (conec_trio.ConecError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+        error = describe(exc)
+    emit(
+        "incoming",
+        peer=stream.peer,
+        is_direct=stream.stream_id.is_direct,
+        echoed=count,
+        error=error,
+    )
+
+
+async def serve(client: conec_trio.Client) -> None:
+    async with trio.open_nursery() as nursery:
+        try:
+            async for stream in client.incoming_streams:
+                nursery.start_soon(echo, stream)
+        except trio.BrokenResourceError as exc:
+            emit("lost", error=describe(exc))
+
+
+async def exchange(send: Any, recv: Any, count: int) -> int:
+    """Send ``count`` messages one at a time, each must come back; then finish cleanly."""
+    for i in range(count):
+        message = f"message {i} ".encode() * (i + 1)
+        await send.send(message)
+        answer = await recv.receive()
+        if answer != message:
+            raise AssertionError(f"echo {i} is {answer[:40]!r}, not {message[:40]!r}")
+    await send.aclose()
+    try:
+        extra = await recv.receive()
+    except trio.EndOfChannel:
+        return count
+    raise AssertionError(f"unexpected message after the echoes: {extra[:40]!r}")
+
+
+def channel_path(client: conec_trio.Client, peer: str) -> list[Any] | None:
+    """Where the direct channel to ``peer`` goes (diagnostics only; not public API)."""
+    try:
+        return list(client._direct.channels[peer].conn.peer_address[:2])
+    except (AttributeError, KeyError):
+        return None
+
+
+async def cmd_open(client: conec_trio.Client, peer: str, count: int) -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    start = trio.current_time()
+    await client.new_channel(peer)
+    report["channel_ms"] = round((trio.current_time() - start) * 1000, 1)
+    report["via"] = channel_path(client, peer)
+    send, recv = await client.new_direct_stream(peer)
+    report["is_direct"] = send.stream_id.is_direct
+    start = trio.current_time()
+    report["echoed"] = await exchange(send, recv, count)
+    report["exchange_ms"] = round((trio.current_time() - start) * 1000, 1)
+    return report
+
+
+async def cmd_stream(client: conec_trio.Client, peer: str, count: int) -> dict[str, Any]:
+    start = trio.current_time()
+    send, recv = await client.new_stream(peer)
+    report: dict[str, Any] = {
+        "stream_ms": round((trio.current_time() - start) * 1000, 1),
+        "is_direct": send.stream_id.is_direct,
+    }
+    report["echoed"] = await exchange(send, recv, count)
+    return report
+
+
+async def cmd_close(client: conec_trio.Client, peer: str) -> dict[str, Any]:
+    await client.close_channel(peer)
+    return {}
+
+
+async def cmd_ping(client: conec_trio.Client) -> dict[str, Any]:
+    start = trio.current_time()
+    with contextlib.suppress(conec_trio.ConecError):
+        await client.broadcast_count("natlab-ping")  # nobody creates it: a plain round trip
+    return {"rtt_ms": round((trio.current_time() - start) * 1000, 1)}
+
+
+async def run_command(client: conec_trio.Client, line: str) -> None:
+    words = line.split()
+    commands: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
+        "open": lambda peer, n: cmd_open(client, peer, int(n)),
+        "stream": lambda peer, n: cmd_stream(client, peer, int(n)),
+        "close": lambda peer: cmd_close(client, peer),
+        "ping": lambda: cmd_ping(client),
+    }
+    if not words or words[0] not in commands:
+        emit("result", cmd=line, error=f"unknown command {line!r}")
+        return
+    start = trio.current_time()
+    try:
+        with trio.fail_after(COMMAND_TIMEOUT):
+            report = await commands[words[0]](*words[1:])
+    except Exception as exc:  # whatever the library raised: the test judges it
+        report = {"error": describe(exc), "error_type": type(exc).__name__}
+    report.setdefault("elapsed_ms", round((trio.current_time() - start) * 1000, 1))
+    emit("result", cmd=words[0], args=words[1:], **report)
+
+
+async def run_client(args: argparse.Namespace) -> None:
+    config = conec_trio.ClientConfig(
+        id=args.id,
+        coord_host=args.coord,
+        coord_port=args.port,
+        ca=args.ca,
+        holepunch=not args.no_holepunch,
+        listen=not args.no_listen,
+        idle_timeout=args.idle_timeout,
+    )
+    start = trio.current_time()
+    async with conec_trio.open_client(config) as client:
+        emit(
+            "connected",
+            id=client.id,
+            observed=list(client.observed_address or ()),
+            connect_ms=round((trio.current_time() - start) * 1000, 1),
+        )
+        commands_in, commands = trio.open_memory_channel[str](math.inf)
+
+        async def read_commands() -> None:
+            async with commands_in:
+                async for line in stdin_lines():
+                    commands_in.send_nowait(line)
+            nursery.cancel_scope.cancel()  # stdin closed: stop, even mid-command
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve, client)
+            nursery.start_soon(read_commands)
+            async for line in commands:
+                await run_command(client, line)
+    emit("bye")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--life", type=float, default=60.0, help="hard bound on run time (s)")
+    parser.add_argument("--port", type=int, default=4433, help="the coordinator's UDP port")
+    sub = parser.add_subparsers(dest="role", required=True)
+    c = sub.add_parser("coord")
+    c.add_argument("--host", default="0.0.0.0")
+    c.add_argument("--cert", required=True, help="PEM file: the coordinator's certificate")
+    c.add_argument("--key", required=True, help="PEM file: its private key")
+    k = sub.add_parser("client")
+    k.add_argument("--id", required=True)
+    k.add_argument("--coord", required=True, help="the coordinator's IP address")
+    k.add_argument("--ca", required=True, help="PEM file trusted for the coordinator")
+    k.add_argument("--no-holepunch", action="store_true")
+    k.add_argument("--no-listen", action="store_true")
+    k.add_argument("--idle-timeout", type=float, default=None, help="seconds (library default)")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(relativeCreated)7.0f ms {args.role} %(name)s: %(message)s",
+    )
+    role = run_coord if args.role == "coord" else run_client
+
+    async def bounded() -> None:
+        with trio.fail_after(args.life if args.life > 0 else math.inf):
+            await role(args)
+
+    try:
+        trio.run(bounded)
+    except conec_trio.ConecError as exc:
+        emit("failed", error=describe(exc))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Canary for the aioquic internals conec_trio relies on.
+
+aioquic has no public switch to ask a client for its certificate, and no public hook for
+receive credit that follows what the application consumed; ``_quic.FlowControlledConnection``
+reaches into private attributes for both. An aioquic upgrade that renames or removes any of
+them must fail here, loudly and by name, not as a silent loss of client authentication or of
+backpressure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aioquic
+import pytest
+import trio
+from aioquic import tls
+from aioquic.quic.connection import QuicConnection
+from conftest import ClientFactory
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+import conec_trio
+from conec_trio import _quic, certs
+
+UPGRADE = f"aioquic {aioquic.__version__}"
+
+
+def _aioquic_broke(what: str) -> str:
+    return (
+        f"{UPGRADE} no longer provides {what}, which conec_trio._quic.FlowControlledConnection "
+        "relies on: adapt _quic.py to this aioquic version, or keep the version pin below it"
+    )
+
+
+@asynccontextmanager
+async def connected(
+    open_client: ClientFactory, coord: conec_trio.Coordinator, client_id: str, **options: Any
+) -> AsyncIterator[conec_trio.Client]:
+    """``open_client``, where a refusal for a missing client certificate names the cause."""
+    try:
+        async with open_client(coord, client_id, **options) as client:
+            yield client
+    except conec_trio.CertificateError as exc:
+        if "no certificate" not in str(exc):
+            raise
+        pytest.fail(
+            f"{UPGRADE}: the coordinator did not receive the client's certificate ({exc}); the "
+            "client-certificate request hook in FlowControlledConnection._initialize (setting "
+            "tls._request_client_certificate) no longer works with this aioquic version"
+        )
+
+
+def _coordinator_side_connection(
+    coord: conec_trio.Coordinator, client_id: str
+) -> _quic.FlowControlledConnection:
+    session = coord._clients[client_id]
+    quic = session.conn.quic
+    assert isinstance(quic, _quic.FlowControlledConnection)
+    return quic
+
+
+def test_overridden_methods_still_exist_in_aioquic() -> None:
+    # FlowControlledConnection overrides these; if aioquic renamed them, the overrides would
+    # silently never run (no client certificate request, no consumption-based credit).
+    for name in ("_initialize", "_write_stream_limits", "_write_connection_limits"):
+        assert callable(getattr(QuicConnection, name, None)), _aioquic_broke(
+            f"QuicConnection.{name}()"
+        )
+        assert name in vars(_quic.FlowControlledConnection), (
+            f"FlowControlledConnection no longer overrides {name}: update this test"
+        )
+
+
+async def test_coordinator_sees_the_clients_certificate(
+    coord: conec_trio.Coordinator, open_client: ClientFactory
+) -> None:
+    cert_pem, key_pem = certs.self_signed_cert(["alice"])
+    expected = x509.load_pem_x509_certificate(cert_pem)
+    async with connected(open_client, coord, "alice", cert_chain=cert_pem, private_key=key_pem):
+        quic = _coordinator_side_connection(coord, "alice")
+        tls_ctx = quic.tls
+        assert getattr(tls_ctx, "_request_client_certificate", None) is True, _aioquic_broke(
+            "tls.Context._request_client_certificate (asking the client for its certificate)"
+        )
+        assert hasattr(tls_ctx, "_peer_certificate"), _aioquic_broke(
+            "tls.Context._peer_certificate"
+        )
+        assert hasattr(tls_ctx, "_peer_certificate_chain"), _aioquic_broke(
+            "tls.Context._peer_certificate_chain (intermediates sent by a client)"
+        )
+        seen = quic.peer_certificate
+        assert seen is not None, (
+            f"{UPGRADE}: the coordinator asked for the client's certificate but did not get "
+            "one; the client-certificate request hook in FlowControlledConnection._initialize "
+            "no longer works"
+        )
+        assert seen.public_bytes(serialization.Encoding.DER) == expected.public_bytes(
+            serialization.Encoding.DER
+        ), f"{UPGRADE}: the coordinator saw a certificate other than the client's"
+
+
+async def test_client_side_does_not_ask_the_coordinator_for_a_client_cert(
+    coord: conec_trio.Coordinator, open_client: ClientFactory
+) -> None:
+    # The hook is server-side only: a client-role connection must not request anything.
+    async with connected(open_client, coord, "alice") as alice:
+        conn = alice._conn
+        assert conn is not None
+        assert conn.quic.tls._request_client_certificate is False
+        # ... and it does see the coordinator's certificate, through the same attribute.
+        assert conn.quic.peer_certificate is not None
+
+
+async def test_flow_control_attributes_are_where_we_reach_for_them(
+    coord: conec_trio.Coordinator, open_client: ClientFactory
+) -> None:
+    async with connected(open_client, coord, "alice") as alice:
+        with trio.fail_after(5):
+            send, recv = await alice.new_proxied_stream(None)
+            await send.send(b"x" * 10_000)
+            incoming = await coord.incoming_streams.receive()
+            assert await incoming.recv.receive() == b"x" * 10_000
+            await incoming.send.send(b"y" * 10_000)
+            assert await recv.receive() == b"y" * 10_000
+        quic = _coordinator_side_connection(coord, "alice")
+
+        for name, fields in (
+            ("_local_max_data", ("value", "used", "sent")),
+            ("_local_max_streams_bidi", ("value", "sent")),
+        ):
+            limit = getattr(quic, name, None)
+            assert limit is not None, _aioquic_broke(f"QuicConnection.{name}")
+            for field in fields:
+                assert isinstance(getattr(limit, field, None), int), _aioquic_broke(
+                    f"QuicConnection.{name}.{field} (an int)"
+                )
+        # FlowControlledConnection.__init__ writes the stream limit into aioquic's Limit.
+        assert quic._local_max_streams_bidi.value == coord.config.max_streams_per_client
+
+        streams = getattr(quic, "_streams", None)
+        assert isinstance(streams, dict), _aioquic_broke("QuicConnection._streams (a dict)")
+        # The stream that carried the messages.
+        stream = next((s for s in streams.values() if s.receiver.highest_offset >= 10_000), None)
+        assert stream is not None, _aioquic_broke("QuicStream.receiver.highest_offset")
+        for obj, attr in (
+            (stream.sender, "_buffer_start"),
+            (stream.sender, "_buffer_stop"),
+            (stream.sender, "is_finished"),
+            (stream.receiver, "highest_offset"),
+            (stream, "max_stream_data_local"),
+            (stream, "stream_id"),
+        ):
+            assert hasattr(obj, attr), _aioquic_broke(f"{type(obj).__name__}.{attr}")
+        assert stream.sender._buffer_stop >= 10_000, _aioquic_broke(
+            "QuicStreamSender._buffer_stop as the end offset of written data"
+        )
+        assert quic.send_backlog(stream.stream_id) >= 0
+
+        # Connection state the endpoint reads.
+        for attr in (
+            "_state",
+            "_close_event",
+            "_host_cids",
+            "_is_client",
+            "_remote_max_idle_timeout",
+        ):
+            assert hasattr(quic, attr), _aioquic_broke(f"QuicConnection.{attr}")
+
+
+def test_tls_context_flag_is_off_by_default() -> None:
+    # aioquic documents this flag as "for test purposes only"; we switch it on per server
+    # connection, so its default must still be off and it must still be a plain attribute.
+    ctx = tls.Context(is_client=False)
+    assert getattr(ctx, "_request_client_certificate", None) is False, _aioquic_broke(
+        "tls.Context._request_client_certificate (defaulting to False)"
+    )

@@ -1,0 +1,240 @@
+"""Backpressure through the coordinator: a reader that stops reading stops its sender, the
+relay holds a bounded amount per stream meanwhile, and other streams keep flowing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+
+import conec_trio
+from conec_trio import IncomingStream
+
+DEADLINE = 15  # seconds; every wait in these tests is bounded by it
+KIB = 1024
+MIB = 1024 * KIB
+DEFAULT_WINDOW = 1 * MIB  # the default stream_window of clients and coordinator
+HEADER_SLACK = 16  # a frame header, and then some
+RELAY_CHUNK = 64 * KIB  # the relay may write this much past a full window
+
+
+def pattern(i: int, size: int) -> bytes:
+    """A message whose content says which one it is."""
+    return (i.to_bytes(4, "big") + bytes([i % 251]) * size)[:size]
+
+
+async def open_pair(opener: Any, acceptor: Any) -> tuple[Any, Any, IncomingStream]:
+    with trio.fail_after(DEADLINE):
+        send, recv = await opener.new_proxied_stream(acceptor.id)
+        incoming: IncomingStream = await acceptor.incoming_streams.receive()
+    return send, recv, incoming
+
+
+async def wait_until_stalled(progress: Callable[[], Any], quiet: float = 0.3) -> None:
+    """Wait until ``progress()`` has not changed for ``quiet`` seconds (the caller bounds it)."""
+    last, since = progress(), trio.current_time()
+    while trio.current_time() - since < quiet:
+        await trio.sleep(0.005)
+        if progress() != last:
+            last, since = progress(), trio.current_time()
+
+
+def relayed_pair(coord: conec_trio.Coordinator, opener: str, acceptor: str) -> tuple[Any, Any]:
+    """The coordinator's two halves of THE relayed stream from ``opener`` to ``acceptor``
+    (call it while there is exactly one)."""
+    sessions = coord._clients
+    pairs = [
+        (st, st.linked)
+        for st in sessions[opener].table.streams.values()
+        if st.linked is not None and st.linked.table is sessions[acceptor].table
+    ]
+    assert len(pairs) == 1, f"expected one relayed stream {opener} -> {acceptor}: {pairs}"
+    return pairs[0]
+
+
+def held_bytes(pair: tuple[Any, Any]) -> int:
+    """Bytes the coordinator holds for a relayed stream: received and not passed on
+    (``held``) plus written and not yet acknowledged (QUIC send backlog), both halves."""
+    return sum(half.held + half.conn.quic.send_backlog(half.stream_id) for half in pair)
+
+
+class Sender:
+    """Sends ``count`` numbered messages of ``size`` bytes in the background, counting."""
+
+    def __init__(self, send: trio.abc.SendChannel[bytes], count: int, size: int) -> None:
+        self.send = send
+        self.count = count
+        self.size = size
+        self.sent = 0
+        self.done = trio.Event()
+
+    async def run(self) -> None:
+        for i in range(self.count):
+            await self.send.send(pattern(i, self.size))
+            self.sent += 1
+        await self.send.aclose()
+        self.done.set()
+
+    @property
+    def sent_bytes(self) -> int:
+        return self.sent * self.size
+
+
+async def read_all(recv: trio.abc.ReceiveChannel[bytes], count: int, size: int) -> None:
+    for i in range(count):
+        assert await recv.receive() == pattern(i, size), f"message {i} is wrong"
+    with pytest.raises(trio.EndOfChannel):
+        await recv.receive()
+
+
+async def test_stalled_reader_blocks_sender_and_relay_memory_stays_bounded(coord, open_client):
+    """Default windows (1 MiB): the sender stops after a few windows' worth; the coordinator
+    holds at most about two windows for that stream; other streams keep flowing; reading
+    again lets everything through."""
+    size = 64 * KIB
+    count = 76  # 4.75 MiB: more than the pipeline can hold
+    bound = 2 * DEFAULT_WINDOW + RELAY_CHUNK + size + HEADER_SLACK
+    # In flight at most: a window at the sender (plus the message that filled it), one held
+    # by each half at the coordinator (plus a relay chunk), one unread at the reader.
+    sender_limit = 4 * DEFAULT_WINDOW + RELAY_CHUNK + 2 * size
+    async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
+        send, _, stalled = await open_pair(alice, bob)
+        relayed = relayed_pair(coord, "alice", "bob")
+        sender = Sender(send, count, size)
+        measured: list[int] = []
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender.run)
+                # bob does not read: the sender must get stuck, well short of everything.
+                await wait_until_stalled(lambda: sender.sent)
+                assert not sender.done.is_set()
+                assert sender.sent_bytes <= sender_limit, sender.sent_bytes
+                stalled_at = sender.sent_bytes
+                measured.append(held_bytes(relayed))
+
+                # Other streams between the same clients keep flowing, both ways, while the
+                # sender keeps trying on the stalled one.
+                for opener, acceptor in ((alice, bob), (bob, alice)):
+                    other_send, _, other = await open_pair(opener, acceptor)
+                    other_sender = Sender(other_send, 16, size)  # 1 MiB
+                    async with trio.open_nursery() as flowing:
+                        flowing.start_soon(other_sender.run)
+                        for i in range(16):
+                            assert await other.recv.receive() == pattern(i, size)
+                            if i % 2 == 0:
+                                measured.append(held_bytes(relayed))
+                        with pytest.raises(trio.EndOfChannel):
+                            await other.recv.receive()
+                assert not sender.done.is_set()
+                assert sender.sent_bytes <= sender_limit
+                measured.append(held_bytes(relayed))
+
+                # Reading resumes: everything arrives, in order, and the sender finishes.
+                await read_all(stalled.recv, count, size)
+                await sender.done.wait()
+    print(
+        f"sender stalled after {stalled_at} bytes; coordinator held at most {max(measured)} "
+        f"bytes for the stalled stream (bound {bound})"
+    )
+    assert max(measured) <= bound
+    assert max(measured) >= DEFAULT_WINDOW, "the measurement saw nothing held: is it measuring?"
+
+
+@pytest.mark.parametrize("stalled_reader", ["opener", "acceptor"])
+async def test_small_windows_bound_sender_and_relay(coord_config, open_client, stalled_reader):
+    """Same with 64 KiB windows, in both directions of a stream."""
+    window = 64 * KIB
+    size = 8 * KIB
+    count = 100  # 800 KiB, far beyond four windows
+    flow = {"stream_window": window, "connection_window": 8 * window}
+    bound = 2 * window + RELAY_CHUNK + size + HEADER_SLACK
+    sender_limit = 4 * window + RELAY_CHUNK + 2 * size
+    async with (
+        conec_trio.open_coordinator(coord_config(**flow)) as coord,
+        open_client(coord, "alice", **flow) as alice,
+        open_client(coord, "bob", **flow) as bob,
+    ):
+        send, recv, incoming = await open_pair(alice, bob)
+        relayed = relayed_pair(coord, "alice", "bob")
+        if stalled_reader == "acceptor":
+            sender, reader = Sender(send, count, size), incoming.recv
+        else:
+            sender, reader = Sender(incoming.send, count, size), recv
+        measured: list[int] = []
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender.run)
+                await wait_until_stalled(lambda: sender.sent)
+                assert not sender.done.is_set()
+                assert sender.sent_bytes <= sender_limit, sender.sent_bytes
+                for _ in range(10):  # the sender is still trying all along
+                    measured.append(held_bytes(relayed))
+                    await trio.sleep(0.01)
+                assert sender.sent_bytes <= sender_limit
+                await read_all(reader, count, size)
+                await sender.done.wait()
+    assert max(measured) <= bound, (max(measured), bound)
+    assert max(measured) >= window // 2
+
+
+async def test_stalled_coordinator_reader_blocks_the_client(coord_config, open_client):
+    """A stream to the coordinator has backpressure too: the coordinator's own reader."""
+    window = 64 * KIB
+    size = 8 * KIB
+    count = 100
+    sender_limit = 2 * window + 2 * size  # a window at each end: no relay in between
+    flow = {"stream_window": window, "connection_window": 8 * window}
+    async with (
+        conec_trio.open_coordinator(coord_config(**flow)) as coord,
+        open_client(coord, "alice", **flow) as alice,
+    ):
+        with trio.fail_after(DEADLINE):
+            send, _ = await alice.new_proxied_stream(None)
+            incoming = await coord.incoming_streams.receive()
+            sender = Sender(send, count, size)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender.run)
+                await wait_until_stalled(lambda: sender.sent)
+                assert not sender.done.is_set()
+                assert sender.sent_bytes <= sender_limit, sender.sent_bytes
+                await read_all(incoming.recv, count, size)
+                await sender.done.wait()
+
+
+async def flood(send: trio.abc.SendChannel[bytes]) -> None:
+    """Send until the stream breaks."""
+    with pytest.raises(trio.BrokenResourceError):  # noqa: PT012 - the loop ends that way
+        while True:
+            await send.send(bytes(4 * KIB))
+
+
+async def test_streams_closed_mid_transfer_do_not_use_up_the_connection(coord_config, open_client):
+    """A reader that closes a stream while its sender is busy must give back the
+    connection-level credit of whatever was still in flight; else after enough such streams
+    (connection_window / stream_window with the defaults: 16) the whole connection stalls."""
+    flow = {"stream_window": 32 * KIB, "connection_window": 64 * KIB}
+    async with (
+        conec_trio.open_coordinator(coord_config(**flow)) as coord,
+        open_client(coord, "alice", **flow) as alice,
+        open_client(coord, "bob", **flow) as bob,
+    ):
+        for _ in range(40):
+            with trio.fail_after(2):  # one round takes milliseconds
+                send, recv, incoming = await open_pair(alice, bob)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(flood, send)
+                    for _ in range(20):
+                        await incoming.recv.receive()
+                    # bob is done with the stream while alice is still sending.
+                    await incoming.recv.aclose()
+                    await incoming.send.aclose()
+                await recv.aclose()
+        # The connections still carry data at full speed.
+        with trio.fail_after(DEADLINE):
+            send, _, incoming = await open_pair(alice, bob)
+            sender = Sender(send, 64, 16 * KIB)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender.run)
+                await read_all(incoming.recv, 64, 16 * KIB)
