@@ -27,8 +27,11 @@ import trio
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic import tls
+from aioquic.quic.connection import END_STATES, QuicConnection, QuicConnectionState
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.packet import (
+    QuicFrameType,
     QuicPacketType,
     encode_quic_retry,
     encode_quic_version_negotiation,
@@ -41,12 +44,22 @@ CID_LENGTH = 8
 # UDP generic segmentation offload (Linux >= 4.18): constants are not in the socket module.
 SOL_UDP = 17
 UDP_SEGMENT = 103
-GSO_MAX_SEGMENTS = 32  # 32 * 1500 < 64 KiB, the most one send may carry
+GSO_MAX_SEGMENTS = 64  # the kernel's limit per send
+GSO_MAX_BYTES = 65_000  # one send carries at most a 64 KiB datagram's worth
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IP_PMTUDISC_PROBE = getattr(socket, "IP_PMTUDISC_PROBE", 3)
+IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+IPV6_PMTUDISC_PROBE = getattr(socket, "IPV6_PMTUDISC_PROBE", 3)
 GSO_SUPPORTED = sys.platform == "linux" and os.environ.get("CONEC_TRIO_NO_GSO", "") == ""
 # Datagrams read per wakeup before the touched connections transmit (see module docstring).
 RECEIVE_BATCH = 32
 # Small writes wait up to this many scheduling rounds, or until this many bytes are pending,
 # before the connection transmits (see QuicConn._coalesce).
+# Path MTU probing (RFC 8899 style): datagram sizes tried in turn once the handshake is
+# confirmed; each becomes the sending size when a probe of that size is acknowledged.
+# Loopback and LAN paths end up with large datagrams, internet paths stay at what works.
+PMTU_LADDER = (1452, 4096, 8952, 16384)
+PMTU_PROBE_TIMEOUT = 1.0  # a probe not acknowledged by then is taken as too large
 # aioquic timers that do not move after being handled are retried this much later.
 TIMER_GRANULARITY = 0.001
 COALESCE_ROUNDS = 256
@@ -86,6 +99,8 @@ class FlowControlledConnection(QuicConnection):
         super().__init__(configuration=configuration, **kwargs)
         limit = self._local_max_streams_bidi
         limit.value = limit.sent = max_streams
+        self._pmtu_next = 0  # index into PMTU_LADDER of the next size to try
+        self._pmtu_probe_deadline: float | None = None  # a probe is in flight until then
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -146,6 +161,70 @@ class FlowControlledConnection(QuicConnection):
             super()._write_connection_limits(builder, space)
         finally:
             max_data.used = used
+
+    # -- path MTU probing -------------------------------------------------------------------
+
+    @property
+    def max_datagram_size(self) -> int:
+        return int(self._max_datagram_size)
+
+    def pmtu_timer(self) -> float | None:
+        return self._pmtu_probe_deadline
+
+    def pmtu_probe(self, now: float) -> tuple[bytes, Any] | None:
+        """A padded PING datagram of the next size to try, if one is due now."""
+        if self._pmtu_probe_deadline is not None:
+            if now < self._pmtu_probe_deadline:
+                return None
+            self._pmtu_probe_deadline = None  # no answer: too large for this path
+            self._pmtu_next = len(PMTU_LADDER)
+            return None
+        if (
+            self._pmtu_next >= len(PMTU_LADDER)
+            or not self._handshake_confirmed
+            or self._state in END_STATES
+        ):
+            return None
+        size = PMTU_LADDER[self._pmtu_next]
+        if size <= self._max_datagram_size:
+            self._pmtu_next += 1
+            return None
+        builder = QuicPacketBuilder(
+            host_cid=self.host_cid,
+            is_client=self._is_client,
+            max_datagram_size=size,
+            packet_number=self._packet_number,
+            peer_cid=self._peer_cid.cid,
+            peer_token=self._peer_token,
+            quic_logger=None,
+            spin_bit=self._spin_bit,
+            version=self._version,
+        )
+        builder.max_flight_bytes = size
+        builder.start_packet(QuicPacketType.ONE_RTT, self._cryptos[tls.Epoch.ONE_RTT])
+        builder.start_frame(QuicFrameType.PING, handler=self._on_pmtu_probe, handler_args=(size,))
+        builder._datagram_needs_padding = True  # pad this 1-RTT packet up to ``size``
+        datagrams, packets = builder.flush()
+        if not datagrams:
+            return None
+        self._packet_number = builder.packet_number
+        space = self._spaces[tls.Epoch.ONE_RTT]
+        for packet in packets:
+            packet.sent_time = now
+            packet.in_flight = False  # a lost probe says nothing about congestion
+            self._loss.on_packet_sent(packet=packet, space=space)
+        self._pmtu_probe_deadline = now + PMTU_PROBE_TIMEOUT
+        return datagrams[0], self._network_paths[0].addr
+
+    def _on_pmtu_probe(self, delivery: QuicDeliveryState, size: int) -> None:
+        if self._pmtu_probe_deadline is None:
+            return  # answered after we gave up on it
+        self._pmtu_probe_deadline = None
+        if delivery == QuicDeliveryState.ACKED:
+            self._max_datagram_size = max(self._max_datagram_size, size)
+            self._pmtu_next += 1
+        else:
+            self._pmtu_next = len(PMTU_LADDER)
 
     # -- small read-only views used by the stream layer -----------------------------------
 
@@ -310,6 +389,9 @@ class QuicConn:
                     keepalive = self._keepalive_interval_now()
                     if keepalive is not None:
                         deadline = min(deadline, self._last_activity + keepalive)
+                    probe_deadline = quic.pmtu_timer()
+                    if probe_deadline is not None:
+                        deadline = min(deadline, probe_deadline)
                     with trio.move_on_at(deadline):
                         await self._wakeup.park()
                 await self._coalesce()
@@ -363,6 +445,9 @@ class QuicConn:
         self._pending_bytes = 0
         now = trio.current_time()
         datagrams = self.quic.datagrams_to_send(now)
+        probe = self.quic.pmtu_probe(now)
+        if probe is not None:
+            datagrams.append(probe)
         if datagrams:
             self._last_activity = now
             await self.endpoint.send_datagrams(datagrams)
@@ -684,7 +769,7 @@ class UdpSocket:
             j = i + 1
             if self._gso:
                 size = len(data)
-                limit = min(n, i + GSO_MAX_SEGMENTS)
+                limit = min(n, i + GSO_MAX_SEGMENTS, i + GSO_MAX_BYTES // max(size, 1))
                 while j < limit and datagrams[j][1] == addr and len(datagrams[j][0]) == size:
                     j += 1
                 # the last segment may be shorter
@@ -738,6 +823,13 @@ def _real_udp_socket(family: int, host: str, port: int) -> DatagramSocket:
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+        # Don't fragment: a datagram too large for the path must get lost (and so fail its
+        # path MTU probe), not be split into IP fragments.
+        with contextlib.suppress(OSError, AttributeError):
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_PROBE)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
         sock.bind((host, port))
     except BaseException:
         sock.close()

@@ -9,31 +9,24 @@ from contextlib import contextmanager
 import trio
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        out: list[BaseException] = []
-        for sub in exc.exceptions:
-            out.extend(_leaves(sub))
-        return out
-    return [exc]
-
-
 @contextmanager
 def unwrap_single_exception() -> Iterator[None]:
     """Let users catch ``ConecError`` (or their own exception), not an ExceptionGroup.
 
-    Our nurseries wrap whatever crosses them in a group; when exactly one real exception is
-    inside (cancellations aside), raise that one instead.
+    Our nurseries wrap whatever crosses them in a group; when exactly one exception is
+    inside (cancellations aside), raise that one instead, as it was (its own cause kept).
+    Only the nursery's group is unwrapped: a group the user raised stays a group.
     """
     try:
         yield
     except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-        if len(real) == 1:
-            raise real[0] from group.__cause__
-        if not real and leaves:
-            raise leaves[0] from None
+        inner = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+        if len(inner) == 1:
+            exc = inner[0]
+            raise exc from exc.__cause__
+        if not inner:
+            exc = group.exceptions[0]
+            raise exc from None
         raise
 
 

@@ -182,7 +182,11 @@ def parse_mapping(text: str) -> Mapping:
         check_client_id(peer)
     except InvalidIdError as exc:
         raise ValueError(f"{text!r}: {exc}") from None
-    return Mapping(local_port, peer, parse_host_port(rest))
+    try:
+        target = parse_host_port(rest)
+    except ValueError as exc:
+        raise ValueError(f"{text!r}: the target {exc}") from None
+    return Mapping(local_port, peer, target)
 
 
 # --- reconnecting to the coordinator ---------------------------------------------------------
@@ -632,7 +636,8 @@ class Exposer:
         await self.link.run()
 
     def _incoming(self, session: Session, incoming: IncomingStream) -> None:
-        label = f"#{next(self._ids)} from {incoming.peer}"
+        how = "direct" if incoming.stream_id.is_direct else "through the coordinator"
+        label = f"#{next(self._ids)} from {incoming.peer} ({how})"
         session.nursery.start_soon(self._serve, incoming, label)
 
     async def _serve(self, incoming: IncomingStream, label: str) -> None:
@@ -849,6 +854,8 @@ def _setup_logging(verbosity: int) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if verbosity < 2:  # aioquic's own INFO lines (versions, ALPN) are noise at -v
+        logging.getLogger("quic").setLevel(logging.WARNING)
 
 
 def _error(message: str) -> int:
