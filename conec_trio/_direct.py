@@ -338,6 +338,8 @@ class DirectManager:
             "stream_window": cfg.stream_window,
             "connection_window": cfg.connection_window,
             "max_streams": cfg.max_streams,
+            # Either side keeps an idle channel alive, whoever dialled.
+            "keepalive_interval": client._idle_timeout / 3 if cfg.keepalive else None,
         }
         return config, options
 

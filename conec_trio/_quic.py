@@ -198,7 +198,7 @@ class FlowControlledConnection(QuicConnection):
             peer_token=self._peer_token,
             quic_logger=None,
             spin_bit=self._spin_bit,
-            version=self._version,
+            version=int(self._version),
         )
         builder.max_flight_bytes = size
         builder.start_packet(QuicPacketType.ONE_RTT, self._cryptos[tls.Epoch.ONE_RTT])
@@ -398,8 +398,8 @@ class QuicConn:
                 self._dirty = False
                 now = trio.current_time()
                 timer = quic.get_timer()
-                if timer is not None and now >= timer and timer > handled_timer:
-                    handled_timer = timer
+                if timer is not None and now >= timer and now > handled_timer:
+                    handled_timer = now
                     quic.handle_timer(now)
                 keepalive = self._keepalive_interval_now()
                 if keepalive is not None and now >= self._last_activity + keepalive:
@@ -623,13 +623,15 @@ class QuicEndpoint:
             except ValueError:
                 return None
             retry_scid = header.destination_cid
+        options = dict(options)
+        keepalive_interval = options.pop("keepalive_interval", None)
         quic = FlowControlledConnection(
             configuration=config,
             original_destination_connection_id=original_dcid,
             retry_source_connection_id=retry_scid,
             **options,
         )
-        conn = self._add(quic, addr, keepalive_interval=None)
+        conn = self._add(quic, addr, keepalive_interval=keepalive_interval)
         self._register_cid(conn, header.destination_cid)
         assert self._on_accept is not None
         self._on_accept(conn)

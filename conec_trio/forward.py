@@ -401,6 +401,7 @@ async def splice(
                         return
                     result.sent += len(data)
                 await send.aclose()
+                nursery.cancel_scope.cancel()
 
             async def stream_to_tcp() -> None:
                 while True:
@@ -685,7 +686,7 @@ class Exposer:
             with trio.fail_after(TARGET_CONNECT_TIMEOUT):
                 tcp = await trio.open_tcp_stream(target.host, target.port)
         except OSError as exc:
-            await _refuse(send, recv, label, f"cannot connect to {target}: {exc.strerror or exc}")
+            await _refuse(send, recv, label, f"cannot connect to {target}: {_connect_error(exc)}")
             return
         except trio.TooSlowError:
             await _refuse(
@@ -704,6 +705,17 @@ class Exposer:
         log.info("%s: connected", label)
         result = await splice(tcp, send, recv)
         log.info("%s: %s", label, _summary(result, trio.current_time() - started))
+
+
+def _connect_error(exc: OSError) -> str:
+    """Why ``trio.open_tcp_stream`` failed, in the OS's words ("Connection refused"): it
+    raises one OSError for all its attempts, with each attempt's error in a group."""
+    group = exc.__cause__
+    if isinstance(group, BaseExceptionGroup):
+        reasons = [e.strerror for e in group.exceptions if isinstance(e, OSError) and e.strerror]
+        if reasons:
+            return "; ".join(dict.fromkeys(reasons))
+    return exc.strerror or str(exc)
 
 
 def _parse_request(request: Any) -> Target | None:

@@ -35,6 +35,18 @@ fresh public port for every destination. Filtering: ``"port-restricted"`` (only 
 Randomness (loss, duplication, delay, reordering, symmetric NAT ports) is drawn from one
 seeded generator per path (sender address, destination), so what happens on one path does
 not depend on how trio interleaves tasks sending on other paths.
+
+For assertions: ``net.stats`` ("sent", "delivered", "duplicated") and ``net.dropped`` (by
+reason: LOST, UNROUTED, TOO_BIG, NO_MAPPING, FILTERED, BLOCKED, NO_SOCKET, QUEUE_FULL,
+SOCKET_CLOSED);
+per host ``stats``, ``dropped`` (datagrams it sent) and ``received_from`` (by source IP);
+``net.sent_log`` holds every datagram sent; ``net.sent(by=, to=, min_size=, where=)`` counts
+them and ``net.sent_bytes(...)`` adds up their sizes. ``net.block(a, b)`` and
+``net.add_filter(fn)`` drop traffic on purpose.
+
+Under the autojump clock a busy loop (a task that keeps passing checkpoints without ever
+waiting) would freeze simulated time and hang the test; ``fake_network`` (and
+``spin_guard``) turn that into a ``SpinError`` naming the busiest task.
 """
 
 from __future__ import annotations
@@ -70,6 +82,7 @@ FILTERED = "filtered"  # the NAT's filtering refused it
 BLOCKED = "blocked"  # a block() rule or a drop filter matched
 NO_SOCKET = "no-socket"  # nothing bound at the destination port
 QUEUE_FULL = "queue-full"  # the receiving socket's queue was full
+TOO_BIG = "too-big"  # larger than the network's MTU
 SOCKET_CLOSED = "socket-closed"  # sent from a socket that was already closed
 
 
@@ -308,7 +321,9 @@ class FakeNetwork:
     ``loss`` and ``duplicate`` are probabilities per datagram; ``delay`` is (min, max) in
     seconds, drawn uniformly per datagram; delivery on a path (sender address, destination)
     stays in order unless ``reorder`` (a probability) holds a datagram back by an extra
-    ``delay[1]`` (at least 1 ms) so later ones overtake it.
+    ``delay[1]`` (at least 1 ms) so later ones overtake it. Datagrams of more than ``mtu``
+    bytes (UDP payload; 1472 is what a 1500-byte Ethernet MTU carries over IPv4) are dropped,
+    as a path drops what it cannot carry (None: no limit).
     """
 
     def __init__(
@@ -319,6 +334,7 @@ class FakeNetwork:
         duplicate: float = 0.0,
         delay: tuple[float, float] = (0.0, 0.0),
         reorder: float = 0.0,
+        mtu: int | None = 1472,
         queue_limit: int = 1024,
     ) -> None:
         if not 0 <= delay[0] <= delay[1]:
@@ -328,6 +344,7 @@ class FakeNetwork:
         self.duplicate = duplicate
         self.delay = delay
         self.reorder = reorder
+        self.mtu = mtu
         self.queue_limit = queue_limit
         self.hosts: dict[str, Host] = {}
         self.nats: dict[str, Nat] = {}
@@ -426,14 +443,33 @@ class FakeNetwork:
     ) -> int:
         """How many datagrams were sent by host IP ``by``, to destination IP ``to``, of at
         least ``min_size`` bytes, for which ``where`` holds."""
-        return sum(
-            1
+        return len(self._select(by, to, min_size, where))
+
+    def sent_bytes(
+        self,
+        *,
+        by: str | None = None,
+        to: str | None = None,
+        where: Callable[[Datagram], bool] | None = None,
+    ) -> int:
+        """How many bytes of UDP payload ``sent()`` with the same filters counts."""
+        return sum(len(d.data) for d in self._select(by, to, 0, where))
+
+    def _select(
+        self,
+        by: str | None,
+        to: str | None,
+        min_size: int,
+        where: Callable[[Datagram], bool] | None,
+    ) -> list[Datagram]:
+        return [
+            d
             for d in self.sent_log
             if (by is None or d.sender[0] == by)
             and (to is None or d.dst[0] == to)
             and len(d.data) >= min_size
             and (where is None or where(d))
-        )
+        ]
 
     # -- sockets -------------------------------------------------------------------------------
 
@@ -495,6 +531,9 @@ class FakeNetwork:
         self.sent_log.append(datagram)
         if target is None:
             self._drop(host, UNROUTED)
+            return
+        if self.mtu is not None and len(data) > self.mtu:
+            self._drop(host, TOO_BIG)
             return
         path = self._path(sock.address, dst)
         rng = path.rng
