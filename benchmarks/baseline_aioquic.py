@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import statistics
 import time
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from typing import Any, cast
 
@@ -191,6 +193,7 @@ async def _serve(link: Link, cert_pem: bytes, key_pem: bytes, mode: str, lifetim
         # serve() has no public way to learn the port it bound; the transport knows.
         transport = server._transport
         assert transport is not None
+        _same_socket_buffers(transport)
         link.send(transport.get_extra_info("sockname")[1])
         async with asyncio.timeout(lifetime):
             await _parent_readable(link)
@@ -310,11 +313,20 @@ def _client_config(cert_pem: bytes) -> QuicConfiguration:
     return config
 
 
-def _connect(port: int, config: QuicConfiguration) -> AbstractAsyncContextManager[Any]:
-    return cast(
-        AbstractAsyncContextManager[Any],
-        connect(HOST, port, configuration=config, create_protocol=_ClientProtocol),
-    )
+def _same_socket_buffers(transport: Any) -> None:
+    """Give aioquic's socket the buffer sizes conec_trio's endpoint asks for, so that ratios
+    compare the protocol stacks, not kernel drops from a default-sized receive buffer."""
+    sock = transport.get_extra_info("socket")
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+
+
+@asynccontextmanager
+async def _connect(port: int, config: QuicConfiguration) -> AsyncIterator[Any]:
+    async with connect(HOST, port, configuration=config, create_protocol=_ClientProtocol) as p:
+        _same_socket_buffers(p._transport)
+        yield p
 
 
 async def _bulk_client(port: int, cert_pem: bytes, nbytes: int) -> float:

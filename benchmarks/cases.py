@@ -151,3 +151,41 @@ register(
         baseline_name="aioquic connect_many",
     )
 )
+
+
+# TCP port forwarding (``tunnel.py``): a bulk TCP transfer through ``conec-trio forward`` and
+# ``expose`` (separate processes), judged against the same transfer over plain loopback TCP.
+def _tunnel_baseline(quick: bool) -> float:
+    from . import tunnel
+
+    return tunnel.loopback_tcp(sizes(quick).bulk_bytes)
+
+
+def _tunnel_case(name: str, description: str) -> Case:
+    def subject(quick: bool) -> float:
+        from . import tunnel
+
+        fn: Callable[[int], float] = getattr(tunnel, name)
+        return fn(sizes(quick).bulk_bytes)
+
+    return register(
+        Case(
+            name=name,
+            description=description,
+            unit="MB/s",
+            higher_is_better=True,
+            baseline=_tunnel_baseline,
+            subject=subject,
+            baseline_name="loopback TCP bulk",
+        )
+    )
+
+
+_tunnel_case(
+    "tunnel_direct",
+    "bulk TCP through conec-trio forward -> direct channel -> expose vs plain loopback TCP",
+)
+_tunnel_case(
+    "tunnel_proxied",
+    "bulk TCP through conec-trio forward -> coordinator -> expose vs plain loopback TCP",
+)

@@ -1,7 +1,7 @@
 """Soak test: many clients, steady traffic for a fixed time, nothing may go missing.
 
 ``python -m benchmarks.soak [--clients 500] [--seconds 30] [--procs 4] [--rate 1]
-[--broadcast-rate 2] [--size 64] [--drain 10] [--json PATH]``
+[--broadcast-rate 2] [--size 64] [--drain 10] [--client-nice 10] [--json PATH]``
 
 One coordinator process, and the clients spread over a few processes (``--procs``, each
 holding its share of the clients). Every client
@@ -15,7 +15,9 @@ holding its share of the clients). Every client
 Every message carries (sender, sequence number, send time). Receivers count what is delivered,
 what is lost (gaps in the sequence, or missing at the end), and what is duplicated, and
 measure latency: send times are ``time.monotonic()``, which on Linux is one system-wide clock,
-so they compare across processes. When the time is up every sender closes its streams; the
+so they compare across processes. The client processes run at a lower priority (nice 10) so
+that on a small machine the load generators leave the coordinator, the thing under test, its
+share of the CPU. When the time is up every sender closes its streams; the
 receivers then drain until ``EndOfChannel`` (at most ``--drain`` seconds); whatever has not
 arrived by then counts as lost. The coordinator process reports its peak RSS and the CPU
 time it used during the steady phase.
@@ -30,7 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
+import re
 import resource
 import statistics
 import struct
@@ -202,6 +206,8 @@ class _ProcStats:
 def _clients_main(
     link: Link, cert_pem: bytes, ids: list[int], params: dict[str, Any], lifetime: float
 ) -> None:
+    if params["nice"]:
+        os.nice(params["nice"])
     port = link.recv(STARTUP_TIMEOUT)
     link.send(trio.run(_clients_run, link, port, cert_pem, ids, params, lifetime))
 
@@ -271,10 +277,18 @@ async def _client(
         try:
             await _client_work(k, client, bsend, brecv, params, plan, stats)
         except Exception as exc:  # a soak reports failures, it does not stop at the first
-            stats.errors.append(f"{client_id(k)}: {type(exc).__name__}: {exc}")
+            for leaf in _leaves(exc):
+                stats.errors.append(f"{client_id(k)}: {type(leaf).__name__}: {leaf}")
         finally:
             stats.finish_one()
         await release.wait()
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 async def _client_work(
@@ -415,6 +429,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "broadcast_rate": args.broadcast_rate,
         "size": args.size,
         "drain": args.drain,
+        "nice": args.client_nice,
     }
     groups = [[k for k in range(clients) if k % procs_n == p] for p in range(procs_n)]
     connect_timeout = STARTUP_TIMEOUT + clients * 0.2
@@ -558,7 +573,7 @@ def _summarize(
             {"cpu_s": r["usage"]["cpu_s"], "peak_rss_mib": r["usage"]["maxrss_kib"] / 1024}
             for r in reports
         ],
-        "errors": errors[:50],
+        "errors": errors[:500],
         "error_count": len(errors),
     }
     return result
@@ -616,7 +631,12 @@ def format_summary(r: dict[str, Any]) -> str:
         "  UDP (system-wide): " + ", ".join(f"{k} {v}" for k, v in r["udp_system_wide"].items()),
         f"  errors: {r['error_count']}",
     ]
-    lines.extend(f"    {e}" for e in r["errors"][:10])
+    kinds: dict[str, int] = {}
+    for e in r["errors"]:
+        kind = re.sub(r"soak-\d+", "soak-N", e.split(": ", 1)[1] if ": " in e else e)
+        kinds[kind] = kinds.get(kind, 0) + 1
+    ranked = sorted(kinds.items(), key=lambda kv: -kv[1])[:10]
+    lines.extend(f"    {n} x {kind}" for kind, n in ranked)
     return "\n".join(lines)
 
 
@@ -653,6 +673,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="message size in bytes (>= 20)")
     parser.add_argument(
         "--drain", type=float, default=10.0, help="seconds allowed after the end to drain"
+    )
+    parser.add_argument(
+        "--client-nice",
+        type=int,
+        default=10,
+        metavar="N",
+        help="run the client processes at this niceness, so that on a small machine the "
+        "load generators do not starve the coordinator under test (default 10; 0: off)",
     )
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "soak.json", metavar="PATH")
     args = parser.parse_args(argv)

@@ -194,6 +194,7 @@ class Client:
                 stream_window=cfg.stream_window,
                 connection_window=cfg.connection_window,
                 max_streams=cfg.max_streams,
+                max_datagram_size=cfg.max_datagram_size,
             )
             attempts.append((scope, endpoint, conn))
 

@@ -17,6 +17,9 @@ DEFAULT_IDLE_TIMEOUT = 10.0
 # sender put in flight. The relay holds at most about two windows per direction per stream.
 DEFAULT_STREAM_WINDOW = 1024 * 1024
 DEFAULT_CONNECTION_WINDOW = 16 * 1024 * 1024
+# Path MTU probing raises the datagram size from QUIC's safe 1200 bytes up to this much where
+# the path carries it (loopback, LAN); 1200 turns probing off.
+DEFAULT_MAX_DATAGRAM_SIZE = 16384
 
 # A client id must be usable as a certificate DNS name: labels of letters, digits and '-',
 # joined by '.'.
@@ -59,6 +62,7 @@ class CoordConfig:
     max_pending_opens: int = 1_000
     stream_window: int = DEFAULT_STREAM_WINDOW
     connection_window: int = DEFAULT_CONNECTION_WINDOW
+    max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
 
 
 @dataclass
@@ -80,5 +84,6 @@ class ClientConfig:
     max_streams: int = 10_000
     stream_window: int = DEFAULT_STREAM_WINDOW
     connection_window: int = DEFAULT_CONNECTION_WINDOW
+    max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
     # How long open_client waits for the coordinator before giving up (ConnectError).
     connect_timeout: float = 10.0

@@ -169,6 +169,7 @@ class Coordinator:
             "stream_window": self.config.stream_window,
             "connection_window": self.config.connection_window,
             "max_streams": self.config.max_streams_per_client,
+            "max_datagram_size": self.config.max_datagram_size,
         }
         return config, options
 

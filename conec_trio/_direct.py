@@ -268,6 +268,7 @@ class DirectManager:
             stream_window=cfg.stream_window,
             connection_window=cfg.connection_window,
             max_streams=cfg.max_streams,
+            max_datagram_size=cfg.max_datagram_size,
         )
         # A listener first, so nothing the peer sends is lost before registration.
         self._make_table(expected.peer, conn)
@@ -338,6 +339,7 @@ class DirectManager:
             "stream_window": cfg.stream_window,
             "connection_window": cfg.connection_window,
             "max_streams": cfg.max_streams,
+            "max_datagram_size": cfg.max_datagram_size,
             # Either side keeps an idle channel alive, whoever dialled.
             "keepalive_interval": client._idle_timeout / 3 if cfg.keepalive else None,
         }

@@ -88,6 +88,7 @@ class FlowControlledConnection(QuicConnection):
         stream_window: int,
         connection_window: int,
         max_streams: int,
+        max_datagram_size: int = PMTU_LADDER[-1],
         **kwargs: Any,
     ) -> None:
         self._request_client_cert = request_client_certificate
@@ -99,7 +100,9 @@ class FlowControlledConnection(QuicConnection):
         super().__init__(configuration=configuration, **kwargs)
         limit = self._local_max_streams_bidi
         limit.value = limit.sent = max_streams
-        self._pmtu_next = 0  # index into PMTU_LADDER of the next size to try
+        # sizes path MTU probing will try, in order
+        self._pmtu_ladder = [size for size in PMTU_LADDER if size <= max_datagram_size]
+        self._pmtu_next = 0  # index into the ladder of the next size to try
         self._pmtu_probe_deadline: float | None = None  # a probe is in flight until then
 
     def _initialize(self, peer_cid: bytes) -> None:
@@ -177,15 +180,15 @@ class FlowControlledConnection(QuicConnection):
             if now < self._pmtu_probe_deadline:
                 return None
             self._pmtu_probe_deadline = None  # no answer: too large for this path
-            self._pmtu_next = len(PMTU_LADDER)
+            self._pmtu_next = len(self._pmtu_ladder)
             return None
         if (
-            self._pmtu_next >= len(PMTU_LADDER)
+            self._pmtu_next >= len(self._pmtu_ladder)
             or not self._handshake_confirmed
             or self._state in END_STATES
         ):
             return None
-        size = PMTU_LADDER[self._pmtu_next]
+        size = self._pmtu_ladder[self._pmtu_next]
         if size <= self._max_datagram_size:
             self._pmtu_next += 1
             return None
@@ -224,7 +227,7 @@ class FlowControlledConnection(QuicConnection):
             self._max_datagram_size = max(self._max_datagram_size, size)
             self._pmtu_next += 1
         else:
-            self._pmtu_next = len(PMTU_LADDER)
+            self._pmtu_next = len(self._pmtu_ladder)
 
     # -- small read-only views used by the stream layer -----------------------------------
 

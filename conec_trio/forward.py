@@ -300,6 +300,11 @@ class CoordinatorLink:
                         self.current = None
                     lost.set()
                 _say(f"lost the coordinator ({reason}); reconnecting")
+                if nursery.child_tasks:
+                    _say(
+                        f"{len(nursery.child_tasks)} connection(s) of the lost session go on "
+                        "until they end"
+                    )
                 # Leaving the nursery waits for this session's connections: those over a
                 # direct channel go on without the coordinator.
         except Exception:
@@ -401,7 +406,6 @@ async def splice(
                         return
                     result.sent += len(data)
                 await send.aclose()
-                nursery.cancel_scope.cancel()
 
             async def stream_to_tcp() -> None:
                 while True:

@@ -493,7 +493,7 @@ NESTED = {
     "float": 1.5,
     "flags": [True, False, None],
     "nested": {"list": [[], [{}], [[1, [2, [3]]]]], 7: "int key"},
-    "when": datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc),
+    "when": datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.UTC),
 }
 
 cbor_values = st.recursive(
