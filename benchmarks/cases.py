@@ -6,7 +6,9 @@ library part makes that one case report "subject not available".
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import baseline_aioquic
@@ -62,15 +64,22 @@ def fanout_bytes(quick: bool, receivers: int) -> int:
     return max(MIN_FANOUT_BYTES, sizes(quick).bulk_bytes // receivers)
 
 
-def _bulk_case(name: str, description: str, target: float | None, receivers: int = 0) -> Case:
+def _bulk_case(
+    name: str,
+    description: str,
+    target: float | None,
+    receivers: int = 0,
+    max_datagram: int | None = None,
+) -> Case:
     def subject(quick: bool) -> float:
-        if receivers:
-            return _subject("broadcast_fanout")(fanout_bytes(quick, receivers), receivers)
-        return _subject(name)(sizes(quick).bulk_bytes)
+        with _datagram_cap(max_datagram):
+            if receivers:
+                return _subject("broadcast_fanout")(fanout_bytes(quick, receivers), receivers)
+            return _subject(name)(sizes(quick).bulk_bytes)
 
     return register(
         Case(
-            name=name,
+            name=name if max_datagram is None else f"{name}_{max_datagram}",
             description=description,
             unit="MB/s",
             higher_is_better=True,
@@ -81,6 +90,25 @@ def _bulk_case(name: str, description: str, target: float | None, receivers: int
         )
     )
 
+
+@contextlib.contextmanager
+def _datagram_cap(size: int | None) -> Iterator[None]:
+    """Run a subject with path MTU probing capped at ``size`` (None: the library default)."""
+    from .subject_conec import DATAGRAM_ENV
+
+    if size is None:
+        yield
+        return
+    os.environ[DATAGRAM_ENV] = str(size)
+    try:
+        yield
+    finally:
+        del os.environ[DATAGRAM_ENV]
+
+
+# The same three at aioquic's default 1200-byte datagrams (no path MTU probing).
+for _name, _target in (("trio_endpoint_bulk", 1.0), ("proxied_bulk", 0.45), ("direct_bulk", 0.9)):
+    _bulk_case(_name, f"{_name} with 1200-byte datagrams", target=_target, max_datagram=1200)
 
 _bulk_case(
     "trio_endpoint_bulk",

@@ -26,6 +26,7 @@ Processes, per measurement:
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -314,8 +315,20 @@ async def _expect_from_parent(link: Link, expected: str, limit: float) -> None:
         raise RuntimeError(f"the parent sent {value!r}, expected {expected!r}")
 
 
+DATAGRAM_ENV = "CONEC_BENCH_MAX_DATAGRAM"
+
+
+def _datagram_cap() -> dict[str, int]:
+    """``CONEC_BENCH_MAX_DATAGRAM`` (inherited by the spawned peers) caps path MTU probing:
+    1200 measures conec_trio at aioquic's default datagram size."""
+    cap = os.environ.get(DATAGRAM_ENV)
+    return {"max_datagram_size": int(cap)} if cap else {}
+
+
 def _client_config(client_id: str, port: int, cert_pem: bytes) -> conec_trio.ClientConfig:
-    return conec_trio.ClientConfig(id=client_id, coord_host=HOST, coord_port=port, ca=cert_pem)
+    return conec_trio.ClientConfig(
+        id=client_id, coord_host=HOST, coord_port=port, ca=cert_pem, **_datagram_cap()
+    )
 
 
 class _Counter:
@@ -380,7 +393,9 @@ async def _coord_run(
     link: Link, cert_pem: bytes, key_pem: bytes, mode: str, lifetime: float
 ) -> dict[str, Any]:
     counter = _Counter()
-    config = conec_trio.CoordConfig(cert_chain=cert_pem, private_key=key_pem, host=HOST, port=0)
+    config = conec_trio.CoordConfig(
+        cert_chain=cert_pem, private_key=key_pem, host=HOST, port=0, **_datagram_cap()
+    )
     with trio.fail_after(lifetime):
         async with conec_trio.open_coordinator(config) as coord:
             link.send(coord.address[1])

@@ -283,7 +283,9 @@ class Client:
             with trio.fail_after(self.config.connect_timeout):
                 reply = control.decode(await read_header(st))
         except trio.TooSlowError:
-            raise ConnectError(f"the coordinator at {host}:{port} did not answer the hello") from None
+            raise ConnectError(
+                f"the coordinator at {host}:{port} did not answer the hello"
+            ) from None
         except ConecError:
             await trio.lowlevel.checkpoint()
             if not conn.is_open:
@@ -382,7 +384,9 @@ class Client:
             st.fail(ProtocolError(f"bad stream header: {exc}"), StreamCode.PROTOCOL)
             return
         if not isinstance(msg, control.IncomingProxied):
-            st.fail(ProtocolError(f"unexpected stream header {type(msg).__name__}"), StreamCode.PROTOCOL)
+            st.fail(
+                ProtocolError(f"unexpected stream header {type(msg).__name__}"), StreamCode.PROTOCOL
+            )
             return
         sid = StreamId.proxied(msg.sid)
         send, recv = message_channels(st, msg.peer, sid)

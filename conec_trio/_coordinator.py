@@ -222,7 +222,9 @@ class Coordinator:
         elif isinstance(msg, control.JoinBroadcast):
             await self.broadcasts.join(session, st, msg.name)
         else:
-            st.fail(ProtocolError(f"unexpected stream header {type(msg).__name__}"), StreamCode.PROTOCOL)
+            st.fail(
+                ProtocolError(f"unexpected stream header {type(msg).__name__}"), StreamCode.PROTOCOL
+            )
 
     async def _handle_hello(self, session: ClientSession, st: StreamState, header: bytes) -> None:
         session.hello_seen.set()
@@ -262,14 +264,13 @@ class Coordinator:
             return
         if client_id in self._clients:
             session.id = None  # must not unregister the client that holds the name
-            session.refuse(
-                CloseCode.ID_TAKEN, f"client id {client_id!r} is already connected"
-            )
+            session.refuse(CloseCode.ID_TAKEN, f"client id {client_id!r} is already connected")
             return
         if len(self._clients) >= self.config.max_clients:
             session.id = None
             session.refuse(
-                CloseCode.LIMIT, f"the coordinator holds its maximum of {self.config.max_clients} clients"
+                CloseCode.LIMIT,
+                f"the coordinator holds its maximum of {self.config.max_clients} clients",
             )
             return
         if not session.conn.is_open:

@@ -33,8 +33,8 @@ from ._streams import (
     write_message,
 )
 from ._types import IncomingStream, StreamId
-from ._wire import control
 from ._util import wait_any
+from ._wire import control
 from ._wire.codes import CloseCode, StreamCode
 
 if TYPE_CHECKING:
@@ -111,7 +111,9 @@ class DirectManager:
             if ip.is_unspecified:
                 continue
             # An AF_INET6 socket names senders (host, port, flowinfo, scope_id).
-            addr: tuple[Any, ...] = (host, port, 0, 0) if family == socket.AF_INET6 else (host, port)
+            addr: tuple[Any, ...] = (
+                (host, port, 0, 0) if family == socket.AF_INET6 else (host, port)
+            )
             if addr not in out:
                 out.append(addr)
         return out
@@ -146,7 +148,7 @@ class DirectManager:
 
     # -- opening (this side dials) ---------------------------------------------------------------
 
-    async def open(self, peer: str, *, timeout: float = CHANNEL_TIMEOUT) -> DirectChannel:
+    async def open(self, peer: str) -> DirectChannel:
         client = self.client
         if peer == client.id:
             raise ChannelError("cannot open a direct channel to this client itself")
@@ -156,14 +158,14 @@ class DirectManager:
             raise ChannelError(f"a direct channel to {peer!r} is already being opened")
         self._opening.add(peer)
         try:
-            return await self._open(peer, timeout)
+            return await self._open(peer)
         except ChannelError:
             self._failed_at[peer] = trio.current_time()
             raise
         finally:
             self._opening.discard(peer)
 
-    async def _open(self, peer: str, timeout: float) -> DirectChannel:
+    async def _open(self, peer: str) -> DirectChannel:
         client = self.client
         reply = await client._request(lambda rid: control.ChannelRequest(rid, peer))
         if isinstance(reply, control.ErrorReply):
@@ -181,7 +183,7 @@ class DirectManager:
             async with trio.open_nursery() as nursery:
                 if client.config.holepunch:
                     nursery.start_soon(self._punch, expected)
-                with trio.move_on_after(timeout):
+                with trio.move_on_after(CHANNEL_TIMEOUT):
                     channel = await self._dial(expected)
                     expected.done.set()
                     return channel
@@ -190,7 +192,7 @@ class DirectManager:
             if self._expected.get(peer) is expected:
                 del self._expected[peer]
         raise ChannelError(
-            f"could not reach peer {peer!r} directly within {timeout:g} s (tried "
+            f"could not reach peer {peer!r} directly within {CHANNEL_TIMEOUT:g} s (tried "
             f"{', '.join(f'{h}:{p}' for h, p in self._usable(expected.addrs)) or 'no address'}; "
             "a symmetric NAT or a firewall may be in the way)"
         )
@@ -213,9 +215,7 @@ class DirectManager:
                 for addr in targets:
                     conn = self._connect(expected, addr)
                     conns.append(conn)
-                    attempts.start_soon(
-                        self._await_handshake, conn, winner, attempts.cancel_scope
-                    )
+                    attempts.start_soon(self._await_handshake, conn, winner, attempts.cancel_scope)
         finally:
             for conn in conns:
                 if not winner or conn is not winner[0]:
@@ -364,7 +364,9 @@ class DirectManager:
                 self._register(expected.peer, conn)
                 expected.done.set()
                 return
-        log.warning("refusing a direct connection from %s: certificate not vouched for", conn.peer_address)
+        log.warning(
+            "refusing a direct connection from %s: certificate not vouched for", conn.peer_address
+        )
         conn.close(
             int(CloseCode.CERTIFICATE),
             "certificate is not the one the coordinator vouched for",

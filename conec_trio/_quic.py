@@ -24,12 +24,11 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import trio
+from aioquic import tls
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic import tls
 from aioquic.quic.connection import END_STATES, QuicConnection, QuicConnectionState
-from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.packet import (
     QuicFrameType,
     QuicPacketType,
@@ -37,6 +36,7 @@ from aioquic.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.retry import QuicRetryTokenHandler
 from cryptography import x509
 
@@ -60,6 +60,8 @@ RECEIVE_BATCH = 32
 # Loopback and LAN paths end up with large datagrams, internet paths stay at what works.
 PMTU_LADDER = (1452, 4096, 8952, 16384)
 PMTU_PROBE_TIMEOUT = 1.0  # a probe not acknowledged by then is taken as too large
+# How long closing waits for the CONNECTION_CLOSE datagram to leave.
+CLOSE_SEND_TIMEOUT = 1.0
 # aioquic timers that do not move after being handled are retried this much later.
 TIMER_GRANULARITY = 0.001
 COALESCE_ROUNDS = 256
@@ -201,7 +203,7 @@ class FlowControlledConnection(QuicConnection):
             peer_token=self._peer_token,
             quic_logger=None,
             spin_bit=self._spin_bit,
-            version=int(self._version),
+            version=self._version,  # type: ignore[arg-type]  # set once connected
         )
         builder.max_flight_bytes = size
         builder.start_packet(QuicPacketType.ONE_RTT, self._cryptos[tls.Epoch.ONE_RTT])
@@ -498,11 +500,11 @@ class QuicConn:
         self._last_activity = now
         self.quic.receive_datagram(data, addr, now)
 
-    async def aclose(self, error_code: int = 0, reason: str = "", timeout: float = 1.0) -> None:
+    async def aclose(self, error_code: int = 0, reason: str = "") -> None:
         """Close and wait (bounded) until CONNECTION_CLOSE has gone out."""
         self.close(error_code, reason)
         self.process_events()
-        with trio.move_on_after(timeout) as scope:
+        with trio.move_on_after(CLOSE_SEND_TIMEOUT) as scope:
             scope.shield = True
             await self.transmit()
 

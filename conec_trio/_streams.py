@@ -456,4 +456,3 @@ async def relay(src: StreamState, dst: StreamState) -> None:
             dst.finish_send()
             return
         await src.readers.park()
-

@@ -57,4 +57,3 @@ class BroadcastMessage(NamedTuple, Generic[T]):
 
     sender: str
     data: T
-
