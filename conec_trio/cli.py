@@ -530,6 +530,8 @@ async def _demo_steps(quick: bool, progress: _Progress) -> None:
                 await _loopback_exchange(alice)
             with _step(progress, "bulk transfer", budget + 10):
                 await _bulk(alice, bob, bulk_bytes, budget)
+            with _step(progress, "direct channel", budget + 15):
+                await _direct(alice, carol, bulk_bytes, budget)
             with _step(progress, "small messages", budget + 10):
                 await _small_messages(alice, bob, small_count, budget)
             with _step(progress, "non-blocking reader", 5):
@@ -601,7 +603,7 @@ async def _loopback_exchange(alice: Client) -> None:
 
 
 async def _transfer(
-    alice: Client, bob: Client, size: int, max_count: int, budget: float
+    alice: Client, bob: Client, size: int, max_count: int, budget: float, direct: bool = False
 ) -> tuple[int, float]:
     """alice sends ``size``-byte messages to bob through the coordinator, ``max_count`` of
     them or as many as fit in ``budget`` seconds, then ends the stream; bob counts them and
@@ -610,13 +612,16 @@ async def _transfer(
     Returns ``(messages, seconds)``: from alice's first send to her receipt of bob's answer.
     """
     payload = bytes(size)
-    send, recv = await alice.new_proxied_stream("bob")
+    if direct:
+        send, recv = await alice.new_direct_stream(bob.id)
+    else:
+        send, recv = await alice.new_proxied_stream(bob.id)
     bob_channels: list[Any] = []
     received = 0
 
     async def receiver() -> None:
         nonlocal received
-        bob_send, bob_recv = await _accept(bob, "alice")
+        bob_send, bob_recv = await _accept(bob, alice.id)
         bob_channels.extend((bob_send, bob_recv))
         async for message in bob_recv:
             if len(message) == size:
@@ -648,6 +653,24 @@ async def _bulk(alice: Client, bob: Client, max_bytes: int, budget: float) -> No
         "bulk",
         f"{total / 1e6:.1f} MB alice -> bob in {chunk // 1024} KiB messages: "
         f"{elapsed:.2f} s, {total / 1e6 / elapsed:.1f} MB/s",
+    )
+
+
+async def _direct(alice: Client, carol: Client, max_bytes: int, budget: float) -> None:
+    t0 = trio.current_time()
+    await alice.new_channel(carol.id)
+    opened = trio.current_time() - t0
+    chunk = 64 * 1024
+    count, elapsed = await _transfer(
+        alice, carol, chunk, math.ceil(max_bytes / chunk), budget, direct=True
+    )
+    await alice.close_channel(carol.id)
+    total = count * chunk
+    _line(
+        "direct",
+        f"channel alice <-> carol opened in {opened * 1000:.1f} ms (pinned certificates); "
+        f"{total / 1e6:.1f} MB over a direct stream: {elapsed:.2f} s, "
+        f"{total / 1e6 / elapsed:.1f} MB/s",
     )
 
 

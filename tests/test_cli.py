@@ -111,6 +111,8 @@ async def test_demo_quick_reports_every_step_and_exits_0(tmp_path: Path) -> None
         "alice -> bob b'hello bob', reply b'hi alice'",
         "alice -> coordinator b'ping', reply b'pong'",
         "alice -> alice b'note to self', reply b'noted'",
+        "channel alice <-> carol opened in",
+        "over a direct stream",
         "MB/s",
         "msgs/s",
         "Lagged(count=990), then #990..#999",
