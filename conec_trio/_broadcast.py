@@ -130,6 +130,8 @@ class BroadcastHub:
             await st.readers.park()
         if st.fin_received and st.recv_error is None:
             st.recv_finished = True
+        if isinstance(st.recv_error, ProtocolError):
+            st.fail(st.recv_error, StreamCode.PROTOCOL)  # it broke the framing: tell it
         member.forwarding = False
         # The last sender to finish: every receiver gets the end after the last message.
         if not any(m.forwarding for m in chan.members):

@@ -371,6 +371,9 @@ class Client:
         self._incoming_send.close()
         for send in self._pending.values():
             send.close()
+        # The contract: losing the coordinator breaks every stream of this client, direct
+        # ones included (their peers were vouched for by a coordinator that is gone).
+        self._direct.coordinator_lost()
 
     # -- incoming streams --------------------------------------------------------------------------
 
@@ -495,6 +498,10 @@ class Client:
             return True
         if peer == self.id or self._direct.recently_failed(peer):
             return False
+        opening = self._direct.opening(peer)
+        if opening is not None:  # another task is opening it: use its result
+            await opening.wait()
+            return peer in self._direct.channels
         try:
             await self._direct.open(peer)
         except ConecError as exc:
@@ -556,25 +563,20 @@ class Client:
     # -- shutdown ----------------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
+        """Leave: deliver what was cleanly closed, then break the rest and say goodbye."""
         conn, table = self._conn, self._table
         self._incoming_send.close()
-        with trio.CancelScope(shield=True):
-            await self._direct.aclose_all()
-        if conn is None or table is None:
-            return
-        with trio.move_on_after(FLUSH_TIMEOUT) as scope:
-            scope.shield = True
-            # What was sent and cleanly closed must arrive before we hang up.
-            while conn.is_open and not all(
-                conn.quic.fin_acked(sid)
-                for sid, st in table.streams.items()
-                if st.send_finished and st.send_error is None
-            ):
-                await table.progress.park()
-        for st in list(table.streams.values()):
-            st.reset(StreamCode.ABORTED)
-            st.stop_receiving(StreamCode.ABORTED)
-        await conn.aclose(int(CloseCode.NORMAL), "client leaving")
+        tables = [channel.table for channel in self._direct.channels.values()]
+        if table is not None:
+            tables.append(table)
+        with trio.move_on_after(FLUSH_TIMEOUT):
+            for t in tables:
+                await t.flush()
+        for t in tables:
+            t.abort_all(StreamCode.ABORTED)
+        await self._direct.aclose_all()
+        if conn is not None:
+            await conn.aclose(int(CloseCode.NORMAL), "client leaving")
 
 
 @asynccontextmanager

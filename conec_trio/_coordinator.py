@@ -37,6 +37,18 @@ HELLO_TIMEOUT = 10.0
 OFFER_TIMEOUT = 5.0
 
 
+def _shown(name: object, limit: int = 100) -> str:
+    """A client-chosen name for a message: repr'd, and cut short if long (replies have a
+    length limit, and a name's repr can be four times the name)."""
+    text = repr(name)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _clip(text: str) -> str:
+    limit = control.MAX_MESSAGE_LEN
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ClientSession:
     """One connected (or connecting) client, as the coordinator sees it."""
 
@@ -81,7 +93,7 @@ class ClientSession:
         return ConecError(f"client {self.id!r} disconnected")
 
     def _new_stream(self, st: StreamState) -> None:
-        self.coord._nursery.start_soon(self.coord._handle_stream, self, st)
+        self.coord._nursery.start_soon(self.coord._guarded, self, self.coord._handle_stream, st)
 
     def _terminated(self, conn: QuicConn, error_code: int, reason: str) -> None:
         self.coord._client_gone(self, reason)
@@ -101,6 +113,8 @@ class Coordinator:
         self._sessions: set[ClientSession] = set()
         self._endpoint: QuicEndpoint | None = None
         self._offer_ids = itertools.count(1)
+        # Pairs of clients with a channel negotiation in progress -> the requester.
+        self._negotiating: dict[frozenset[str], str] = {}
         self._incoming_send, self.incoming_streams = trio.open_memory_channel[IncomingStream](
             config.max_pending_opens
         )
@@ -196,6 +210,15 @@ class Coordinator:
         if session.id is not None and self._clients.get(session.id) is session:
             del self._clients[session.id]
             log.info("client %r left: %s", session.id, reason or "closed")
+
+    async def _guarded(self, session: ClientSession, task: Any, *args: Any) -> None:
+        """Run a task on behalf of one client: a failure in it (a bug, or input we did not
+        foresee) closes that client's connection, never the coordinator."""
+        try:
+            await task(session, *args)
+        except Exception:
+            log.exception("error serving client %r; disconnecting it", session.id)
+            session.conn.close(int(CloseCode.PROTOCOL), "internal error serving this client")
 
     # -- streams ----------------------------------------------------------------------------------
 
@@ -304,13 +327,24 @@ class Coordinator:
             reply: Any
             if counts is None:
                 reply = control.ErrorReply(
-                    msg.rid, "no-broadcast", f"no broadcast channel named {msg.name!r}"
+                    msg.rid, "no-broadcast", f"no broadcast channel named {_shown(msg.name)}"
                 )
             else:
                 reply = control.BroadcastCountReply(msg.rid, *counts)
             write_message(st, control.encode(reply))
         elif isinstance(msg, control.ChannelRequest):
-            self._nursery.start_soon(self._broker_channel, session, msg)
+            assert session.id is not None
+            pair = frozenset((session.id, msg.peer))
+            if self._negotiating.get(pair) == msg.peer:
+                # Both ends asked at once: the peer's opening goes on (this client got or
+                # gets its offer) and gives this client its channel too: one per pair.
+                busy = control.ErrorReply(
+                    msg.rid, "peer-opening", f"peer {_shown(msg.peer)} is opening a channel to it"
+                )
+                write_message(st, control.encode(busy))
+                return
+            self._negotiating.setdefault(pair, session.id)
+            self._nursery.start_soon(self._guarded, session, self._broker_channel, msg)
         elif isinstance(msg, control.ChannelOfferReply):
             waiter = session.offers.pop(msg.oid, None)
             if waiter is not None:
@@ -321,18 +355,19 @@ class Coordinator:
     async def _broker_channel(self, session: ClientSession, msg: control.ChannelRequest) -> None:
         """Ask the target whether it takes a channel from ``session``; tell the requester."""
         requester = session.id
+        peer = _shown(msg.peer)
         assert requester is not None and session.control is not None
         target = self._clients.get(msg.peer)
         reply: Any
         if msg.peer == requester:
             reply = control.ErrorReply(msg.rid, "self", "cannot open a direct channel to itself")
         elif target is None or target.control is None:
-            reply = control.ErrorReply(msg.rid, "no-peer", f"peer {msg.peer!r} is not connected")
+            reply = control.ErrorReply(msg.rid, "no-peer", f"peer {peer} is not connected")
         elif not target.listen:
             reply = control.ErrorReply(
                 msg.rid,
                 "not-listening",
-                f"peer {msg.peer!r} does not accept direct channels (it runs with listen=False)",
+                f"peer {peer} does not accept direct channels (it runs with listen=False)",
             )
         else:
             oid = next(self._offer_ids)
@@ -346,16 +381,23 @@ class Coordinator:
             target.offers.pop(oid, None)
             if answer is None:
                 reply = control.ErrorReply(
-                    msg.rid, "no-answer", f"peer {msg.peer!r} did not answer the channel offer"
+                    msg.rid,
+                    "no-answer",
+                    f"peer {peer} did not answer the channel offer",
                 )
             elif not answer.accept:
                 reply = control.ErrorReply(
-                    msg.rid, "refused", f"peer {msg.peer!r} refused the channel: {answer.message}"
+                    msg.rid,
+                    "refused",
+                    _clip(f"peer {peer} refused the channel: {answer.message}"),
                 )
             else:
                 reply = control.ChannelGrant(msg.rid, msg.peer, target.cert_der, target.candidates)
         if session.conn.is_open:
             write_message(session.control, control.encode(reply))
+        pair = frozenset((requester, msg.peer))
+        if self._negotiating.get(pair) == requester:
+            del self._negotiating[pair]
 
     async def _open_proxied(
         self, session: ClientSession, st: StreamState, msg: control.OpenProxied
@@ -377,7 +419,7 @@ class Coordinator:
             write_message(
                 st,
                 control.encode(
-                    control.StreamRefused("no-peer", f"peer {msg.peer!r} is not connected")
+                    control.StreamRefused("no-peer", f"peer {_shown(msg.peer)} is not connected")
                 ),
             )
             st.finish_send()

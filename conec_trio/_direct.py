@@ -77,6 +77,7 @@ class _Expected:
         self.punched_from: tuple[Any, ...] | None = None
         self.punch_seen = trio.Event()
         self.done = trio.Event()
+        self.accepting = False  # from the peer's offer (not our own opening)
 
 
 class DirectManager:
@@ -87,7 +88,8 @@ class DirectManager:
         self.channels: dict[str, DirectChannel] = {}
         self._expected: dict[str, _Expected] = {}
         self._failed_at: dict[str, float] = {}
-        self._opening: set[str] = set()
+        self._opening: dict[str, trio.Event] = {}  # set when that opening attempt ends
+        self._channel_up = trio.lowlevel.ParkingLot()  # unparked by every registration
 
     # -- candidates and punching -----------------------------------------------------------
 
@@ -156,18 +158,29 @@ class DirectManager:
             raise ChannelError(f"a direct channel to {peer!r} is already open")
         if peer in self._opening:
             raise ChannelError(f"a direct channel to {peer!r} is already being opened")
-        self._opening.add(peer)
+        done = self._opening[peer] = trio.Event()
         try:
             return await self._open(peer)
         except ChannelError:
             self._failed_at[peer] = trio.current_time()
             raise
         finally:
-            self._opening.discard(peer)
+            del self._opening[peer]
+            done.set()
+
+    def opening(self, peer: str) -> trio.Event | None:
+        """The event set when the attempt under way to open a channel to ``peer`` ends."""
+        return self._opening.get(peer)
 
     async def _open(self, peer: str) -> DirectChannel:
         client = self.client
+        pending = self._expected.get(peer)
+        if pending is not None and pending.accepting:
+            # The peer is opening a channel to this client right now: share it.
+            return await self._join(peer)
         reply = await client._request(lambda rid: control.ChannelRequest(rid, peer))
+        if isinstance(reply, control.ErrorReply) and reply.reason == "peer-opening":
+            return await self._join(peer)
         if isinstance(reply, control.ErrorReply):
             if reply.reason == "no-peer":
                 from ._exceptions import PeerNotFoundError
@@ -179,22 +192,42 @@ class DirectManager:
         self._check_peer_ca(peer, reply.cert_der)
         expected = _Expected(peer, reply.cert_der, list(reply.addrs))
         self._expected[peer] = expected
+        channel: DirectChannel | None = None
+        failure: ChannelError | None = None
         try:
             async with trio.open_nursery() as nursery:
                 if client.config.holepunch:
                     nursery.start_soon(self._punch, expected)
                 with trio.move_on_after(CHANNEL_TIMEOUT):
-                    channel = await self._dial(expected)
-                    expected.done.set()
-                    return channel
+                    try:
+                        channel = await self._dial(expected)
+                    except ChannelError as exc:
+                        failure = exc  # raised below, outside the nursery (no group)
                 expected.done.set()
         finally:
             if self._expected.get(peer) is expected:
                 del self._expected[peer]
+        if failure is not None:
+            raise failure
+        if channel is not None:
+            return channel
         raise ChannelError(
             f"could not reach peer {peer!r} directly within {CHANNEL_TIMEOUT:g} s (tried "
             f"{', '.join(f'{h}:{p}' for h, p in self._usable(expected.addrs)) or 'no address'}; "
             "a symmetric NAT or a firewall may be in the way)"
+        )
+
+    async def _join(self, peer: str) -> DirectChannel:
+        """Wait for the channel the peer is opening to this client at the same time."""
+        with trio.move_on_after(CHANNEL_TIMEOUT):
+            while True:
+                channel = self.channels.get(peer)
+                if channel is not None and channel.conn.is_open:
+                    return channel
+                await self._channel_up.park()
+        raise ChannelError(
+            f"peer {peer!r} was opening a direct channel to this client at the same time, "
+            f"and it did not open within {CHANNEL_TIMEOUT:g} s"
         )
 
     async def _dial(self, expected: _Expected) -> DirectChannel:
@@ -240,8 +273,9 @@ class DirectManager:
     async def _await_handshake(
         conn: QuicConn, winner: list[QuicConn], done: trio.CancelScope
     ) -> None:
-        await wait_any(conn.handshake_complete, conn.closed)
-        if conn.handshake_complete.is_set() and conn.is_open and not winner:
+        # Confirmed, not just complete: only then has the peer accepted our certificate.
+        await wait_any(conn.handshake_confirmed, conn.closed)
+        if conn.handshake_confirmed.is_set() and conn.is_open and not winner:
             winner.append(conn)
             done.cancel()
 
@@ -308,6 +342,7 @@ class DirectManager:
             # The peer dials again: it no longer has the old channel.
             old.conn.close(int(CloseCode.CHANNEL_CLOSED), "replaced by a new channel")
         expected = _Expected(offer.peer, offer.cert_der, list(offer.addrs))
+        expected.accepting = True
         self._expected[offer.peer] = expected
         try:
             async with trio.open_nursery() as nursery:
@@ -378,6 +413,7 @@ class DirectManager:
         channel = DirectChannel(peer, conn, table)
         self.channels[peer] = channel
         self._failed_at.pop(peer, None)
+        self._channel_up.unpark_all()
         log.info("direct channel to %r open via %s", peer, conn.peer_address)
         return channel
 
@@ -452,6 +488,11 @@ class DirectManager:
             with trio.move_on_after(2.0):
                 await conn.closed.wait()
         await conn.aclose(int(CloseCode.CHANNEL_CLOSED), "channel closed")
+
+    def coordinator_lost(self) -> None:
+        for channel in list(self.channels.values()):
+            channel.conn.close_now(int(CloseCode.CHANNEL_CLOSED), "peer lost its coordinator")
+        self.channels.clear()
 
     async def aclose_all(self) -> None:
         for channel in list(self.channels.values()):

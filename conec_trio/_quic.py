@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import math
 import os
 import socket
@@ -30,6 +31,7 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import END_STATES, QuicConnection, QuicConnectionState
 from aioquic.quic.packet import (
+    QuicErrorCode,
     QuicFrameType,
     QuicPacketType,
     encode_quic_retry,
@@ -39,6 +41,8 @@ from aioquic.quic.packet import (
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.retry import QuicRetryTokenHandler
 from cryptography import x509
+
+log = logging.getLogger("conec_trio.quic")
 
 CID_LENGTH = 8
 # UDP generic segmentation offload (Linux >= 4.18): constants are not in the socket module.
@@ -294,6 +298,9 @@ class QuicConn:
         self.peer_address = peer_address
         self.listener: ConnectionListener = ConnectionListener()
         self.handshake_complete = trio.Event()
+        # Client role: the server confirmed the handshake (HANDSHAKE_DONE), so it accepted
+        # our certificate too. Server role: same moment as handshake_complete.
+        self.handshake_confirmed = trio.Event()
         self.closed = trio.Event()
         self.close_error_code: int | None = None
         self.close_reason = ""
@@ -301,6 +308,7 @@ class QuicConn:
         self._cids: set[bytes] = set()
         self._dirty = False
         self._pending_bytes = 0  # stream bytes written since the last transmit
+        self._deferred: list[tuple[int, Callable[[int, int], None], int]] = []
         self._wakeup = trio.lowlevel.ParkingLot()
         self._last_activity = trio.current_time()
 
@@ -323,6 +331,8 @@ class QuicConn:
         self.mark_dirty()
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
+        if self._held_back(stream_id, self.quic.reset_stream, error_code):
+            return
         try:
             self.quic.reset_stream(stream_id, error_code)
         except ValueError:
@@ -330,11 +340,34 @@ class QuicConn:
         self.mark_dirty()
 
     def stop_stream(self, stream_id: int, error_code: int) -> None:
+        if self._held_back(stream_id, self.quic.stop_stream, error_code):
+            return
         try:
             self.quic.stop_stream(stream_id, error_code)
         except ValueError:
             return
         self.mark_dirty()
+
+    def _held_back(self, stream_id: int, action: Callable[[int, int], None], code: int) -> bool:
+        """A stream still waiting for the peer's stream credit must not be reset yet: the
+        peer would see a stream id over its limit and close the whole connection. The
+        action runs once the stream may exist (see ``_run_deferred``)."""
+        stream = self.quic._streams.get(stream_id)
+        if stream is None or not stream.is_blocked:
+            return False
+        self._deferred.append((stream_id, action, code))
+        return True
+
+    def _run_deferred(self) -> None:
+        waiting = []
+        for stream_id, action, code in self._deferred:
+            stream = self.quic._streams.get(stream_id)
+            if stream is not None and stream.is_blocked:
+                waiting.append((stream_id, action, code))
+                continue
+            with contextlib.suppress(ValueError):
+                action(stream_id, code)
+        self._deferred = waiting
 
     def add_consumed(self, stream_id: int, nbytes: int) -> None:
         if self.quic.add_consumed(stream_id, nbytes):
@@ -448,6 +481,8 @@ class QuicConn:
 
     async def transmit(self) -> None:
         self._pending_bytes = 0
+        if self._deferred:
+            self._run_deferred()
         now = trio.current_time()
         datagrams = self.quic.datagrams_to_send(now)
         probe = self.quic.pmtu_probe(now)
@@ -479,6 +514,8 @@ class QuicConn:
                 self.handshake_complete.set()
                 listener.handshake_completed(self)
             event = quic.next_event()
+        if quic._handshake_confirmed and not self.handshake_confirmed.is_set():
+            self.handshake_confirmed.set()
         # aioquic reports a close only after its closing period (3 PTO); the owner must know
         # at once, so peers see broken streams promptly.
         close_event = quic._close_event
@@ -559,7 +596,11 @@ class QuicEndpoint:
                 if conn is not None:
                     touched[conn] = None
             for conn in touched:
-                conn.process_events()
+                try:
+                    conn.process_events()
+                except Exception:  # a bug or hostile input must not stop the endpoint
+                    log.exception("error handling events of %s; closing it", conn.peer_address)
+                    conn.close(int(QuicErrorCode.INTERNAL_ERROR), "internal error")
                 conn.mark_dirty()
             touched.clear()
 

@@ -92,8 +92,8 @@ class StreamState:
     def _decode(self, data: bytes) -> None:
         decoder = self.decoder
         assert decoder is not None
-        decoder.feed(data)
         try:
+            decoder.feed(data)
             while (msg := decoder.next_message()) is not None:
                 self.messages.append(msg)
                 self.held += len(msg) + _varint_len(len(msg))
@@ -235,6 +235,23 @@ class StreamTable(ConnectionListener):
             self._blocked.discard(st)
             self.conn.quic.forget_stream(st.stream_id)
 
+    async def flush(self) -> None:
+        """Wait until every stream this side cleanly closed has been acknowledged in full
+        (FIN included), or the connection is gone."""
+        conn = self.conn
+        while conn.is_open and not all(
+            conn.quic.fin_acked(sid)
+            for sid, st in self.streams.items()
+            if st.send_finished and st.send_error is None
+        ):
+            await self.progress.park()
+
+    def abort_all(self, code: int) -> None:
+        """Break every stream still open both ways (the owner is going away)."""
+        for st in list(self.streams.values()):
+            st.reset(code)
+            st.stop_receiving(code)
+
     def block_writer(self, st: StreamState) -> None:
         self._blocked.add(st)
 
@@ -350,6 +367,15 @@ class MessageSendChannel(trio.abc.SendChannel[bytes]):
             conn.send_stream_data(st.stream_id, frame_header(size))
             conn.send_stream_data(st.stream_id, bytes(value))
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def abort(self) -> None:
+        """End the stream abruptly, both ways: the peer's reads and sends raise
+        ``trio.BrokenResourceError`` (not ``EndOfChannel``); what was not yet delivered
+        may be lost. Later use of either end here raises ``trio.ClosedResourceError``."""
+        if not self._closed:
+            self._closed = True
+            self._st.fail(ConecError("the stream was aborted by this side"), StreamCode.ABORTED)
+        await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
         """End the stream after everything sent so far (the reader gets EndOfChannel)."""

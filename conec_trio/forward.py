@@ -60,7 +60,6 @@ from ._exceptions import (
 )
 from ._streams import MessageReceiveChannel, MessageSendChannel
 from ._types import IncomingStream
-from ._wire.codes import StreamCode
 from .adapters import CborReceiveChannel, CborSendChannel
 
 __all__ = [
@@ -337,14 +336,13 @@ def _why(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def _abort_stream(send: trio.abc.SendChannel[bytes], reason: str) -> None:
-    """Reset a stream both ways, so the peer sees ``BrokenResourceError`` and not a clean end.
-
-    The stream API has no public reset (``aclose`` is a clean end, which the other side would
-    take for a TCP half-close), so this uses the stream state underneath.
-    """
+async def _abort_stream(send: trio.abc.SendChannel[bytes]) -> None:
+    """Reset a stream both ways, so the peer sees ``BrokenResourceError`` and not a clean end
+    (which it would take for a TCP half-close)."""
     if isinstance(send, MessageSendChannel):
-        send._st.fail(ConecError(reason), StreamCode.ABORTED)
+        await send.abort()
+    else:
+        await send.aclose()
 
 
 def _reset_tcp(tcp: trio.SocketStream) -> None:
@@ -362,7 +360,7 @@ async def _close_all(
     """Close the TCP connection and both stream ends: cleanly, or as resets after ``error``."""
     with trio.CancelScope(shield=True):
         if error is not None:
-            _abort_stream(send, error)
+            await _abort_stream(send)
             _reset_tcp(tcp)
         for resource in (send, recv, tcp):
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -578,7 +576,7 @@ class Forwarder:
                 with trio.fail_after(REPLY_TIMEOUT):
                     reply = await CborReceiveChannel(recv).receive()
             except trio.BrokenResourceError as exc:
-                _abort_stream(send, "no answer")
+                await _abort_stream(send)
                 await _close_quietly(send, recv)
                 if attempt == 1 and send.stream_id.is_direct:
                     # A direct channel to a peer that restarted breaks only now: try again
@@ -594,7 +592,7 @@ class Forwarder:
                 log.warning("%s: refused: the stream broke before the answer: %s", label, _why(exc))
                 return None
             except (trio.EndOfChannel, trio.TooSlowError, ProtocolError) as exc:
-                _abort_stream(send, "no answer")
+                await _abort_stream(send)
                 await _close_quietly(send, recv)
                 why = {
                     trio.EndOfChannel: f"{peer!r} ended the stream without an answer",
@@ -651,7 +649,7 @@ class Exposer:
             await self._serve_stream(incoming.peer, send, recv, label)
         except Exception:
             log.exception("%s: unexpected error", label)
-            _abort_stream(send, "internal error")
+            await _abort_stream(send)
             await _close_quietly(send, recv)
 
     async def _serve_stream(

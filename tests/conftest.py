@@ -48,7 +48,9 @@ def client_config(
 ) -> Callable[..., conec_trio.ClientConfig]:
     """``client_config(coord, "alice", **overrides)``: a config that reaches ``coord``."""
 
-    def make(coordinator: conec_trio.Coordinator, client_id: str, **overrides: Any) -> conec_trio.ClientConfig:
+    def make(
+        coordinator: conec_trio.Coordinator, client_id: str, **overrides: Any
+    ) -> conec_trio.ClientConfig:
         options: dict[str, Any] = {
             "coord_host": "127.0.0.1",
             "coord_port": coordinator.address[1],

@@ -25,7 +25,7 @@ E = TypeVar("E", bound=x509.ExtensionType)
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def _ext(cert: x509.Certificate, cls: type[E]) -> x509.Extension[E]:
@@ -187,8 +187,8 @@ def test_issue_cert_refuses_an_expired_ca() -> None:
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(1)
-        .not_valid_before(datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc))
-        .not_valid_after(datetime.datetime(2001, 1, 1, tzinfo=datetime.timezone.utc))
+        .not_valid_before(datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC))
+        .not_valid_after(datetime.datetime(2001, 1, 1, tzinfo=datetime.UTC))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )

@@ -47,6 +47,7 @@ NAT_B, BOB_IP = "203.0.113.1", "10.0.2.2"
 # seconds cost no wall time. Waits that must be fast say so with their own bound.
 PATIENCE = 60.0
 
+
 @pytest.fixture(scope="module")
 def identity() -> tuple[bytes, bytes]:
     """The coordinator's certificate, valid for its address on the fake network."""

@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 from conec_trio import _tls, certs
 from conec_trio._exceptions import CertificateError, ConecError
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 
 # --- building unusual certificates directly -------------------------------------------------

@@ -300,12 +300,6 @@ def test_symmetric_nat_channel_fails_then_stream_is_proxied(
     )
 
 
-@pytest.mark.xfail(
-    reason="library bug: DirectManager._open raises the ChannelError of _dial inside a "
-    "nursery, so new_channel/new_stream raise an ExceptionGroup (new_stream does not fall "
-    "back) when every dial attempt closes before the channel timeout",
-    strict=True,
-)
 def test_symmetric_nat_new_stream_falls_back_to_proxied(
     scene: SceneFactory, record_property: Callable[[str, object], None]
 ) -> None:
@@ -351,12 +345,6 @@ def test_without_hole_punching_the_nats_stay_closed(
     record_property("timing", f"no hole punching: new_channel failed after {elapsed:.2f} s")
 
 
-@pytest.mark.xfail(
-    reason="library bug: simultaneous new_channel calls from both peers race in "
-    "DirectManager (_expected shared per peer by _open and on_offer, on_offer closing the "
-    "channel just opened, two connections per pair)",
-    strict=True,
-)
 def test_simultaneous_opens_from_both_sides_share_one_channel(scene: SceneFactory) -> None:
     # Two peers that both want to talk (each calls new_channel, or new_stream, to the
     # other at the same moment) must both get a working channel, and one channel only.
