@@ -16,13 +16,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ._exceptions import ConecError, ProtocolError, RefusedError
+from ._exceptions import ConecError, ProtocolError
 from ._streams import (
     MessageReceiveChannel,
     MessageSendChannel,
     StreamState,
     StreamTable,
-    read_header,
     write_message,
 )
 from ._types import BroadcastMessage, StreamId
@@ -197,24 +196,12 @@ async def join_broadcast(
         raise ConecError(
             f"a broadcast name must be a non-empty string of at most 1024 characters: {name!r}"
         )
-    st = table.open_stream()
-    st.decoder = FrameDecoder(table.max_message_size + TAG_ROOM)
-    write_message(st, control.encode(control.JoinBroadcast(name)))
-    try:
-        reply = control.decode(await read_header(st))
-    except ConecError as exc:
-        st.fail(exc, StreamCode.ABORTED)
-        client._check_alive()
-        raise ProtocolError(f"joining broadcast {name!r} failed: {exc}") from exc
-    except BaseException:
-        st.fail(ConecError("joining was cancelled"), StreamCode.ABORTED)
-        raise
-    if isinstance(reply, control.StreamRefused):
-        st.fail(ConecError(reply.message), StreamCode.REFUSED)
-        raise RefusedError(reply.message)
-    if not isinstance(reply, control.BroadcastJoined):
-        st.fail(ProtocolError("unexpected reply"), StreamCode.PROTOCOL)
-        raise ProtocolError(f"unexpected reply {type(reply).__name__} to a broadcast join")
+    st, _ = await client._open_with_header(
+        control.JoinBroadcast(name),
+        control.BroadcastJoined,
+        f"joining broadcast {name!r}",
+        decoder=FrameDecoder(table.max_message_size + TAG_ROOM),
+    )
     sid = StreamId.proxied(st.stream_id)
     send = MessageSendChannel(st, None, sid)
     recv = BroadcastReceiveChannel(MessageReceiveChannel(st, None, sid), name)

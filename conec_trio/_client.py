@@ -142,26 +142,28 @@ class Client:
 
     # -- connecting ------------------------------------------------------------------------------
 
-    def _apply_identity(self, config: QuicConfiguration) -> None:
-        config.certificate = self._certificate
-        config.certificate_chain = self._certificate_chain
-        config.private_key = self._private_key
-
-    def _quic_config(self) -> QuicConfiguration:
+    def quic_config(self, *, is_client: bool, server_name: str | None = None) -> QuicConfiguration:
+        """A QUIC configuration with this client's identity, windows and idle timeout."""
         cfg = self.config
         config = QuicConfiguration(
-            is_client=True,
+            is_client=is_client,
             alpn_protocols=[control.ALPN],
-            server_name=cfg.coord_host,
+            server_name=server_name,
             idle_timeout=self._idle_timeout,
             max_stream_data=cfg.stream_window,
             max_data=cfg.connection_window,
         )
+        config.certificate = self._certificate
+        config.certificate_chain = self._certificate_chain
+        config.private_key = self._private_key
+        return config
+
+    def _coordinator_quic_config(self) -> QuicConfiguration:
+        config = self.quic_config(is_client=True, server_name=self.config.coord_host)
         if self._ca is not None:
             config.cadata = self._ca
         else:
             config.cafile, config.capath = system_ca_location()
-        self._apply_identity(config)
         return config
 
     async def _connect(self) -> None:
@@ -188,7 +190,7 @@ class Client:
             endpoint: QuicEndpoint = await self._nursery.start(self._run_endpoint, sock, scope)
             conn = endpoint.connect(
                 addr,
-                self._quic_config(),
+                self._coordinator_quic_config(),
                 keepalive_interval=self._idle_timeout / 3 if cfg.keepalive else None,
                 request_client_certificate=False,
                 stream_window=cfg.stream_window,
@@ -419,32 +421,46 @@ class Client:
         self._next_proxied += 1
         return n
 
-    async def _open_proxied(
-        self, peer: str | None, n: int
-    ) -> tuple[MessageSendChannel, MessageReceiveChannel]:
+    async def _open_with_header(
+        self, header: Any, expected: type[Any], what: str, decoder: Any = None
+    ) -> tuple[StreamState, Any]:
+        """Open a stream to the coordinator, send ``header``, and wait for its answer.
+
+        Returns the stream and the ``expected`` reply; a refusal raises ``PeerNotFoundError``
+        or ``RefusedError``, anything else ``ProtocolError``. On any failure, or if cancelled,
+        the stream is broken both ways.
+        """
         self._check_alive()
         assert self._table is not None
         st = self._table.open_stream()
-        write_message(st, control.encode(control.OpenProxied(n, peer)))
+        if decoder is not None:
+            st.decoder = decoder
+        write_message(st, control.encode(header))
         try:
             reply = control.decode(await read_header(st))
         except ConecError as exc:
             st.fail(exc, StreamCode.ABORTED)
             self._check_alive()
-            raise ProtocolError(f"opening a stream to {peer!r} failed: {exc}") from exc
+            raise ProtocolError(f"{what} failed: {exc}") from exc
         except BaseException:
-            st.fail(ConecError("stream opening was cancelled"), StreamCode.ABORTED)
-            self._proxied_ids.discard(n)
+            st.fail(ConecError(f"{what} was cancelled"), StreamCode.ABORTED)
             raise
         if isinstance(reply, control.StreamRefused):
             st.fail(ConecError(reply.message), StreamCode.REFUSED)
-            self._proxied_ids.discard(n)
             if reply.reason == "no-peer":
                 raise PeerNotFoundError(reply.message)
             raise RefusedError(reply.message)
-        if not isinstance(reply, control.StreamAccepted):
+        if not isinstance(reply, expected):
             st.fail(ProtocolError("unexpected reply"), StreamCode.PROTOCOL)
-            raise ProtocolError(f"unexpected reply {type(reply).__name__} to a stream open")
+            raise ProtocolError(f"unexpected reply {type(reply).__name__} to {what}")
+        return st, reply
+
+    async def _open_proxied(
+        self, peer: str | None, n: int
+    ) -> tuple[MessageSendChannel, MessageReceiveChannel]:
+        st, _ = await self._open_with_header(
+            control.OpenProxied(n, peer), control.StreamAccepted, f"opening a stream to {peer!r}"
+        )
         # The id is in use until both directions of the stream have ended.
         st.on_done = lambda: self._proxied_ids.discard(n)
         return message_channels(st, peer, StreamId.proxied(n))

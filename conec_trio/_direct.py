@@ -282,16 +282,8 @@ class DirectManager:
     def _connect(self, expected: _Expected, addr: tuple[Any, ...]) -> QuicConn:
         client = self.client
         cfg = client.config
-        config = QuicConfiguration(
-            is_client=True,
-            alpn_protocols=[control.ALPN],
-            server_name=expected.peer,
-            idle_timeout=client._idle_timeout,
-            max_stream_data=cfg.stream_window,
-            max_data=cfg.connection_window,
-            verify_mode=ssl.CERT_NONE,  # the pin check after the handshake replaces it
-        )
-        client._apply_identity(config)
+        config = client.quic_config(is_client=True, server_name=expected.peer)
+        config.verify_mode = ssl.CERT_NONE  # the pin check after the handshake replaces it
         endpoint = client._endpoint
         assert endpoint is not None
         conn = endpoint.connect(
@@ -361,14 +353,7 @@ class DirectManager:
     def server_config(self) -> tuple[QuicConfiguration, dict[str, Any]]:
         client = self.client
         cfg = client.config
-        config = QuicConfiguration(
-            is_client=False,
-            alpn_protocols=[control.ALPN],
-            idle_timeout=client._idle_timeout,
-            max_stream_data=cfg.stream_window,
-            max_data=cfg.connection_window,
-        )
-        client._apply_identity(config)
+        config = client.quic_config(is_client=False)
         options = {
             "request_client_certificate": True,
             "stream_window": cfg.stream_window,

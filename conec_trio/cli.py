@@ -32,7 +32,7 @@ import trio
 
 from . import __version__, _tls, certs, forward
 from ._client import Client, open_client
-from ._config import DEFAULT_PORT, ClientConfig, CoordConfig
+from ._config import DEFAULT_PORT, ClientConfig, CoordConfig, read_pem_option
 from ._coordinator import Coordinator, open_coordinator
 from ._exceptions import ConecError, Lagged
 from .adapters import CborReceiveChannel, CborSendChannel, open_nonblocking
@@ -165,10 +165,10 @@ def _run_coord(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         return _error(f"--port must be 0 to 65535, not {args.port}")
     try:
-        client_ca = _read_pem(args.client_ca, "--client-ca")
+        client_ca = read_pem_option(args.client_ca, "--client-ca")
         if args.cert is not None:
-            cert_pem = _read_pem(args.cert, "--cert")
-            key_pem = _read_pem(args.key, "--key")
+            cert_pem = read_pem_option(args.cert, "--cert")
+            key_pem = read_pem_option(args.key, "--key")
             assert cert_pem is not None
             assert key_pem is not None
             _say(f"certificate: {args.cert.resolve()} (clients pass its CA as --ca)")
@@ -188,18 +188,6 @@ def _run_coord(args: argparse.Namespace) -> int:
         return 0
     except ConecError as exc:  # say, a key that does not parse
         return _error(str(exc))
-
-
-def _read_pem(path: Path | None, option: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise OSError(f"{option}: cannot read {path}: {exc.strerror or exc}") from exc
-    if b"-----BEGIN" not in data:
-        raise ValueError(f"{option}: {path} is not a PEM file")
-    return data
 
 
 def _coord_identity(state_dir: Path, host: str | None) -> tuple[bytes, bytes]:

@@ -49,7 +49,7 @@ from typing import Any
 import trio
 
 from ._client import Client, open_client
-from ._config import ClientConfig, check_client_id
+from ._config import ClientConfig, check_client_id, read_pem_option
 from ._exceptions import (
     ConecError,
     DisconnectedError,
@@ -877,18 +877,6 @@ def _error(message: str) -> int:
     return 1
 
 
-def _read_pem(path: Path | None, option: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"{option}: cannot read {path}: {exc.strerror or exc}") from exc
-    if b"-----BEGIN" not in data:
-        raise ValueError(f"{option}: {path} is not a PEM file")
-    return data
-
-
 def _client_config(args: argparse.Namespace) -> ClientConfig:
     """The client settings the options give; ``ValueError`` / ``ConecError`` if they are bad."""
     check_client_id(args.id)
@@ -901,10 +889,10 @@ def _client_config(args: argparse.Namespace) -> ClientConfig:
         id=args.id,
         coord_host=coord.host,
         coord_port=coord.port,
-        ca=_read_pem(args.ca, "--ca"),
-        cert_chain=_read_pem(args.cert, "--cert"),
-        private_key=_read_pem(args.key, "--key"),
-        client_ca=_read_pem(args.client_ca, "--client-ca"),
+        ca=read_pem_option(args.ca, "--ca"),
+        cert_chain=read_pem_option(args.cert, "--cert"),
+        private_key=read_pem_option(args.key, "--key"),
+        client_ca=read_pem_option(args.client_ca, "--client-ca"),
         listen=not args.no_listen,
         idle_timeout=args.idle_timeout,
         connect_timeout=COORD_CONNECT_TIMEOUT,
