@@ -21,17 +21,18 @@ class Sizes:
     pingpong_seconds: float
     oneway_count: int
     handshakes: int
+    channel_opens: int
     connect_many: int
     connect_batch: int = 100
 
 
 QUICK = Sizes(
     bulk_bytes=20_000_000, pingpong_seconds=2.0, oneway_count=20_000, handshakes=20,
-    connect_many=100,
+    channel_opens=10, connect_many=100,
 )  # fmt: skip
 FULL = Sizes(
     bulk_bytes=100_000_000, pingpong_seconds=5.0, oneway_count=100_000, handshakes=20,
-    connect_many=1000,
+    channel_opens=10, connect_many=1000,
 )  # fmt: skip
 
 
@@ -52,6 +53,10 @@ def _bulk_baseline(quick: bool) -> float:
 
 def _pingpong_baseline(quick: bool) -> float:
     return baseline_aioquic.pingpong(sizes(quick).pingpong_seconds)
+
+
+def _handshake_baseline(quick: bool) -> float:
+    return baseline_aioquic.handshake(sizes(quick).handshakes)
 
 
 # A broadcast sends its payload to every receiver: the payload is the bulk size divided among
@@ -148,8 +153,22 @@ register(
         description="median time for open_client vs an aioquic connect() handshake",
         unit="ms",
         higher_is_better=False,
-        baseline=lambda quick: baseline_aioquic.handshake(sizes(quick).handshakes),
+        baseline=_handshake_baseline,
         subject=lambda quick: _subject("open_client")(sizes(quick).handshakes),
+        baseline_name="aioquic handshake",
+        target=1 / 1.2,
+    )
+)
+
+register(
+    Case(
+        name="channel_open",
+        description="median time for new_channel (brokered direct channel, hole punching, "
+        "pinned-certificate handshake) vs an aioquic connect() handshake",
+        unit="ms",
+        higher_is_better=False,
+        baseline=_handshake_baseline,
+        subject=lambda quick: _subject("channel_open")(sizes(quick).channel_opens),
         baseline_name="aioquic handshake",
         target=1 / 1.2,
     )

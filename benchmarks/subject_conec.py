@@ -18,6 +18,7 @@ Processes, per measurement:
   QUIC endpoint and message-stream layer, nothing relayed).
 * ``proxied_bulk``, ``direct_bulk``, ``pingpong_proxied``, ``oneway_small_proxied``:
   coordinator + A + B.
+* ``channel_open``: coordinator + A + B (A opens and closes direct channels to B).
 * ``open_client``, ``connect_many``: coordinator + one client process.
 * ``broadcast_fanout``: coordinator + sender + one or two receiver processes holding several
   receiving clients each (the machine may have two cores only).
@@ -129,6 +130,19 @@ def open_client(connections: int = 20) -> float:
     _check_positive(connections, "connections")
     value, _ = _run(
         "plain", "open_client", {"connections": connections}, None, 30.0 + connections * 1.0
+    )
+    return value
+
+
+def channel_open(opens: int = 10) -> float:
+    """Milliseconds (median over ``opens``): time for ``client.new_channel("bench-b")`` in
+    client A, a direct channel to client B (brokered by the coordinator, hole punching, the
+    QUIC handshake with the certificates the coordinator vouched for); coordinator, A and B in
+    three processes, both clients connected before the clock starts. A closes the channel
+    (``close_channel``, not timed) before each next open."""
+    _check_positive(opens, "opens")
+    value, _ = _run(
+        "plain", "channel_open", {"target": "bench-b", "opens": opens}, "sink", 30.0 + opens * 5.0
     )
     return value
 
@@ -534,6 +548,20 @@ async def _open_client(link: Link, port: int, cert_pem: bytes, connections: int)
     return "done"
 
 
+async def _channel_open(link: Link, port: int, cert_pem: bytes, target: str, opens: int) -> str:
+    async with conec_trio.open_client(_client_config("bench-a", port, cert_pem)) as client:
+        link.send("ready")
+        await _expect_from_parent(link, "go", STARTUP_TIMEOUT)
+        times: list[float] = []
+        for _ in range(opens):
+            start = time.perf_counter()
+            await client.new_channel(target)
+            times.append(time.perf_counter() - start)
+            await client.close_channel(target)
+        link.send(statistics.median(times) * 1000.0)
+    return "done"
+
+
 async def _connect_many(link: Link, port: int, cert_pem: bytes, count: int, batch: int) -> str:
     link.send("ready")
     await _expect_from_parent(link, "go", STARTUP_TIMEOUT)
@@ -636,6 +664,7 @@ _ROLES: dict[str, Role] = {
     "pingpong": _pingpong,
     "oneway_small": _oneway_small,
     "open_client": _open_client,
+    "channel_open": _channel_open,
     "connect_many": _connect_many,
     "broadcast_sender": _broadcast_sender,
     "broadcast_receivers": _broadcast_receivers,
