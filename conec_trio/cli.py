@@ -33,6 +33,9 @@ import trio
 from . import __version__, _tls, certs, forward
 from ._client import Client, open_client
 from ._config import DEFAULT_PORT, ClientConfig, CoordConfig, read_pem_option
+from ._console import error as _error
+from ._console import say as _say
+from ._console import setup_logging as _setup_logging
 from ._coordinator import Coordinator, open_coordinator
 from ._exceptions import ConecError, Lagged
 from .adapters import CborReceiveChannel, CborSendChannel, open_nonblocking
@@ -81,23 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_expose_command(subparsers)
     forward.add_forward_command(subparsers)
     return parser
-
-
-def _setup_logging(verbosity: int) -> None:
-    level = logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-
-
-def _error(message: str) -> int:
-    print(f"conec-trio: error: {message}", file=sys.stderr, flush=True)
-    return 1
-
-
-def _say(line: str) -> None:
-    """Print one line at once: scripts wait for our lines, so none may sit in a buffer."""
-    print(line, flush=True)
 
 
 def _format_address(host: str, port: int) -> str:

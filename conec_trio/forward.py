@@ -40,7 +40,6 @@ import random
 import signal
 import socket
 import struct
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,9 @@ import trio
 
 from ._client import Client, open_client
 from ._config import ClientConfig, check_client_id, read_pem_option
+from ._console import error as _error
+from ._console import say as _say
+from ._console import setup_logging as _setup_logging
 from ._exceptions import (
     ConecError,
     DisconnectedError,
@@ -99,11 +101,6 @@ _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 def _format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _say(line: str) -> None:
-    """Print one line at once: scripts wait for our lines, so none may sit in a buffer."""
-    print(line, flush=True)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -861,20 +858,6 @@ def add_expose_command(subparsers: Any) -> None:
     )
     _add_client_options(parser)
     parser.set_defaults(run=run_expose_command)
-
-
-def _setup_logging(verbosity: int) -> None:
-    level = logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    if verbosity < 2:  # aioquic's own INFO lines (versions, ALPN) are noise at -v
-        logging.getLogger("quic").setLevel(logging.WARNING)
-
-
-def _error(message: str) -> int:
-    print(f"conec-trio: error: {message}", file=sys.stderr, flush=True)
-    return 1
 
 
 def _client_config(args: argparse.Namespace) -> ClientConfig:

@@ -1,0 +1,27 @@
+"""Console output shared by the command-line programs (``cli`` and ``forward``)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def setup_logging(verbosity: int) -> None:
+    """Log to stderr: warnings by default, info with -v, debug with -vv."""
+    level = logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if verbosity < 2:  # aioquic's own INFO lines (versions, ALPN) are noise at -v
+        logging.getLogger("quic").setLevel(logging.WARNING)
+
+
+def error(message: str) -> int:
+    """Say what went wrong on stderr; returns the exit status for it."""
+    print(f"conec-trio: error: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def say(line: str) -> None:
+    """Print one line at once: scripts wait for our lines, so none may sit in a buffer."""
+    print(line, flush=True)
