@@ -22,6 +22,11 @@ def error(message: str) -> int:
     return 1
 
 
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with IPv6 hosts in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def say(line: str) -> None:
     """Print one line at once: scripts wait for our lines, so none may sit in a buffer."""
     print(line, flush=True)

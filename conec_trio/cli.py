@@ -34,6 +34,7 @@ from . import __version__, _tls, certs, forward
 from ._client import Client, open_client
 from ._config import DEFAULT_PORT, ClientConfig, CoordConfig, read_pem_option
 from ._console import error as _error
+from ._console import format_address as _format_address
 from ._console import say as _say
 from ._console import setup_logging as _setup_logging
 from ._coordinator import Coordinator, open_coordinator
@@ -84,10 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_expose_command(subparsers)
     forward.add_forward_command(subparsers)
     return parser
-
-
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # --- coord -----------------------------------------------------------------------------------

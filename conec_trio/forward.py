@@ -50,6 +50,7 @@ import trio
 from ._client import Client, open_client
 from ._config import ClientConfig, check_client_id, read_pem_option
 from ._console import error as _error
+from ._console import format_address as _format_address
 from ._console import say as _say
 from ._console import setup_logging as _setup_logging
 from ._exceptions import (
@@ -97,10 +98,6 @@ BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
 # accept() errors that mean "out of resources for now": wait a moment and go on accepting.
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-
-
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _fmt_bytes(n: int) -> str:
