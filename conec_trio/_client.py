@@ -504,8 +504,10 @@ class Client:
     async def new_direct_stream(
         self, peer: str
     ) -> tuple[MessageSendChannel, MessageReceiveChannel]:
-        """A stream over the open direct channel to ``peer`` (``ChannelError`` if none)."""
+        """A stream over the open direct channel to ``peer`` (``ChannelError`` if none,
+        ``DisconnectedError`` once the coordinator is lost)."""
         await trio.lowlevel.checkpoint()
+        self._check_alive()
         return self._direct.new_stream(peer)
 
     async def _ensure_channel(self, peer: str) -> bool:

@@ -78,6 +78,8 @@ class CoordConfig:
     stream_window: int = DEFAULT_STREAM_WINDOW
     connection_window: int = DEFAULT_CONNECTION_WINDOW
     max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
+    # A client that has not said hello this long after connecting is dropped.
+    hello_timeout: float = 10.0
 
 
 @dataclass

@@ -31,8 +31,6 @@ from ._wire.codes import CloseCode, StreamCode
 
 log = logging.getLogger("conec_trio.coordinator")
 
-# A client must say hello this soon after its handshake, or it is dropped.
-HELLO_TIMEOUT = 10.0
 # How long the target of a channel offer has to answer it.
 OFFER_TIMEOUT = 5.0
 
@@ -193,7 +191,7 @@ class Coordinator:
         self._nursery.start_soon(self._expect_hello, session)
 
     async def _expect_hello(self, session: ClientSession) -> None:
-        with trio.move_on_after(HELLO_TIMEOUT):
+        with trio.move_on_after(self.config.hello_timeout):
             await wait_any(session.hello_seen, session.conn.closed)
             return
         if session.conn.is_open:
@@ -224,7 +222,7 @@ class Coordinator:
 
     async def _handle_stream(self, session: ClientSession, st: StreamState) -> None:
         try:
-            with trio.fail_after(HELLO_TIMEOUT):
+            with trio.fail_after(self.config.hello_timeout):
                 header = await read_header(st)
         except (ConecError, trio.TooSlowError):
             st.fail(ProtocolError("no valid stream header"), StreamCode.PROTOCOL)
