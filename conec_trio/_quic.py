@@ -173,10 +173,6 @@ class FlowControlledConnection(QuicConnection):
 
     # -- path MTU probing -------------------------------------------------------------------
 
-    @property
-    def max_datagram_size(self) -> int:
-        return int(self._max_datagram_size)
-
     def pmtu_timer(self) -> float | None:
         return self._pmtu_probe_deadline
 
@@ -553,11 +549,9 @@ class QuicEndpoint:
         self.sock = sock
         self._nursery = nursery
         self._by_cid: dict[bytes, QuicConn] = {}
-        self.connections: set[QuicConn] = set()
         self._accept: Callable[[], tuple[QuicConfiguration, dict[str, Any]]] | None = None
         self._on_accept: Callable[[QuicConn], None] | None = None
         self._retry: QuicRetryTokenHandler | None = None
-        self._keepalive_server: float | None = None
         self._send_blocked = trio.lowlevel.ParkingLot()
         self.raw_datagram_handler: Callable[[bytes, tuple[Any, ...]], None] | None = None
 
@@ -707,7 +701,6 @@ class QuicEndpoint:
         keepalive_interval: float | None,
     ) -> QuicConn:
         conn = QuicConn(self, quic, addr, keepalive_interval=keepalive_interval)
-        self.connections.add(conn)
         for cid in quic._host_cids:
             self._register_cid(conn, cid.cid)
         self._nursery.start_soon(conn.drive)
@@ -725,7 +718,6 @@ class QuicEndpoint:
     def _forget(self, conn: QuicConn) -> None:
         for cid in list(conn._cids):
             self._unregister_cid(conn, cid)
-        self.connections.discard(conn)
 
     # -- sending -----------------------------------------------------------------------------
 
