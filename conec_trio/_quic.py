@@ -141,6 +141,14 @@ class FlowControlledConnection(QuicConnection):
     def forget_stream(self, stream_id: int) -> None:
         self._stream_consumed.pop(stream_id, None)
 
+    def ack_with_next_packet(self, now: float) -> None:
+        """Acknowledge what arrived in the next packet we build instead of after aioquic's
+        ack delay: a reply then carries the ACK, where aioquic would send the reply without
+        it and an ACK-only packet a millisecond later (RFC 9000 13.2.1 allows both)."""
+        space = self._spaces[tls.Epoch.ONE_RTT]
+        if space.ack_at is not None and space.ack_at > now:
+            space.ack_at = now
+
     def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
         if stream.max_stream_data_local:
             target = self._stream_consumed.get(stream.stream_id, 0) + self._stream_window
@@ -304,6 +312,10 @@ class QuicConn:
         self._cids: set[bytes] = set()
         self._dirty = False
         self._pending_bytes = 0  # stream bytes written since the last transmit
+        self._delivered = False  # stream data went to readers since the last transmit
+        self._unsent = False  # something happened since the last transmit that may need one
+        self._transmitting = False  # the driver is waiting for the socket in transmit()
+        self._backlog: list[tuple[bytes, tuple[Any, ...]]] = []  # built, not yet sent
         self._deferred: list[tuple[int, Callable[[int, int], None], int]] = []
         self._wakeup = trio.lowlevel.ParkingLot()
         self._last_activity = trio.current_time()
@@ -396,6 +408,7 @@ class QuicConn:
 
     def mark_dirty(self) -> None:
         """Ask the driver to transmit soon (coalesces with other writes this round)."""
+        self._unsent = True
         if not self._dirty:
             self._dirty = True
             self._wakeup.unpark_all()
@@ -426,8 +439,10 @@ class QuicConn:
                     probe_deadline = quic.pmtu_timer()
                     if probe_deadline is not None:
                         deadline = min(deadline, probe_deadline)
-                    with trio.move_on_at(deadline):
+                    with trio.move_on_at(deadline) as timeout:
                         await self._wakeup.park()
+                    if timeout.cancelled_caught:
+                        self._unsent = True
                 await self._coalesce()
                 self._dirty = False
                 now = trio.current_time()
@@ -435,13 +450,16 @@ class QuicConn:
                 if timer is not None and now >= timer and now > handled_timer:
                     handled_timer = now
                     quic.handle_timer(now)
+                    self._unsent = True
                 keepalive = self._keepalive_interval_now()
                 if keepalive is not None and now >= self._last_activity + keepalive:
                     quic.send_ping(0)
                     # Counted as activity even if congestion holds the PING back for now.
                     self._last_activity = now
+                    self._unsent = True
                 self.process_events()
-                await self.transmit()
+                if self._unsent:  # else a writer has sent it all already (send_now)
+                    await self.transmit()
         finally:
             # Cancelled (the owner's block ended abruptly): still say goodbye, so the peer
             # does not have to wait for its idle timeout.
@@ -462,13 +480,24 @@ class QuicConn:
 
     async def _coalesce(self) -> None:
         """Give writers that are running right now a few scheduling rounds to add to this
-        flight, so many small messages share packets instead of one packet each. Bulk
-        data (a packet's worth already) and acks-only wakeups go out at once. Trio runs a
-        round's tasks in random order, so only two quiet rounds in a row mean "no writer"."""
+        flight, so many small messages share packets instead of one packet each. After
+        data was handed to readers, they get the same rounds, so that a reply goes out in
+        one packet with the ACK. Bulk data (a packet's worth already), writes while
+        nothing is in flight and wakeups with nothing to wait for go out at once. Trio
+        runs a round's tasks in random order, so only two quiet rounds in a row mean "no
+        writer"."""
         quiet = 0
+        quic = self.quic
         for _ in range(COALESCE_ROUNDS):
             pending = self._pending_bytes
-            if pending == 0 or pending >= COALESCE_BYTES:
+            if pending >= COALESCE_BYTES:
+                return
+            if pending == 0:
+                if not self._delivered:
+                    return
+            elif not quic._loss.bytes_in_flight:
+                # Nothing of ours is unacknowledged (as with Nagle's algorithm): a request
+                # or a reply goes out at once; only a stream of writes is gathered.
                 return
             await trio.lowlevel.cancel_shielded_checkpoint()
             quiet = quiet + 1 if self._pending_bytes == pending else 0
@@ -476,17 +505,51 @@ class QuicConn:
                 return
 
     async def transmit(self) -> None:
-        self._pending_bytes = 0
-        if self._deferred:
-            self._run_deferred()
         now = trio.current_time()
-        datagrams = self.quic.datagrams_to_send(now)
+        datagrams = self._build(now)
         probe = self.quic.pmtu_probe(now)
         if probe is not None:
             datagrams.append(probe)
         if datagrams:
+            self._transmitting = True
+            try:
+                await self.endpoint.send_datagrams(datagrams)
+            finally:
+                self._transmitting = False
+
+    def _build(self, now: float) -> list[tuple[bytes, tuple[Any, ...]]]:
+        """The datagrams to send now (with any the socket refused last time first)."""
+        if self._pending_bytes:
+            self.quic.ack_with_next_packet(now)
+        self._pending_bytes = 0
+        self._delivered = False
+        self._unsent = False
+        if self._deferred:
+            self._run_deferred()
+        datagrams = self.quic.datagrams_to_send(now)
+        if self._backlog:
+            datagrams[:0] = self._backlog
+            self._backlog = []
+        if datagrams:
             self._last_activity = now
-            await self.endpoint.send_datagrams(datagrams)
+        return datagrams
+
+    def send_now(self) -> None:
+        """After a writer's message: send it from the writer's task at once if nothing of
+        ours is unacknowledged (a request, a reply; the driver would only add task switches
+        and rounds), else leave it to the driver to gather with what follows."""
+        if (
+            self._transmitting
+            or self._pending_bytes >= COALESCE_BYTES
+            or self.quic._loss.bytes_in_flight
+            or not self.handshake_complete.is_set()
+        ):
+            return
+        datagrams = self._build(trio.current_time())
+        sent = self.endpoint.sock.send_batch_nowait(datagrams, 0)
+        if sent < len(datagrams):  # the socket is full: the driver sends the rest
+            self._backlog = datagrams[sent:]
+            self.mark_dirty()
 
     def process_events(self) -> None:
         """Hand aioquic's events to the listener (synchronously)."""
@@ -496,6 +559,7 @@ class QuicConn:
         while event is not None:
             if isinstance(event, events.StreamDataReceived):
                 quic.delivered_total += len(event.data)
+                self._delivered = True
                 listener.stream_data(self, event.stream_id, event.data, event.end_stream)
             elif isinstance(event, events.ConnectionIdIssued):
                 self.endpoint._register_cid(self, event.connection_id)

@@ -366,6 +366,7 @@ class MessageSendChannel(trio.abc.SendChannel[bytes]):
         else:  # not worth copying a large message just to prepend its header
             conn.send_stream_data(st.stream_id, frame_header(size))
             conn.send_stream_data(st.stream_id, bytes(value))
+        conn.send_now()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def abort(self) -> None:
