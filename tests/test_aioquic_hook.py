@@ -177,3 +177,56 @@ def test_tls_context_flag_is_off_by_default() -> None:
     assert getattr(ctx, "_request_client_certificate", None) is False, _aioquic_broke(
         "tls.Context._request_client_certificate (defaulting to False)"
     )
+
+
+async def test_a_reply_carries_the_ack_of_its_request(
+    coord: conec_trio.Coordinator, open_client: ClientFactory
+) -> None:
+    # aioquic delays ACKs by a millisecond, so a reply would go without the ACK and an
+    # ACK-only packet would follow; QuicConn brings the ACK forward (through the 1-RTT
+    # space's ``ack_at``) into the reply's packet. A ping-pong then takes one datagram each
+    # way per round trip, which halves the packet work of request/response traffic.
+    sent: list[int] = []
+
+    def counting_socket(family: int, host: str, port: int) -> _quic.DatagramSocket:
+        sock = _quic._real_udp_socket(family, host, port)
+        real_send = sock.send_batch_nowait
+
+        def send_batch_nowait(datagrams: list[tuple[bytes, Any]], start: int) -> int:
+            count = real_send(datagrams, start)
+            sent.append(count)
+            return count
+
+        sock.send_batch_nowait = send_batch_nowait  # type: ignore[method-assign]
+        return sock
+
+    old = _quic.set_socket_factory(counting_socket)
+    try:
+        async with connected(open_client, coord, "alice", listen=False) as alice:
+            _quic.set_socket_factory(old)
+            with trio.fail_after(10):
+                send, recv = await alice.new_proxied_stream(None)
+                await send.send(b"hello")
+                incoming = await coord.incoming_streams.receive()
+                assert await incoming.recv.receive() == b"hello"
+
+                async def echo() -> None:
+                    async for message in incoming.recv:
+                        await incoming.send.send(message)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(echo)
+                    rounds = 200
+                    before = sum(sent)
+                    for i in range(rounds):
+                        await send.send(i.to_bytes(64, "big"))
+                        assert await recv.receive() == i.to_bytes(64, "big")
+                    datagrams = sum(sent) - before
+                    nursery.cancel_scope.cancel()
+    finally:
+        _quic.set_socket_factory(old)
+    # One datagram per request; a few more for keepalive or a path MTU probe at most.
+    assert datagrams <= rounds + 10, _aioquic_broke(
+        f"QuicPacketSpace.ack_at as the time the next ACK is due ({datagrams} datagrams "
+        f"for {rounds} round trips)"
+    )
