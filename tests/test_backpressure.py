@@ -238,3 +238,73 @@ async def test_streams_closed_mid_transfer_do_not_use_up_the_connection(coord_co
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sender.run)
                 await read_all(incoming.recv, 64, 16 * KIB)
+
+
+async def test_a_full_socket_buffer_delays_messages_and_loses_none(coord, open_client, monkeypatch):
+    # The client's socket refuses every other send (as a full buffer does with EAGAIN).
+    # Messages sent from the writer's task and by the connection's driver must then wait
+    # for the socket, in order: none may be dropped, not even to be recovered by QUIC's
+    # retransmission (which would hide the loss from the application, only slower).
+    from aioquic.quic.recovery import QuicPacketRecovery
+
+    from conec_trio import _quic
+
+    refused = 0
+    lost: list[int] = []
+    on_packets_lost = QuicPacketRecovery._on_packets_lost
+
+    def count_lost(self: Any, *, packets: Any, **kwargs: Any) -> None:
+        packets = list(packets)
+        lost.append(len(packets))
+        on_packets_lost(self, packets=packets, **kwargs)
+
+    monkeypatch.setattr(QuicPacketRecovery, "_on_packets_lost", count_lost)
+
+    def flaky_socket(family: int, host: str, port: int) -> _quic.DatagramSocket:
+        sock = _quic._real_udp_socket(family, host, port)
+        real_send = sock.send_batch_nowait
+        calls = 0
+
+        def send_batch_nowait(datagrams: list[tuple[bytes, Any]], start: int) -> int:
+            nonlocal calls, refused
+            calls += 1
+            if calls % 2 == 0:
+                refused += 1
+                return 0
+            return real_send(datagrams, start)
+
+        sock.send_batch_nowait = send_batch_nowait  # type: ignore[method-assign]
+        return sock
+
+    old = _quic.set_socket_factory(flaky_socket)
+    try:
+        async with open_client(coord, "alice", listen=False) as alice:
+            _quic.set_socket_factory(old)
+            with trio.fail_after(DEADLINE):
+                send, recv = await alice.new_proxied_stream(None)
+                await send.send(b"hello")
+                incoming = await coord.incoming_streams.receive()
+                assert await incoming.recv.receive() == b"hello"
+                got: list[bytes] = []
+
+                async def collect() -> None:
+                    async for message in incoming.recv:
+                        got.append(message)
+                        await incoming.send.send(message[:4])
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(collect)
+                    for i in range(100):  # request and reply: sent inline
+                        await send.send(pattern(i, 64))
+                        assert await recv.receive() == pattern(i, 64)[:4]
+                    for i in range(100, 400):  # a stream of writes: gathered by the driver
+                        await send.send(pattern(i, 300))
+                    await send.aclose()
+                    for i in range(100, 400):
+                        assert await recv.receive() == pattern(i, 300)[:4]
+                    nursery.cancel_scope.cancel()
+    finally:
+        _quic.set_socket_factory(old)
+    assert got == [pattern(i, 64) for i in range(100)] + [pattern(i, 300) for i in range(100, 400)]
+    assert refused > 50
+    assert sum(lost) == 0, f"{sum(lost)} packets were lost on loopback"
