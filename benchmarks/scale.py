@@ -73,6 +73,7 @@ RELAY_NICE = 10
 # (pair index, sequence number, send time as time.monotonic()), padded to MESSAGE_SIZE
 HEADER = struct.Struct("!IQd")
 PADDING = bytes(MESSAGE_SIZE - HEADER.size)
+WARMUP = b"w" * MESSAGE_SIZE
 
 
 def client_id(k: int) -> str:
@@ -195,10 +196,13 @@ def measure(
 def _relay(
     coord: Child, pid: int, workers: list[Child], clients: int, seconds: float
 ) -> dict[str, Any]:
+    pairing = time.monotonic()
     for w in workers:
         w.send("pair")
     for w in workers:
         _expect(w, "paired", STARTUP_TIMEOUT + clients * 0.1)
+    pairing_s = time.monotonic() - pairing
+    udp_before = udp_counters()
     start = time.monotonic() + 0.5
     plan = {"start": start, "end": start + seconds}
     for w in workers:
@@ -208,6 +212,7 @@ def _relay(
     time.sleep(max(0.0, plan["end"] - time.monotonic()))
     cpu1, t1 = cpu_seconds(pid), time.monotonic()
     reports = [w.recv(seconds + RELAY_DRAIN + STOP_TIMEOUT) for w in workers]
+    udp_after = udp_counters()
     sent = sum(r["sent"] for r in reports)
     delivered = sum(r["delivered"] for r in reports)
     in_window = sum(r["delivered_in_window"] for r in reports)
@@ -224,6 +229,8 @@ def _relay(
 
     return {
         "relay_pairs": clients // 2,
+        # Opening every pair's stream and one warm-up round trip on each, all at once.
+        "relay_pairing_s": pairing_s,
         "relay_window_s": seconds,
         "relay_sent": sent,
         "relay_delivered": delivered,
@@ -236,9 +243,25 @@ def _relay(
         "relay_max_ms": latencies[-1] * 1000.0 if latencies else math.nan,
         "relay_mean_ms": statistics.fmean(latencies) * 1000.0 if latencies else math.nan,
         "relay_cpu_percent": 100.0 * (cpu1 - cpu0) / (t1 - t0),
+        # The client processes together, over the same window (they are the load generators).
+        "relay_client_cpu_percent": 100.0 * sum(r["cpu_s"] for r in reports) / seconds,
+        # System-wide (other programs count too): datagrams the kernel dropped for a full
+        # receive buffer while the relay ran, drain included.
+        "relay_udp_rcvbuf_errors": udp_after.get("RcvbufErrors", 0)
+        - udp_before.get("RcvbufErrors", 0),
         "relay_errors": len(errors),
         "relay_error_samples": errors[:20],
     }
+
+
+def udp_counters() -> dict[str, int]:
+    """The kernel's UDP counters (system-wide), empty where there are none to read."""
+    try:
+        with open("/proc/net/snmp") as f:
+            rows = [line.split() for line in f if line.startswith("Udp:")]
+        return dict(zip(rows[0][1:], map(int, rows[1][1:]), strict=True))
+    except (OSError, IndexError, ValueError):
+        return {}
 
 
 def _pid(child: Child) -> int:
@@ -313,6 +336,7 @@ class _RelayStats:
         self.gaps = 0
         self.latencies: list[float] = []
         self.errors: list[str] = []
+        self.cpu_s = 0.0  # this process's CPU time over the window
 
     def report(self) -> dict[str, Any]:
         return {
@@ -323,6 +347,7 @@ class _RelayStats:
             "gaps": self.gaps,
             "latencies": self.latencies,
             "errors": self.errors,
+            "cpu_s": self.cpu_s,
         }
 
 
@@ -423,17 +448,24 @@ async def _pair(
     clients: int,
     streams: dict[int, tuple[trio.abc.SendChannel[bytes], trio.abc.ReceiveChannel[bytes]]],
 ) -> None:
-    """Each client here gets its stream to or from its partner (the lower id opens)."""
+    """Each client here gets its stream to or from its partner (the lower id opens), and
+    the pair makes one warm-up round trip on it (not counted in the relay)."""
 
     async def one(k: int, client: conec_trio.Client) -> None:
         partner = _partner(k, clients)
         if k < partner:
-            streams[k] = await client.new_proxied_stream(client_id(partner))
+            send, recv = streams[k] = await client.new_proxied_stream(client_id(partner))
+            await send.send(WARMUP)
+            if await recv.receive() != WARMUP:
+                raise RuntimeError(f"{client_id(k)}: a wrong warm-up answer")
         else:
             incoming = await client.incoming_streams.receive()
             if incoming.peer != client_id(partner):
                 raise RuntimeError(f"{client_id(k)}: a stream from {incoming.peer!r}")
             streams[k] = (incoming.send, incoming.recv)
+            if await incoming.recv.receive() != WARMUP:
+                raise RuntimeError(f"{client_id(k)}: a wrong warm-up message")
+            await incoming.send.send(WARMUP)
 
     with trio.fail_after(STARTUP_TIMEOUT + clients * 0.1):
         async with trio.open_nursery() as nursery:
@@ -498,7 +530,14 @@ async def _relay_run(
         except Exception as exc:  # report, and let the other pairs go on
             stats.errors.append(f"{client_id(arg)}: {type(exc).__name__}: {exc}")
 
+    async def window_cpu() -> None:
+        await trio.sleep_until(_trio_time(start))
+        cpu0 = _usage()["cpu_s"]
+        await trio.sleep_until(_trio_time(end))
+        stats.cpu_s = _usage()["cpu_s"] - cpu0
+
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(window_cpu)
         for k in streams:
             if k < _partner(k, clients):
                 nursery.start_soon(guarded, opener, k)
@@ -519,12 +558,15 @@ def format_summary(r: dict[str, Any]) -> str:
     ]
     if "relay_pairs" in r:
         lines.append(
-            f"  relay, {r['relay_pairs']} pairs ping-pong for {r['relay_window_s']:g} s: "
+            f"  relay: {r['relay_pairs']} streams opened and warmed up (one round trip each) in "
+            f"{r['relay_pairing_s']:.2f} s; ping-pong for {r['relay_window_s']:g} s: "
             f"{r['relay_msgs_per_s']:,.0f} msgs/s delivered; sent {r['relay_sent']}, delivered "
             f"{r['relay_delivered']}, lost {r['relay_lost']}, duplicated/out of order "
             f"{r['relay_out_of_order']}, errors {r['relay_errors']}; latency p50 "
             f"{r['relay_p50_ms']:.1f} ms, p99 {r['relay_p99_ms']:.1f} ms, max "
-            f"{r['relay_max_ms']:.1f} ms; coordinator CPU {r['relay_cpu_percent']:.0f}%"
+            f"{r['relay_max_ms']:.1f} ms; CPU: coordinator {r['relay_cpu_percent']:.0f}%, client "
+            f"processes {r['relay_client_cpu_percent']:.0f}%; UDP receive-buffer drops "
+            f"(system-wide) {r['relay_udp_rcvbuf_errors']}"
         )
         lines.extend(f"    {e}" for e in r["relay_error_samples"])
     return "\n".join(lines)
