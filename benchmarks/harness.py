@@ -62,6 +62,8 @@ class Case:
     ``absolute``: the case has no ratio at all; it is judged by ``target_value`` only (or
     just reported). Its ``baseline`` may be None, or the baseline of the other cases of its
     group (whose runs it then only shares the schedule with, not its judgement).
+    ``judge_worst``: ``target_value`` applies to the worst sample, not the median (for
+    "must never happen" counts: one lost message in any round is a miss).
     ``max_repeats`` / ``quick_repeats``: at most this many runs per side (with ``--quick``),
     for expensive cases. ``in_quick``: False leaves the case out of ``--quick`` runs unless
     it is named with ``--only``.
@@ -77,6 +79,7 @@ class Case:
     target: float | None = None
     target_value: float | None = None
     absolute: bool = False
+    judge_worst: bool = False
     max_repeats: int | None = None
     quick_repeats: int | None = None
     in_quick: bool = True
@@ -150,8 +153,13 @@ class CaseResult:
 
     @property
     def value(self) -> float | None:
-        """The subject's median."""
-        return statistics.median(self.subject) if self.subject else None
+        """The subject's value judged by ``target_value``: its median, or its worst sample
+        (``judge_worst``)."""
+        if not self.subject:
+            return None
+        if self.case.judge_worst:
+            return min(self.subject) if self.case.higher_is_better else max(self.subject)
+        return statistics.median(self.subject)
 
     @property
     def value_met(self) -> bool | None:
@@ -329,10 +337,12 @@ def _spread(samples: Sequence[float]) -> str:
 
 
 def format_value_target(case: Case) -> str:
-    """``>= 50,000`` / ``<= 0.100``: the case's bound on its own value, or ``-``."""
+    """``>= 50,000`` / ``<= 0.100``: the case's bound on its own value (``worst <= 0`` when
+    every sample must meet it), or ``-``."""
     if case.target_value is None:
         return "-"
-    return f"{'>=' if case.higher_is_better else '<='} {fmt(case.target_value)}"
+    bound = f"{'>=' if case.higher_is_better else '<='} {fmt(case.target_value)}"
+    return f"worst {bound}" if case.judge_worst else bound
 
 
 def format_table(results: Sequence[CaseResult]) -> str:
@@ -426,6 +436,7 @@ def results_json(
                 "absolute": r.case.absolute,
                 "target": r.case.target,
                 "target_value": r.case.target_value,
+                "target_value_judges": "worst" if r.case.judge_worst else "median",
                 "target_value_met": r.value_met,
                 "baseline": _stats(r.baseline),
                 "subject": _stats(r.subject),
