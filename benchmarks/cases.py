@@ -32,8 +32,8 @@ class Sizes:
 
 QUICK = Sizes(
     bulk_bytes=10_000_000, pingpong_seconds=1.0, oneway_count=10_000, handshakes=20,
-    channel_opens=10, connect_many=100, scale_clients=(10, 100), scale_idle_seconds=8.0,
-    scale_small_idle_seconds=8.0, scale_relay_seconds=2.0,
+    channel_opens=10, connect_many=100, scale_clients=(10, 100), scale_idle_seconds=5.0,
+    scale_small_idle_seconds=5.0, scale_relay_seconds=2.0,
 )  # fmt: skip
 FULL = Sizes(
     bulk_bytes=100_000_000, pingpong_seconds=5.0, oneway_count=100_000, handshakes=20,
