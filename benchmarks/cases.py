@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import baseline_aioquic
-from .harness import Case, register
+from .harness import Case, Metric, register
 
 
 @dataclass(frozen=True)
@@ -23,17 +23,27 @@ class Sizes:
     handshakes: int
     channel_opens: int
     connect_many: int
+    scale_clients: tuple[int, ...]
+    scale_idle_seconds: float
+    scale_small_idle_seconds: float  # for fewer than 1000 clients
+    scale_relay_seconds: float
     connect_batch: int = 100
 
 
 QUICK = Sizes(
-    bulk_bytes=20_000_000, pingpong_seconds=2.0, oneway_count=20_000, handshakes=20,
-    channel_opens=10, connect_many=100,
+    bulk_bytes=10_000_000, pingpong_seconds=1.0, oneway_count=10_000, handshakes=20,
+    channel_opens=10, connect_many=100, scale_clients=(10, 100), scale_idle_seconds=5.0,
+    scale_small_idle_seconds=5.0, scale_relay_seconds=2.0,
 )  # fmt: skip
 FULL = Sizes(
     bulk_bytes=100_000_000, pingpong_seconds=5.0, oneway_count=100_000, handshakes=20,
-    channel_opens=10, connect_many=1000,
+    channel_opens=10, connect_many=1000, scale_clients=(10, 100, 1000), scale_idle_seconds=20.0,
+    scale_small_idle_seconds=10.0, scale_relay_seconds=5.0,
 )  # fmt: skip
+SCALE_COUNTS = (10, 100, 1000)  # every client count a scale case exists for
+# A scale round takes up to a minute: at most this many rounds (with --quick: one).
+SCALE_MAX_REPEATS = 2
+SCALE_QUICK_REPEATS = 1
 
 
 def sizes(quick: bool) -> Sizes:
@@ -111,41 +121,75 @@ def _datagram_cap(size: int | None) -> Iterator[None]:
         del os.environ[DATAGRAM_ENV]
 
 
-# The same three at aioquic's default 1200-byte datagrams (no path MTU probing).
-for _name, _target in (("trio_endpoint_bulk", 1.0), ("proxied_bulk", 0.45), ("direct_bulk", 0.9)):
+# The same three at aioquic's default 1200-byte datagrams (no path MTU probing): the
+# like-for-like comparison of the two stacks.
+for _name, _target in (("trio_endpoint_bulk", 1.0), ("proxied_bulk", 0.8), ("direct_bulk", 2.0)):
     _bulk_case(_name, f"{_name} with 1200-byte datagrams", target=_target, max_datagram=1200)
 
+# At the library's defaults (path MTU probing) against aioquic's: the issue asks for 4x.
 _bulk_case(
     "trio_endpoint_bulk",
     "one QUIC stream point to point, conec_trio's Trio endpoint vs aioquic asyncio",
+    target=4.0,
+)
+_bulk_case("proxied_bulk", "client -> coordinator -> client stream vs aioquic bulk", target=0.8)
+_bulk_case("direct_bulk", "direct client-to-client stream vs aioquic bulk", target=4.0)
+
+
+def _pingpong_case(name: str, description: str, target: float | None) -> Case:
+    return register(
+        Case(
+            name=name,
+            description=description,
+            unit="round trips/s",
+            higher_is_better=True,
+            baseline=_pingpong_baseline,
+            subject=lambda quick: _subject(name)(sizes(quick).pingpong_seconds),
+            baseline_name="aioquic pingpong",
+            target=target,
+        )
+    )
+
+
+_pingpong_case(
+    "pingpong_direct",
+    "64-byte round trips on a direct stream between two clients vs aioquic point to point",
     target=1.0,
 )
-_bulk_case("proxied_bulk", "client -> coordinator -> client stream vs aioquic bulk", target=0.45)
-_bulk_case("direct_bulk", "direct client-to-client stream vs aioquic bulk", target=0.9)
-
-register(
-    Case(
-        name="pingpong_proxied",
-        description="64-byte round trips on a proxied stream vs aioquic point to point",
-        unit="round trips/s",
-        higher_is_better=True,
-        baseline=_pingpong_baseline,
-        subject=lambda quick: _subject("pingpong_proxied")(sizes(quick).pingpong_seconds),
-        baseline_name="aioquic pingpong",
-    )
+_pingpong_case(
+    "pingpong_coordinator",
+    "64-byte round trips on a stream from a client to the coordinator (one hop) vs aioquic",
+    target=None,
+)
+_pingpong_case(
+    "pingpong_proxied",
+    "64-byte round trips on a proxied stream (two hops) vs aioquic point to point",
+    target=None,
 )
 
-register(
-    Case(
-        name="oneway_small_proxied",
-        description="64-byte messages one way on a proxied stream vs aioquic point to point",
-        unit="msgs/s",
-        higher_is_better=True,
-        baseline=lambda quick: baseline_aioquic.oneway_small(sizes(quick).oneway_count),
-        subject=lambda quick: _subject("oneway_small_proxied")(sizes(quick).oneway_count),
-        baseline_name="aioquic oneway_small",
+# The issue's target for one-way small messages is absolute: 50,000 messages/s, each sent
+# with its own ``await send.send(msg)``; the ratio to aioquic is shown as well.
+ONEWAY_TARGET = 50_000.0
+
+
+def _oneway_baseline(quick: bool) -> float:
+    return baseline_aioquic.oneway_small(sizes(quick).oneway_count)
+
+
+for _name, _path in (("oneway_small_direct", "a direct"), ("oneway_small_proxied", "a proxied")):
+    register(
+        Case(
+            name=_name,
+            description=f"64-byte messages one way on {_path} stream, one await send() each "
+            "(ratio vs aioquic point to point shown)",
+            unit="msgs/s",
+            higher_is_better=True,
+            baseline=_oneway_baseline,
+            subject=lambda quick, _name=_name: _subject(_name)(sizes(quick).oneway_count),
+            baseline_name="aioquic oneway_small",
+            target_value=ONEWAY_TARGET,
+        )
     )
-)
 
 register(
     Case(
@@ -196,6 +240,7 @@ register(
             sizes(quick).connect_many, sizes(quick).connect_batch
         ),
         baseline_name="aioquic connect_many",
+        target=1 / 1.5,
     )
 )
 
@@ -236,3 +281,85 @@ _tunnel_case(
     "tunnel_proxied",
     "bulk TCP through conec-trio forward -> coordinator -> expose vs plain loopback TCP",
 )
+
+
+# Scale (``scale.py``): one coordinator holding N clients. One measurement per N and round
+# gives every ``scale_*_N`` case its number; only the connect time has an aioquic baseline
+# (``connect_many`` for the same N), the rest are absolute. The issue's targets are for 1000
+# clients: connect within 1.5x aioquic, at most 100 KB (100,000 bytes) of coordinator RSS per
+# idle client, idle CPU under 2%; at every N nothing relayed may be lost or duplicated.
+RSS_PER_CLIENT_TARGET = 100_000.0  # bytes (100 KB, decimal)
+IDLE_CPU_TARGET = 2.0  # % of one core
+SCALE_TARGET_CLIENTS = 1000
+
+
+def _scale_source(n: int) -> Callable[[bool], dict[str, float]]:
+    def source(quick: bool) -> dict[str, float]:
+        from . import scale
+
+        s = sizes(quick)
+        # The idle window is longest where it is judged (1000 clients: the CPU clock ticks
+        # in 10 ms, 2% of 20 s is 40 ticks).
+        idle = s.scale_idle_seconds if n == SCALE_TARGET_CLIENTS else s.scale_small_idle_seconds
+        return scale.measure(n, idle, s.scale_relay_seconds, s.connect_batch)
+
+    return source
+
+
+def _scale_cases(n: int) -> None:
+    source = _scale_source(n)
+    judged = n == SCALE_TARGET_CLIENTS
+    quick_too = n in QUICK.scale_clients
+    baseline_name = f"aioquic connect_many {n}"
+
+    def baseline(quick: bool) -> float:
+        return baseline_aioquic.connect_many(n, sizes(quick).connect_batch)
+
+    rows: tuple[tuple[str, str, str, bool, str, float | None, float | None], ...] = (
+        # (name, key, unit, higher is better, description, ratio target, value target)
+        ("connect", "connect_s", "s", False,
+         f"time until {n} clients are up (batches of 100, one client process after the "
+         "other) vs aioquic connect_many", 1 / 1.5 if judged else None, None),
+        ("rss_per_client", "rss_per_client_bytes", "bytes", False,
+         f"coordinator RSS growth per idle client with {n} connected",
+         None, RSS_PER_CLIENT_TARGET if judged else None),
+        ("idle_cpu", "idle_cpu_percent", "% of a core", False,
+         f"coordinator CPU with {n} idle clients (keepalive on)",
+         None, IDLE_CPU_TARGET if judged else None),
+        ("relay_rate", "relay_msgs_per_s", "msgs/s", True,
+         f"proxied 64-byte messages delivered per second, {n // 2} pairs ping-ponging at once",
+         None, None),
+        ("relay_lost_dup", "relay_lost_or_dup", "msgs", False,
+         f"relayed messages lost, duplicated or out of order ({n // 2} pairs)", None, 0.0),
+        ("relay_p50", "relay_p50_ms", "ms", False,
+         f"one-way latency p50 of relayed messages ({n // 2} pairs)", None, None),
+        ("relay_p99", "relay_p99_ms", "ms", False,
+         f"one-way latency p99 of relayed messages ({n // 2} pairs)", None, None),
+        ("relay_cpu", "relay_cpu_percent", "% of a core", False,
+         f"coordinator CPU while relaying ({n // 2} pairs)", None, None),
+    )  # fmt: skip
+    for row, key, unit, higher, description, target, target_value in rows:
+        absolute = row != "connect"
+        worst = row == "relay_lost_dup"  # one lost message in any round is a miss
+        register(
+            Case(
+                name=f"scale_{row}_{n}",
+                description=description,
+                unit=unit,
+                higher_is_better=higher,
+                baseline=baseline,
+                subject=Metric(source, key),
+                baseline_name=baseline_name,
+                target=target,
+                target_value=target_value,
+                absolute=absolute,
+                judge_worst=worst,
+                max_repeats=SCALE_MAX_REPEATS,
+                quick_repeats=SCALE_QUICK_REPEATS,
+                in_quick=quick_too,
+            )
+        )
+
+
+for _n in SCALE_COUNTS:
+    _scale_cases(_n)

@@ -1,5 +1,9 @@
 """Bar chart of the subject/baseline ratios, with a mark at each case's target.
 
+A second panel, below, shows the cases with a target on their own value (``target_value``):
+each bar is the value over its target (target over value when lower is better), so that 1 is
+the target and above 1 is better, labelled with the value itself.
+
 Uses matplotlib when it is installed. Without it, writes a plain PNG itself (zlib + struct):
 the same bars and marks, but no text (colours: green PASS, red MISS, blue no target, grey
 stub = no subject result; black tick = target; grey line = ratio 1).
@@ -33,7 +37,28 @@ class Bar:
     verdict: str  # "PASS", "MISS", "-" or "n/a"
 
 
-def draw(bars: Sequence[Bar], path: Path, title: str) -> bool:
+@dataclass(frozen=True)
+class ValueBar:
+    """A case's own value against its absolute target."""
+
+    name: str
+    score: float | None  # value / target (target / value when lower is better); None: no value
+    label: str  # the value and its target, in the case's unit
+    verdict: str  # "PASS" (target met) or "MISS"
+
+
+def value_score(value: float, target: float, higher_is_better: bool) -> float:
+    """The value against its target, oriented so that 1 is the target and above 1 is better.
+
+    A lower-is-better target of 0 (nothing may be lost) scores 1 when met, 0 otherwise."""
+    if higher_is_better:
+        return value / target if target > 0 else (1.0 if value >= target else 0.0)
+    if value <= 0:
+        return 1.0 if target >= value else 0.0
+    return target / value
+
+
+def draw(bars: Sequence[Bar], path: Path, title: str, value_bars: Sequence[ValueBar] = ()) -> bool:
     """Write the chart to ``path``; True if matplotlib drew it, False for the plain fallback."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -41,11 +66,16 @@ def draw(bars: Sequence[Bar], path: Path, title: str) -> bool:
         matplotlib.use("Agg")
         plt: Any = importlib.import_module("matplotlib.pyplot")
     except ImportError:
-        path.write_bytes(plain_png(bars))
+        path.write_bytes(plain_png(bars, value_bars=value_bars))
         return False
 
     colours = {"PASS": _GREEN, "MISS": _RED}
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(bars) + 2), 4.5))
+    width = max(6.0, 0.8 * max(len(bars), len(value_bars)) + 2)
+    if value_bars:
+        fig, (ax, vax) = plt.subplots(2, 1, figsize=(width, 9.0))
+        _draw_values(vax, value_bars)
+    else:
+        fig, ax = plt.subplots(figsize=(width, 4.5))
     xs = list(range(len(bars)))
     heights = [b.ratio if b.ratio is not None else 0.0 for b in bars]
     face = [tuple(c / 255 for c in colours.get(b.verdict, _BLUE)) for b in bars]
@@ -65,11 +95,43 @@ def draw(bars: Sequence[Bar], path: Path, title: str) -> bool:
     return True
 
 
-def plain_png(bars: Sequence[Bar], width: int = 800, height: int = 400) -> bytes:
-    """The chart as PNG bytes, drawn without any plotting library (and without text)."""
-    canvas = _Canvas(width, height)
-    left, right, top, bottom = 30, 10, 10, 20
-    plot_w, plot_h = width - left - right, height - top - bottom
+def _draw_values(ax: Any, value_bars: Sequence[ValueBar]) -> None:
+    colours = {"PASS": _GREEN, "MISS": _RED}
+    xs = list(range(len(value_bars)))
+    heights = [b.score if b.score is not None else 0.0 for b in value_bars]
+    face = [tuple(c / 255 for c in colours.get(b.verdict, _GREY)) for b in value_bars]
+    ax.bar(xs, heights, color=face, width=0.6)
+    for x, b in zip(xs, value_bars, strict=True):
+        ax.hlines(1.0, x - 0.4, x + 0.4, colors="black", linewidth=2)
+        ax.text(x, heights[x], b.label, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(xs, [b.name for b in value_bars], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("value / absolute target (> 1 is better)")
+    ax.set_title("cases with an absolute target (black mark: the target)", fontsize=10)
+
+
+def plain_png(
+    bars: Sequence[Bar],
+    width: int = 800,
+    height: int = 400,
+    value_bars: Sequence[ValueBar] = (),
+) -> bytes:
+    """The chart as PNG bytes, drawn without any plotting library (and without text); the
+    value panel, if any, below the ratio panel, as tall as it."""
+    canvas = _Canvas(width, height * 2 if value_bars else height)
+    _plain_panel(canvas, 0, height, bars)
+    if value_bars:
+        as_bars = [
+            Bar(b.name, b.score, 1.0, b.verdict if b.score is not None else "n/a")
+            for b in value_bars
+        ]
+        _plain_panel(canvas, height, height, as_bars)
+    return canvas.png()
+
+
+def _plain_panel(canvas: _Canvas, y0: int, height: int, bars: Sequence[Bar]) -> None:
+    width = canvas.width
+    left, right, top, bottom = 30, 10, y0 + 10, 20
+    plot_w, plot_h = width - left - right, height - 10 - bottom
     values = [b.ratio for b in bars if b.ratio is not None]
     values += [b.target for b in bars if b.target is not None]
     y_max = max([1.0, *values]) * 1.15
@@ -95,7 +157,6 @@ def plain_png(bars: Sequence[Bar], width: int = 800, height: int = 400) -> bytes
                         left + round(i * slot + slot * 0.9), t + 2, _BLACK)  # fmt: skip
     canvas.rect(left, base, left + plot_w, base + 2, _BLACK)  # x axis
     canvas.rect(left - 2, top, left, base + 2, _BLACK)  # y axis
-    return canvas.png()
 
 
 class _Canvas:

@@ -7,6 +7,12 @@ interleaved (baseline, subject, baseline, subject, ...) so that drift on a noisy
 both alike, and reports the ratio of the medians, oriented so that above 1 is always better
 for the subject. Cases with the same baseline share its runs: baseline, subject 1, subject 2,
 ..., baseline, subject 1, subject 2, ...
+
+Some cases are *absolute*: judged by the subject's own value against a fixed target (the
+issue's "at least 50,000 messages/s", "at most 100 KB per client"), with no ratio. Any case
+may carry such a value target (``target_value``) besides or instead of a ratio target. Several
+cases may take their values from one measurement that yields many numbers at once (a
+``Metric`` subject: one run per round, each case reading its own key of the result).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -28,18 +34,66 @@ from typing import Any
 Measure = Callable[[bool], float]
 
 
+Source = Callable[[bool], Mapping[str, Any]]
+
+
+@dataclass(frozen=True, eq=False)
+class Metric:
+    """A subject that reads ``key`` from a measurement yielding many numbers at once.
+
+    All cases of one group whose ``Metric`` has the same ``source`` (the very same callable)
+    share one call of it per round; the whole result of each call is kept in the JSON
+    (``runs``) of every case reading it."""
+
+    source: Source
+    key: str
+
+    def __call__(self, quick: bool) -> float:
+        return float(self.source(quick)[self.key])
+
+
 @dataclass(frozen=True)
 class Case:
-    """One named comparison. ``target``: the ratio the subject should reach (None: no target)."""
+    """One named comparison.
+
+    ``target``: the ratio to the baseline the subject should reach (None: no ratio target).
+    ``target_value``: a bound on the subject's median itself, in the case's unit: at least
+    this much if higher is better, at most this much if lower is better (None: none).
+    ``absolute``: the case has no ratio at all; it is judged by ``target_value`` only (or
+    just reported). Its ``baseline`` may be None, or the baseline of the other cases of its
+    group (whose runs it then only shares the schedule with, not its judgement).
+    ``judge_worst``: ``target_value`` applies to the worst sample, not the median (for
+    "must never happen" counts: one lost message in any round is a miss).
+    ``max_repeats`` / ``quick_repeats``: at most this many runs per side (with ``--quick``),
+    for expensive cases. ``in_quick``: False leaves the case out of ``--quick`` runs unless
+    it is named with ``--only``.
+    """
 
     name: str
     description: str
     unit: str
     higher_is_better: bool
-    baseline: Measure
+    baseline: Measure | None
     subject: Measure
     baseline_name: str
     target: float | None = None
+    target_value: float | None = None
+    absolute: bool = False
+    judge_worst: bool = False
+    max_repeats: int | None = None
+    quick_repeats: int | None = None
+    in_quick: bool = True
+
+    def repeats(self, repeats: int, quick: bool) -> int:
+        """Runs per side for this case when ``repeats`` are asked for."""
+        cap = self.quick_repeats if quick and self.quick_repeats is not None else self.max_repeats
+        return repeats if cap is None else min(repeats, cap)
+
+    def __post_init__(self) -> None:
+        if self.absolute and self.target is not None:
+            raise ValueError(f"{self.name}: an absolute case has no ratio target")
+        if self.baseline is None and not self.absolute:
+            raise ValueError(f"{self.name}: a case without a baseline must be absolute")
 
 
 REGISTRY: dict[str, Case] = {}
@@ -54,14 +108,19 @@ def register(case: Case) -> Case:
     if case.name in REGISTRY:
         raise ValueError(f"benchmark case {case.name!r} is already registered")
     for other in REGISTRY.values():
-        if other.baseline_name == case.baseline_name and (
-            other.baseline is not case.baseline
-            or other.unit != case.unit
-            or other.higher_is_better != case.higher_is_better
+        if other.baseline_name != case.baseline_name:
+            continue
+        if other.baseline is not case.baseline:
+            raise ValueError(
+                f"cases {other.name!r} and {case.name!r} share the baseline name "
+                f"{case.baseline_name!r} but not the same baseline callable"
+            )
+        if not (other.absolute or case.absolute) and (
+            other.unit != case.unit or other.higher_is_better != case.higher_is_better
         ):
             raise ValueError(
                 f"cases {other.name!r} and {case.name!r} share the baseline name "
-                f"{case.baseline_name!r} but not the same baseline callable, unit and direction"
+                f"{case.baseline_name!r} but not the same unit and direction"
             )
     REGISTRY[case.name] = case
     return case
@@ -79,11 +138,12 @@ class CaseResult:
     subject_status: str = "ok"  # "ok", "not available", "error", "not run"
     subject_note: str = ""
     errors: list[str] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)  # a Metric source's results
 
     @property
     def ratio(self) -> float | None:
         """Subject vs baseline medians, > 1 meaning the subject did better."""
-        if not self.baseline or not self.subject:
+        if self.case.absolute or not self.baseline or not self.subject:
             return None
         b = statistics.median(self.baseline)
         s = statistics.median(self.subject)
@@ -92,13 +152,42 @@ class CaseResult:
         return b / s if s else None
 
     @property
+    def value(self) -> float | None:
+        """The subject's value judged by ``target_value``: its median, or its worst sample
+        (``judge_worst``)."""
+        if not self.subject:
+            return None
+        if self.case.judge_worst:
+            return min(self.subject) if self.case.higher_is_better else max(self.subject)
+        return statistics.median(self.subject)
+
+    @property
+    def value_met(self) -> bool | None:
+        """Whether the subject's median meets ``target_value`` (None: no such target or value)."""
+        target, value = self.case.target_value, self.value
+        if target is None or value is None:
+            return None
+        return value >= target if self.case.higher_is_better else value <= target
+
+    @property
     def verdict(self) -> str:
-        ratio = self.ratio
-        if ratio is None:
+        """PASS when every target of the case is met, MISS when one is not, ``-`` without
+        targets, ``n/a`` when a result is missing."""
+        case = self.case
+        if not self.subject or (not case.absolute and not self.baseline):
             return "n/a"
-        if self.case.target is None:
+        checks: list[bool] = []
+        if case.target is not None:
+            ratio = self.ratio
+            if ratio is None:
+                return "n/a"
+            checks.append(ratio >= case.target)
+        value_met = self.value_met
+        if value_met is not None:
+            checks.append(value_met)
+        if not checks:
             return "-"
-        return "PASS" if ratio >= self.case.target else "MISS"
+        return "PASS" if all(checks) else "MISS"
 
 
 def run_group(
@@ -107,31 +196,42 @@ def run_group(
     """Run cases that share one baseline: baseline, each subject, baseline, each subject, ...
 
     Every case of the group gets the same baseline samples; a subject that is missing or fails
-    drops out of the later rounds, the others go on.
+    drops out of the later rounds, the others go on. Cases whose ``Metric`` subjects share a
+    source get their values from one call of it per round. A group without a baseline
+    (absolute cases only) runs just its subjects.
     """
     results = [CaseResult(case) for case in cases]
     live = list(results)
     baseline = cases[0].baseline
     label = cases[0].baseline_name
-    unit = cases[0].unit
-    for i in range(repeats):
-        start = time.perf_counter()
-        try:
-            value = baseline(quick)
-        except Exception as exc:
-            log(f"  {label}: baseline run {i + 1} FAILED: {_describe(exc)}")
-            traceback.print_exc()
-            for r in results:
-                r.errors.append(f"baseline run {i + 1}: {_describe(exc)}")
-            break
-        log(f"  {label}: {i + 1}/{repeats}: {_fmt(value)} {unit}  ({_since(start)})")
-        for r in results:
-            r.baseline.append(value)
-        for r in list(live):
-            name = r.case.name
+    unit = next((c.unit for c in cases if not c.absolute), cases[0].unit)
+    rounds = max(c.repeats(repeats, quick) for c in cases)
+    for i in range(rounds):
+        if baseline is not None:
             start = time.perf_counter()
             try:
-                value = r.case.subject(quick)
+                value = baseline(quick)
+            except Exception as exc:
+                log(f"  {label}: baseline run {i + 1} FAILED: {_describe(exc)}")
+                traceback.print_exc()
+                for r in results:
+                    if not r.case.absolute:
+                        r.errors.append(f"baseline run {i + 1}: {_describe(exc)}")
+                if not any(r.case.absolute for r in live):
+                    break
+            else:
+                log(f"  {label}: {i + 1}/{rounds}: {fmt(value)} {unit}  ({_since(start)})")
+                for r in results:
+                    if not r.case.absolute:
+                        r.baseline.append(value)
+        sources: dict[int, Mapping[str, Any] | BaseException] = {}
+        for r in list(live):
+            name = r.case.name
+            if i >= r.case.repeats(repeats, quick):
+                continue
+            start = time.perf_counter()
+            try:
+                value = _measure(r, quick, sources, log)
             except SUBJECT_MISSING as exc:
                 live.remove(r)
                 r.subject_status = "not available"
@@ -144,14 +244,44 @@ def run_group(
                 r.subject_note = _describe(exc)
                 r.errors.append(f"subject run {i + 1}: {_describe(exc)}")
                 log(f"  {name}: subject run {i + 1} FAILED: {_describe(exc)}")
-                traceback.print_exc()
+                if not isinstance(r.case.subject, Metric):
+                    traceback.print_exc()
                 continue
             r.subject.append(value)
-            log(f"  {name}: {i + 1}/{repeats}: {_fmt(value)} {unit}  ({_since(start)})")
+            log(f"  {name}: {i + 1}/{rounds}: {fmt(value)} {r.case.unit}  ({_since(start)})")
     for r in results:
         if r.subject_status == "ok" and not r.subject:
             r.subject_status = "not run"
     return results
+
+
+def _measure(
+    result: CaseResult,
+    quick: bool,
+    sources: dict[int, Mapping[str, Any] | BaseException],
+    log: Callable[[str], None],
+) -> float:
+    """One subject value; a ``Metric``'s source runs once per round (``sources``)."""
+    subject = result.case.subject
+    if not isinstance(subject, Metric):
+        return subject(quick)
+    key = id(subject.source)
+    if key not in sources:
+        start = time.perf_counter()
+        try:
+            sources[key] = subject.source(quick)
+        except Exception as exc:
+            sources[key] = exc
+            if not isinstance(exc, SUBJECT_MISSING):
+                traceback.print_exc()
+        log(f"  ({result.case.name} and the cases sharing its measurement: {_since(start)})")
+    outcome = sources[key]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    result.runs.append(dict(outcome))
+    if subject.key not in outcome:
+        raise KeyError(f"the measurement gave no {subject.key!r}")
+    return float(outcome[subject.key])
 
 
 def run_all(
@@ -186,7 +316,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def _fmt(value: float) -> str:
+def fmt(value: float) -> str:
     """A short number: 3 significant digits, no exponent for the usual ranges."""
     magnitude = abs(value)
     if magnitude >= 1000:
@@ -203,13 +333,22 @@ def _fmt(value: float) -> str:
 def _spread(samples: Sequence[float]) -> str:
     if not samples:
         return ""
-    return f"{_fmt(statistics.median(samples))} ({_fmt(min(samples))}-{_fmt(max(samples))})"
+    return f"{fmt(statistics.median(samples))} ({fmt(min(samples))}-{fmt(max(samples))})"
+
+
+def format_value_target(case: Case) -> str:
+    """``>= 50,000`` / ``<= 0.100``: the case's bound on its own value (``worst <= 0`` when
+    every sample must meet it), or ``-``."""
+    if case.target_value is None:
+        return "-"
+    bound = f"{'>=' if case.higher_is_better else '<='} {fmt(case.target_value)}"
+    return f"worst {bound}" if case.judge_worst else bound
 
 
 def format_table(results: Sequence[CaseResult]) -> str:
     """Plain-text table: one row per case."""
     header = ("case", "unit", "baseline median (min-max)", "subject median (min-max)",
-              "ratio", "target", "result")  # fmt: skip
+              "ratio", "target ratio", "target value", "result")  # fmt: skip
     rows: list[tuple[str, ...]] = []
     for r in results:
         unit = r.case.unit + ("" if r.case.higher_is_better else " (lower better)")
@@ -221,10 +360,14 @@ def format_table(results: Sequence[CaseResult]) -> str:
             subject = "subject FAILED"
         else:
             subject = "-"
-        baseline = _spread(r.baseline) if r.baseline else "baseline FAILED"
+        if r.case.absolute:
+            baseline = "(absolute)"
+        else:
+            baseline = _spread(r.baseline) if r.baseline else "baseline FAILED"
         ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
         target = f"{r.case.target:.2f}" if r.case.target is not None else "-"
-        rows.append((r.case.name, unit, baseline, subject, ratio, target, r.verdict))
+        value_target = format_value_target(r.case)
+        rows.append((r.case.name, unit, baseline, subject, ratio, target, value_target, r.verdict))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
@@ -290,7 +433,11 @@ def results_json(
                 "baseline_name": r.case.baseline_name,
                 "unit": r.case.unit,
                 "higher_is_better": r.case.higher_is_better,
+                "absolute": r.case.absolute,
                 "target": r.case.target,
+                "target_value": r.case.target_value,
+                "target_value_judges": "worst" if r.case.judge_worst else "median",
+                "target_value_met": r.value_met,
                 "baseline": _stats(r.baseline),
                 "subject": _stats(r.subject),
                 "subject_status": r.subject_status,
@@ -298,6 +445,7 @@ def results_json(
                 "ratio": r.ratio,
                 "result": r.verdict,
                 "errors": r.errors,
+                **({"runs": r.runs} if r.runs else {}),
             }
             for r in results
         ],

@@ -16,8 +16,9 @@ Processes, per measurement:
 * ``trio_endpoint_bulk``: coordinator + client A (A's stream goes to the coordinator itself,
   ``new_proxied_stream(None)``, read from ``coord.incoming_streams``: one hop through our Trio
   QUIC endpoint and message-stream layer, nothing relayed).
-* ``proxied_bulk``, ``direct_bulk``, ``pingpong_proxied``, ``oneway_small_proxied``:
-  coordinator + A + B.
+* ``pingpong_coordinator``: coordinator + client A (the coordinator echoes A's stream).
+* ``proxied_bulk``, ``direct_bulk``, ``pingpong_proxied``, ``pingpong_direct``,
+  ``oneway_small_proxied``, ``oneway_small_direct``: coordinator + A + B.
 * ``channel_open``: coordinator + A + B (A opens and closes direct channels to B).
 * ``open_client``, ``connect_many``: coordinator + one client process.
 * ``broadcast_fanout``: coordinator + sender + one or two receiver processes holding several
@@ -105,19 +106,47 @@ def pingpong_proxied(duration: float) -> float:
     return value
 
 
+def pingpong_direct(duration: float) -> float:
+    """Round trips/s: as ``pingpong_proxied`` on a direct stream over a direct channel A-B
+    (opened, with its stream, before the clock starts; the coordinator only brokers)."""
+    params = {"target": "bench-b", "duration": duration, "direct": True}
+    value, _ = _run("plain", "pingpong", params, "echo", duration + 30.0)
+    return value
+
+
+def pingpong_coordinator(duration: float) -> float:
+    """Round trips/s: as ``pingpong_proxied`` on a stream from A to the coordinator itself
+    (``new_proxied_stream(None)``), which echoes it from ``coord.incoming_streams``: one hop,
+    like the baseline (coordinator and A in two processes)."""
+    value, _ = _run(
+        "echo", "pingpong", {"target": None, "duration": duration}, None, duration + 30.0
+    )
+    return value
+
+
 def oneway_small_proxied(count: int) -> float:
     """Messages/s: A sends ``count`` 64-byte messages (one ``await send.send(msg)`` each) on a
     proxied stream to B, then closes; B answers with one message on ``EndOfChannel``; time from
     A's first send until A receives that answer."""
+    return _oneway_small_case("oneway_small_proxied", count, direct=False)
+
+
+def oneway_small_direct(count: int) -> float:
+    """Messages/s: as ``oneway_small_proxied`` on a direct stream over a direct channel A-B
+    (opened, with its stream, before the clock starts)."""
+    return _oneway_small_case("oneway_small_direct", count, direct=True)
+
+
+def _oneway_small_case(what: str, count: int, direct: bool) -> float:
     _check_positive(count, "count")
     value, stats = _run(
         "plain",
         "oneway_small",
-        {"target": "bench-b", "count": count},
+        {"target": "bench-b", "count": count, "direct": direct},
         "sink",
         60.0 + count / 1000,
     )
-    _check_received("oneway_small_proxied", stats["b"], count * SMALL_MESSAGE)
+    _check_received(what, stats["b"], count * SMALL_MESSAGE)
     return value
 
 
@@ -450,18 +479,25 @@ async def _peer(link: Link, port: int, cert_pem: bytes, id: str, mode: str) -> d
     return {"received": counter.received, "streams": counter.streams, "broken": counter.broken}
 
 
+async def _open_stream(
+    client: conec_trio.Client, target: str | None, direct: bool
+) -> tuple[trio.abc.SendChannel[bytes], trio.abc.ReceiveChannel[bytes]]:
+    """A's stream to ``target`` (None: the coordinator): direct over a new direct channel, or
+    proxied."""
+    if direct:
+        assert target is not None
+        await client.new_channel(target)
+        return await client.new_direct_stream(target)
+    return await client.new_proxied_stream(target)
+
+
 async def _bulk(
     link: Link, port: int, cert_pem: bytes, target: str | None, nbytes: int, direct: bool = False
 ) -> str:
     async with conec_trio.open_client(_client_config("bench-a", port, cert_pem)) as client:
         link.send("ready")
         await _expect_from_parent(link, "go", STARTUP_TIMEOUT)
-        if direct:
-            assert target is not None
-            await client.new_channel(target)
-            send, recv = await client.new_direct_stream(target)
-        else:
-            send, recv = await client.new_proxied_stream(target)
+        send, recv = await _open_stream(client, target, direct)
         chunk = bytes(CHUNK)
         sent = 0
         start = time.perf_counter()
@@ -478,11 +514,18 @@ async def _bulk(
     return "done"
 
 
-async def _pingpong(link: Link, port: int, cert_pem: bytes, target: str, duration: float) -> str:
+async def _pingpong(
+    link: Link,
+    port: int,
+    cert_pem: bytes,
+    target: str | None,
+    duration: float,
+    direct: bool = False,
+) -> str:
     async with conec_trio.open_client(_client_config("bench-a", port, cert_pem)) as client:
         link.send("ready")
         await _expect_from_parent(link, "go", STARTUP_TIMEOUT)
-        send, recv = await client.new_proxied_stream(target)
+        send, recv = await _open_stream(client, target, direct)
         message = bytes(SMALL_MESSAGE)
         trips = 0
         start = now = time.perf_counter()
@@ -499,11 +542,13 @@ async def _pingpong(link: Link, port: int, cert_pem: bytes, target: str, duratio
     return "done"
 
 
-async def _oneway_small(link: Link, port: int, cert_pem: bytes, target: str, count: int) -> str:
+async def _oneway_small(
+    link: Link, port: int, cert_pem: bytes, target: str, count: int, direct: bool = False
+) -> str:
     async with conec_trio.open_client(_client_config("bench-a", port, cert_pem)) as client:
         link.send("ready")
         await _expect_from_parent(link, "go", STARTUP_TIMEOUT)
-        send, recv = await client.new_proxied_stream(target)
+        send, recv = await _open_stream(client, target, direct)
         message = bytes(SMALL_MESSAGE)
         start = time.perf_counter()
         for _ in range(count):
