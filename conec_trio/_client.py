@@ -31,7 +31,7 @@ from ._exceptions import (
     StreamIdInUseError,
     VersionMismatchError,
 )
-from ._quic import DatagramSocket, QuicConn, QuicEndpoint, make_udp_socket
+from ._quic import ConnectionListener, DatagramSocket, QuicConn, QuicEndpoint, make_udp_socket
 from ._streams import (
     MessageReceiveChannel,
     MessageSendChannel,
@@ -101,6 +101,17 @@ class _IncomingStreams(trio.abc.ReceiveChannel[IncomingStream]):
 
     async def aclose(self) -> None:
         await self._recv.aclose()
+
+
+class _HelloOnHandshake(ConnectionListener):
+    """Listens to one connection attempt until its handshake completes."""
+
+    def __init__(self, client: Client, local: list[tuple[str, int]]) -> None:
+        self._client = client
+        self._local = local
+
+    def handshake_completed(self, conn: QuicConn) -> None:
+        self._client._say_hello(conn, self._local)
 
 
 class Client:
@@ -188,6 +199,7 @@ class Client:
                 continue
             scope = trio.CancelScope()
             endpoint: QuicEndpoint = await self._nursery.start(self._run_endpoint, sock, scope)
+            local = self._local_addrs(endpoint, addr)
             conn = endpoint.connect(
                 addr,
                 self._coordinator_quic_config(),
@@ -198,24 +210,26 @@ class Client:
                 max_streams=cfg.max_streams,
                 max_datagram_size=cfg.max_datagram_size,
             )
+            conn.listener = _HelloOnHandshake(self, local)
             attempts.append((scope, endpoint, conn))
 
         with trio.move_on_after(cfg.connect_timeout):
             async with trio.open_nursery() as watchers:
                 for _, _, conn in attempts:
                     watchers.start_soon(self._watch_attempt, conn, attempts, watchers.cancel_scope)
-        won = [a for a in attempts if a[2].handshake_complete.is_set() and a[2].is_open]
+        # The winner (if any) was chosen, and said its hello, when its handshake completed.
+        winner = self._conn
         for scope, _, conn in attempts:
-            if not won or conn is not won[0][2]:
+            if conn is not winner:
                 if conn.is_open:
                     conn.close(int(CloseCode.NORMAL), "another address answered first")
                     await conn.transmit()
                 else:
                     errors.append(_close_error(conn, host, port))
                 scope.cancel()
-        if not won:
+        if winner is None:
             raise self._best_error(errors, host, port)
-        _, self._endpoint, self._conn = won[0]
+        assert self._endpoint is not None
         self._endpoint.raw_datagram_handler = self._direct.raw_datagram
         if cfg.listen:
             # Direct channels arrive on this same socket (and so through the same NAT mapping
@@ -258,9 +272,16 @@ class Client:
             f"{self.config.connect_timeout:g} s (is it running, and are host and port right?)"
         )
 
-    async def _hello(self) -> None:
-        conn = self._conn
-        assert conn is not None
+    def _say_hello(self, conn: QuicConn, local: list[tuple[str, int]]) -> None:
+        """The first attempt whose handshake completes wins: its control stream opens and
+        the hello goes out at once, in the same flight as the client's TLS Finished (1-RTT
+        data may follow the Finished), so registration costs no round trip of its own.
+        The server's certificate was verified before the Finished; the coordinator checks
+        ours with the Finished, which it reads before the hello."""
+        if self._conn is not None or not conn.is_open:
+            return
+        self._conn = conn
+        self._endpoint = conn.endpoint
         self._table = StreamTable(
             conn,
             window=self.config.stream_window,
@@ -273,13 +294,17 @@ class Client:
         )
         st = self._table.open_stream()
         self._control = st
-        local = self._local_addrs()
         write_message(
             st,
             control.encode(
                 control.Hello(control.PROTOCOL_VERSION, self.id, self.config.listen, local)
             ),
         )
+
+    async def _hello(self) -> None:
+        """Wait for the coordinator's answer to the hello ``_say_hello`` sent."""
+        conn, st = self._conn, self._control
+        assert conn is not None and st is not None
         host, port = self.config.coord_host, self.config.coord_port
         try:
             with trio.fail_after(self.config.connect_timeout):
@@ -305,16 +330,16 @@ class Client:
         self.observed_address = reply.observed_addr
         self._nursery.start_soon(self._control_loop, st)
 
-    def _local_addrs(self) -> list[tuple[str, int]]:
+    @staticmethod
+    def _local_addrs(endpoint: QuicEndpoint, peer: tuple[Any, ...]) -> list[tuple[str, int]]:
         """This client's own view of its address (a peer on the same LAN can use it)."""
-        assert self._endpoint is not None and self._conn is not None
-        host, port = self._endpoint.local_address[:2]
+        host, port = endpoint.local_address[:2]
         if host not in ("0.0.0.0", "::"):
             return [(str(host), int(port))]
         # The address the OS would send from towards the coordinator (no packet is sent).
-        probe = socket.socket(self._endpoint.sock.family, socket.SOCK_DGRAM)
+        probe = socket.socket(endpoint.sock.family, socket.SOCK_DGRAM)
         try:
-            probe.connect(self._conn.peer_address[:2])
+            probe.connect(peer[:2])
             return [(str(probe.getsockname()[0]), int(port))]
         except OSError:
             return []
