@@ -12,6 +12,8 @@ from typing import Any
 
 import trio
 from aioquic.quic.configuration import QuicConfiguration
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from . import _tls
 from ._config import DEFAULT_IDLE_TIMEOUT, ClientConfig, check_client_id, load_pem
@@ -139,12 +141,15 @@ class Client:
         )
         cert_pem = load_pem(config.cert_chain)
         key_pem = load_pem(config.private_key)
-        if cert_pem is None or key_pem is None:
-            cert_pem, key_pem = _tls.ephemeral_identity(self.id)
-        chain = _tls.load_cert_chain_pem(cert_pem)
-        self._certificate = chain[0]
-        self._certificate_chain = chain[1:]
-        self._private_key = _tls.load_private_key(key_pem)
+        self._certificate: x509.Certificate | None = None
+        self._certificate_chain: list[x509.Certificate] = []
+        self._private_key: PrivateKeyTypes | None = None
+        if cert_pem is not None and key_pem is not None:
+            chain = _tls.load_cert_chain_pem(cert_pem)
+            self._certificate = chain[0]
+            self._certificate_chain = chain[1:]
+            self._private_key = _tls.load_private_key(key_pem)
+        # else: an ephemeral identity, made by _identity() while the first flight is out
         self._ca = load_pem(config.ca)
         self._client_ca = load_pem(config.client_ca)
         self._direct = DirectManager(self)
@@ -153,8 +158,18 @@ class Client:
 
     # -- connecting ------------------------------------------------------------------------------
 
-    def quic_config(self, *, is_client: bool, server_name: str | None = None) -> QuicConfiguration:
-        """A QUIC configuration with this client's identity, windows and idle timeout."""
+    def _identity(self) -> tuple[x509.Certificate, list[x509.Certificate], PrivateKeyTypes]:
+        """This client's certificate, chain and key; an ephemeral one is made on first use."""
+        if self._certificate is None or self._private_key is None:
+            self._certificate, self._private_key = _tls.ephemeral_identity_objects(self.id)
+            self._certificate_chain = []
+        return self._certificate, self._certificate_chain, self._private_key
+
+    def quic_config(
+        self, *, is_client: bool, server_name: str | None = None, identity: bool = True
+    ) -> QuicConfiguration:
+        """A QUIC configuration with this client's windows and idle timeout, and its
+        identity unless ``identity`` is False (the connection then asks ``_identity``)."""
         cfg = self.config
         config = QuicConfiguration(
             is_client=is_client,
@@ -164,13 +179,14 @@ class Client:
             max_stream_data=cfg.stream_window,
             max_data=cfg.connection_window,
         )
-        config.certificate = self._certificate
-        config.certificate_chain = self._certificate_chain
-        config.private_key = self._private_key
+        if identity:
+            config.certificate, config.certificate_chain, config.private_key = self._identity()
         return config
 
     def _coordinator_quic_config(self) -> QuicConfiguration:
-        config = self.quic_config(is_client=True, server_name=self.config.coord_host)
+        config = self.quic_config(
+            is_client=True, server_name=self.config.coord_host, identity=False
+        )
         if self._ca is not None:
             config.cadata = self._ca
         else:
@@ -209,9 +225,15 @@ class Client:
                 connection_window=cfg.connection_window,
                 max_streams=cfg.max_streams,
                 max_datagram_size=cfg.max_datagram_size,
+                identity=self._identity,
             )
             conn.listener = _HelloOnHandshake(self, local)
             attempts.append((scope, endpoint, conn))
+        # The ClientHello carries no certificate: send it, then make an ephemeral identity
+        # while the coordinator answers (a handshake that gets there first makes it itself).
+        for _, _, conn in attempts:
+            await conn.transmit()
+        self._identity()
 
         with trio.move_on_after(cfg.connect_timeout):
             async with trio.open_nursery() as watchers:

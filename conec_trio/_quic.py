@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import socket
+import ssl
 import struct
 import sys
 from collections.abc import Callable
@@ -41,6 +42,8 @@ from aioquic.quic.packet import (
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.retry import QuicRetryTokenHandler
 from cryptography import x509
+
+from . import _tls
 
 log = logging.getLogger("conec_trio.quic")
 
@@ -74,6 +77,39 @@ MAX_UDP_PAYLOAD = 65_535
 SMALLEST_INITIAL = 1200
 
 
+class _ClientTlsContext(tls.Context):
+    """aioquic's TLS context with its check of the server's certificate replaced by the same
+    check on a trust store made once (``_tls.verify_server_certificate``): aioquic rebuilds
+    the store in every handshake, which costs a tenth of a millisecond with one CA and over
+    ten with the system's CAs."""
+
+    # Gives (certificate, chain, private key) when the server asks for them and the
+    # configuration had none yet: a client may make its identity during the handshake.
+    identity: Callable[[], tuple[x509.Certificate, list[x509.Certificate], Any]] | None = None
+
+    def _client_handle_finished(self, input_buf: Buffer, output_buf: Any) -> None:
+        if self.certificate is None and self.identity is not None:
+            self.certificate, self.certificate_chain, self.certificate_private_key = self.identity()
+        super()._client_handle_finished(input_buf, output_buf)
+
+    def _client_handle_certificate_verify(self, input_buf: Buffer) -> None:
+        verify = tls.pull_certificate_verify(input_buf)
+        self._check_certificate_verify_signature(verify)
+        if self._verify_mode != ssl.CERT_NONE:
+            assert self._peer_certificate is not None
+            _tls.verify_server_certificate(
+                self._peer_certificate,
+                self._peer_certificate_chain,
+                self._server_name,
+                self._cadata,
+                self._cafile,
+                self._capath,
+            )
+        assert self.key_schedule is not None
+        self.key_schedule.update_hash(input_buf.data)
+        self._set_state(tls.State.CLIENT_EXPECT_FINISHED)
+
+
 class FlowControlledConnection(QuicConnection):
     """aioquic's connection with two changes this library relies on.
 
@@ -95,9 +131,11 @@ class FlowControlledConnection(QuicConnection):
         connection_window: int,
         max_streams: int,
         max_datagram_size: int = PMTU_LADDER[-1],
+        identity: Callable[[], tuple[x509.Certificate, list[x509.Certificate], Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         self._request_client_cert = request_client_certificate
+        self._identity = identity
         self._stream_window = stream_window
         self._connection_window = connection_window
         self._stream_consumed: dict[int, int] = {}
@@ -116,6 +154,10 @@ class FlowControlledConnection(QuicConnection):
         if self._request_client_cert:
             self.tls._request_client_certificate = True
         if self._is_client:
+            context = self.tls
+            context.__class__ = _ClientTlsContext
+            assert isinstance(context, _ClientTlsContext)
+            context.identity = self._identity
             # aioquic makes a key share for each of four groups (P-256, P-384, X25519, X448)
             # in every ClientHello, about 0.5 ms of key generation, and an aioquic server
             # takes the first one it supports, P-256, anyway: offer only that one.
