@@ -178,23 +178,28 @@ class DirectManager:
         if pending is not None and pending.accepting:
             # The peer is opening a channel to this client right now: share it.
             return await self._join(peer)
-        reply = await client._request(lambda rid: control.ChannelRequest(rid, peer))
-        if isinstance(reply, control.ErrorReply) and reply.reason == "peer-opening":
-            return await self._join(peer)
-        if isinstance(reply, control.ErrorReply):
-            if reply.reason == "no-peer":
-                from ._exceptions import PeerNotFoundError
-
-                raise PeerNotFoundError(reply.message)
-            raise ChannelError(reply.message)
-        if not isinstance(reply, control.ChannelGrant):
-            raise ProtocolError(f"unexpected reply {type(reply).__name__} to a channel request")
-        self._check_peer_ca(peer, reply.cert_der)
-        expected = _Expected(peer, reply.cert_der, list(reply.addrs))
+        # The peer punches before it accepts, so its first punch usually arrives before the
+        # grant: expect it from now on (the certificate and the addresses come with the
+        # grant), and the dial needs no punch round trip of its own.
+        expected = _Expected(peer, b"", [])
         self._expected[peer] = expected
         channel: DirectChannel | None = None
         failure: ChannelError | None = None
         try:
+            reply = await client._request(lambda rid: control.ChannelRequest(rid, peer))
+            if isinstance(reply, control.ErrorReply) and reply.reason == "peer-opening":
+                return await self._join(peer)
+            if isinstance(reply, control.ErrorReply):
+                if reply.reason == "no-peer":
+                    from ._exceptions import PeerNotFoundError
+
+                    raise PeerNotFoundError(reply.message)
+                raise ChannelError(reply.message)
+            if not isinstance(reply, control.ChannelGrant):
+                raise ProtocolError(f"unexpected reply {type(reply).__name__} to a channel request")
+            self._check_peer_ca(peer, reply.cert_der)
+            expected.cert_der = reply.cert_der
+            expected.addrs = list(reply.addrs)
             async with trio.open_nursery() as nursery:
                 if client.config.holepunch:
                     nursery.start_soon(self._punch, expected)
