@@ -322,6 +322,7 @@ class Client:
                 control.Hello(control.PROTOCOL_VERSION, self.id, self.config.listen, local)
             ),
         )
+        conn.expedite()
 
     async def _hello(self) -> None:
         """Wait for the coordinator's answer to the hello ``_say_hello`` sent."""

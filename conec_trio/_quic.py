@@ -450,6 +450,13 @@ class QuicConn:
             if datagrams:
                 self.endpoint.sock.send_batch_nowait(datagrams, 0)
 
+    def expedite(self) -> None:
+        """Transmit what was written at the next opportunity, without waiting for more
+        writes to join it: for a message the peer waits on before anything else (the
+        registration hello and its welcome)."""
+        self._pending_bytes = 0
+        self.mark_dirty()
+
     def mark_dirty(self) -> None:
         """Ask the driver to transmit soon (coalesces with other writes this round)."""
         if not self._dirty:
