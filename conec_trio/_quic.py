@@ -360,6 +360,7 @@ class QuicConn:
         self._cids: set[bytes] = set()
         self._dirty = False
         self._pending_bytes = 0  # stream bytes written since the last transmit
+        self._expedite = False  # the receive loop transmits at once (see expedite)
         self._deferred: list[tuple[int, Callable[[int, int], None], int]] = []
         self._wakeup = trio.lowlevel.ParkingLot()
         self._last_activity = trio.current_time()
@@ -453,8 +454,10 @@ class QuicConn:
     def expedite(self) -> None:
         """Transmit what was written at the next opportunity, without waiting for more
         writes to join it: for a message the peer waits on before anything else (the
-        registration hello and its welcome)."""
+        registration hello and its welcome). Written while the endpoint handles received
+        datagrams, it leaves from there, before any other task runs."""
         self._pending_bytes = 0
+        self._expedite = True
         self.mark_dirty()
 
     def mark_dirty(self) -> None:
@@ -540,6 +543,7 @@ class QuicConn:
 
     async def transmit(self) -> None:
         self._pending_bytes = 0
+        self._expedite = False
         if self._deferred:
             self._run_deferred()
         now = trio.current_time()
@@ -659,6 +663,9 @@ class QuicEndpoint:
                     log.exception("error handling events of %s; closing it", conn.peer_address)
                     conn.close(int(QuicErrorCode.INTERNAL_ERROR), "internal error")
                 conn.mark_dirty()
+            for conn in touched:
+                if conn._expedite:
+                    await conn.transmit()
             touched.clear()
 
     def _dispatch(self, data: bytes, addr: tuple[Any, ...], now: float) -> QuicConn | None:
