@@ -137,8 +137,13 @@ def verify_client_cert(
 
     if client_ca_pem is None:
         return
-    anchors = load_cert_chain_pem(client_ca_pem)
-    _check_chain(cert, chain, anchors, now)
+    _check_chain(cert, chain, _client_ca_anchors(client_ca_pem), now)
+
+
+@functools.lru_cache(maxsize=16)
+def _client_ca_anchors(client_ca_pem: bytes) -> list[x509.Certificate]:
+    """A client CA setting, parsed once (it is checked against every client that connects)."""
+    return load_cert_chain_pem(client_ca_pem)
 
 
 def verify_pinned(cert: x509.Certificate, expected_der: bytes, peer: str) -> None:
