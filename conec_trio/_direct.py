@@ -156,6 +156,7 @@ class DirectManager:
             # coordinator: dial now. The certificate to pin comes with the grant; nothing
             # is sent on the connection and it counts as a channel only once it matches.
             expected.early = self._connect(expected, addr)
+            expected.early.expedite()
 
     # -- opening (this side dials) ---------------------------------------------------------------
 
@@ -296,7 +297,9 @@ class DirectManager:
         conn: QuicConn, winner: list[QuicConn], done: trio.CancelScope
     ) -> None:
         # Confirmed, not just complete: only then has the peer accepted our certificate.
-        await wait_any(conn.handshake_confirmed, conn.closed)
+        table = conn.listener
+        assert isinstance(table, DirectTable)
+        await table.settled.wait()
         if conn.handshake_confirmed.is_set() and conn.is_open and not winner:
             winner.append(conn)
             done.cancel()
@@ -522,6 +525,7 @@ class DirectTable(StreamTable):
         self.manager = manager
         self.peer = peer
         self.vouched = trio.Event()  # the peer's certificate is the one vouched for
+        self.settled = trio.Event()  # the handshake was confirmed, or the connection closed
         super().__init__(
             conn,
             window=client.config.stream_window,
@@ -538,7 +542,13 @@ class DirectTable(StreamTable):
         self.manager.client._nursery.start_soon(self.manager.accept_stream, self, st)
 
     def _gone(self, conn: QuicConn, error_code: int, reason: str) -> None:
+        self.settled.set()
         self.manager.channel_gone(self)
+
+    def send_progress(self, conn: QuicConn) -> None:
+        super().send_progress(conn)
+        if conn.handshake_confirmed.is_set():
+            self.settled.set()
 
     def handshake_completed(self, conn: QuicConn) -> None:
         self.manager.handshake_done(self)

@@ -360,7 +360,7 @@ class QuicConn:
         self._cids: set[bytes] = set()
         self._dirty = False
         self._pending_bytes = 0  # stream bytes written since the last transmit
-        self._expedite = False  # the receive loop transmits at once (see expedite)
+        self._urgent = False  # in the endpoint's list of what to send at once (see expedite)
         self._deferred: list[tuple[int, Callable[[int, int], None], int]] = []
         self._wakeup = trio.lowlevel.ParkingLot()
         self._last_activity = trio.current_time()
@@ -454,10 +454,11 @@ class QuicConn:
     def expedite(self) -> None:
         """Transmit what was written at the next opportunity, without waiting for more
         writes to join it: for a message the peer waits on before anything else (the
-        registration hello and its welcome). Written while the endpoint handles received
-        datagrams, it leaves from there, before any other task runs."""
+        registration hello and its welcome, a dial on a punch). Written while the endpoint
+        handles received datagrams, it leaves from there, before any other task runs."""
         self._pending_bytes = 0
-        self._expedite = True
+        self._urgent = True
+        self.endpoint._urgent[self] = None
         self.mark_dirty()
 
     def mark_dirty(self) -> None:
@@ -543,7 +544,9 @@ class QuicConn:
 
     async def transmit(self) -> None:
         self._pending_bytes = 0
-        self._expedite = False
+        if self._urgent:
+            self._urgent = False
+            self.endpoint._urgent.pop(self, None)
         if self._deferred:
             self._run_deferred()
         now = trio.current_time()
@@ -620,6 +623,8 @@ class QuicEndpoint:
         self._on_accept: Callable[[QuicConn], None] | None = None
         self._retry: QuicRetryTokenHandler | None = None
         self._send_blocked = trio.lowlevel.ParkingLot()
+        # connections with something to send at once, before the next receive (see expedite)
+        self._urgent: dict[QuicConn, None] = {}
         self.raw_datagram_handler: Callable[[bytes, tuple[Any, ...]], None] | None = None
 
     @property
@@ -657,16 +662,21 @@ class QuicEndpoint:
                 if conn is not None:
                     touched[conn] = None
             for conn in touched:
+                if not conn.handshake_confirmed.is_set():
+                    # A handshake flight (or its confirmation) is what the peer waits for:
+                    # it leaves from here, not a scheduling round later (see expedite).
+                    conn._urgent = True
+                    self._urgent[conn] = None
                 try:
                     conn.process_events()
                 except Exception:  # a bug or hostile input must not stop the endpoint
                     log.exception("error handling events of %s; closing it", conn.peer_address)
                     conn.close(int(QuicErrorCode.INTERNAL_ERROR), "internal error")
                 conn.mark_dirty()
-            for conn in touched:
-                if conn._expedite:
-                    await conn.transmit()
             touched.clear()
+            while self._urgent:
+                conn, _ = self._urgent.popitem()
+                await conn.transmit()
 
     def _dispatch(self, data: bytes, addr: tuple[Any, ...], now: float) -> QuicConn | None:
         try:
