@@ -542,7 +542,10 @@ class QuicConn:
             if quiet == 2:
                 return
 
-    async def transmit(self) -> None:
+    async def transmit(self, *, probe: bool = True) -> None:
+        """Send what aioquic has to send now; with ``probe``, a path MTU probe if one is due
+        (the receive loop's urgent sends leave probes to the driver: a probe right behind
+        a handshake's last flight would only delay what the application waits for)."""
         self._pending_bytes = 0
         if self._urgent:
             self._urgent = False
@@ -551,9 +554,10 @@ class QuicConn:
             self._run_deferred()
         now = trio.current_time()
         datagrams = self.quic.datagrams_to_send(now)
-        probe = self.quic.pmtu_probe(now)
-        if probe is not None:
-            datagrams.append(probe)
+        if probe:
+            pmtu_probe = self.quic.pmtu_probe(now)
+            if pmtu_probe is not None:
+                datagrams.append(pmtu_probe)
         if datagrams:
             self._last_activity = now
             await self.endpoint.send_datagrams(datagrams)
@@ -676,7 +680,7 @@ class QuicEndpoint:
             touched.clear()
             while self._urgent:
                 conn, _ = self._urgent.popitem()
-                await conn.transmit()
+                await conn.transmit(probe=False)
 
     def _dispatch(self, data: bytes, addr: tuple[Any, ...], now: float) -> QuicConn | None:
         try:
