@@ -108,12 +108,14 @@ class _IncomingStreams(trio.abc.ReceiveChannel[IncomingStream]):
 class _HelloOnHandshake(ConnectionListener):
     """Listens to one connection attempt until its handshake completes."""
 
-    def __init__(self, client: Client, local: list[tuple[str, int]]) -> None:
+    def __init__(self, client: Client) -> None:
         self._client = client
-        self._local = local
+        self.local: list[tuple[str, int]] | None = None  # this client's own address view
 
     def handshake_completed(self, conn: QuicConn) -> None:
-        self._client._say_hello(conn, self._local)
+        if self.local is None:
+            self.local = Client._local_addrs(conn.endpoint, conn.peer_address)
+        self._client._say_hello(conn, self.local)
 
 
 class Client:
@@ -215,7 +217,6 @@ class Client:
                 continue
             scope = trio.CancelScope()
             endpoint: QuicEndpoint = await self._nursery.start(self._run_endpoint, sock, scope)
-            local = self._local_addrs(endpoint, addr)
             conn = endpoint.connect(
                 addr,
                 self._coordinator_quic_config(),
@@ -227,12 +228,17 @@ class Client:
                 max_datagram_size=cfg.max_datagram_size,
                 identity=self._identity,
             )
-            conn.listener = _HelloOnHandshake(self, local)
+            conn.listener = _HelloOnHandshake(self)
             attempts.append((scope, endpoint, conn))
         # The ClientHello carries no certificate: send it, then make an ephemeral identity
-        # while the coordinator answers (a handshake that gets there first makes it itself).
+        # (and the rest of the hello) while the coordinator answers; a handshake that gets
+        # there first makes them itself.
         for _, _, conn in attempts:
             await conn.transmit()
+        for _, endpoint, conn in attempts:
+            listener = conn.listener
+            if isinstance(listener, _HelloOnHandshake) and listener.local is None:
+                listener.local = self._local_addrs(endpoint, conn.peer_address)
         self._identity()
 
         with trio.move_on_after(cfg.connect_timeout):
@@ -281,7 +287,8 @@ class Client:
         with scope:
             async with trio.open_nursery() as nursery:
                 endpoint = QuicEndpoint(sock, nursery)
-                await nursery.start(endpoint.run)
+                # No need to wait for the receive loop: datagrams wait in the socket.
+                nursery.start_soon(endpoint.run)
                 task_status.started(endpoint)
 
     def _best_error(self, errors: list[ConecError], host: str, port: int) -> ConecError:
