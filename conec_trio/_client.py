@@ -12,6 +12,8 @@ from typing import Any
 
 import trio
 from aioquic.quic.configuration import QuicConfiguration
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from . import _tls
 from ._config import DEFAULT_IDLE_TIMEOUT, ClientConfig, check_client_id, load_pem
@@ -31,7 +33,7 @@ from ._exceptions import (
     StreamIdInUseError,
     VersionMismatchError,
 )
-from ._quic import DatagramSocket, QuicConn, QuicEndpoint, make_udp_socket
+from ._quic import ConnectionListener, DatagramSocket, QuicConn, QuicEndpoint, make_udp_socket
 from ._streams import (
     MessageReceiveChannel,
     MessageSendChannel,
@@ -103,6 +105,19 @@ class _IncomingStreams(trio.abc.ReceiveChannel[IncomingStream]):
         await self._recv.aclose()
 
 
+class _HelloOnHandshake(ConnectionListener):
+    """Listens to one connection attempt until its handshake completes."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self.local: list[tuple[str, int]] | None = None  # this client's own address view
+
+    def handshake_completed(self, conn: QuicConn) -> None:
+        if self.local is None:
+            self.local = Client._local_addrs(conn.endpoint, conn.peer_address)
+        self._client._say_hello(conn, self.local)
+
+
 class Client:
     """A client connected to a coordinator (see ``open_client``)."""
 
@@ -128,12 +143,15 @@ class Client:
         )
         cert_pem = load_pem(config.cert_chain)
         key_pem = load_pem(config.private_key)
-        if cert_pem is None or key_pem is None:
-            cert_pem, key_pem = _tls.ephemeral_identity(self.id)
-        chain = _tls.load_cert_chain_pem(cert_pem)
-        self._certificate = chain[0]
-        self._certificate_chain = chain[1:]
-        self._private_key = _tls.load_private_key(key_pem)
+        self._certificate: x509.Certificate | None = None
+        self._certificate_chain: list[x509.Certificate] = []
+        self._private_key: PrivateKeyTypes | None = None
+        if cert_pem is not None and key_pem is not None:
+            chain = _tls.load_cert_chain_pem(cert_pem)
+            self._certificate = chain[0]
+            self._certificate_chain = chain[1:]
+            self._private_key = _tls.load_private_key(key_pem)
+        # else: an ephemeral identity, made by _identity() while the first flight is out
         self._ca = load_pem(config.ca)
         self._client_ca = load_pem(config.client_ca)
         self._direct = DirectManager(self)
@@ -142,8 +160,18 @@ class Client:
 
     # -- connecting ------------------------------------------------------------------------------
 
-    def quic_config(self, *, is_client: bool, server_name: str | None = None) -> QuicConfiguration:
-        """A QUIC configuration with this client's identity, windows and idle timeout."""
+    def _identity(self) -> tuple[x509.Certificate, list[x509.Certificate], PrivateKeyTypes]:
+        """This client's certificate, chain and key; an ephemeral one is made on first use."""
+        if self._certificate is None or self._private_key is None:
+            self._certificate, self._private_key = _tls.ephemeral_identity_objects(self.id)
+            self._certificate_chain = []
+        return self._certificate, self._certificate_chain, self._private_key
+
+    def quic_config(
+        self, *, is_client: bool, server_name: str | None = None, identity: bool = True
+    ) -> QuicConfiguration:
+        """A QUIC configuration with this client's windows and idle timeout, and its
+        identity unless ``identity`` is False (the connection then asks ``_identity``)."""
         cfg = self.config
         config = QuicConfiguration(
             is_client=is_client,
@@ -153,13 +181,14 @@ class Client:
             max_stream_data=cfg.stream_window,
             max_data=cfg.connection_window,
         )
-        config.certificate = self._certificate
-        config.certificate_chain = self._certificate_chain
-        config.private_key = self._private_key
+        if identity:
+            config.certificate, config.certificate_chain, config.private_key = self._identity()
         return config
 
     def _coordinator_quic_config(self) -> QuicConfiguration:
-        config = self.quic_config(is_client=True, server_name=self.config.coord_host)
+        config = self.quic_config(
+            is_client=True, server_name=self.config.coord_host, identity=False
+        )
         if self._ca is not None:
             config.cadata = self._ca
         else:
@@ -197,25 +226,38 @@ class Client:
                 connection_window=cfg.connection_window,
                 max_streams=cfg.max_streams,
                 max_datagram_size=cfg.max_datagram_size,
+                identity=self._identity,
             )
+            conn.listener = _HelloOnHandshake(self)
             attempts.append((scope, endpoint, conn))
+        # The ClientHello carries no certificate: send it, then make an ephemeral identity
+        # (and the rest of the hello) while the coordinator answers; a handshake that gets
+        # there first makes them itself.
+        for _, _, conn in attempts:
+            await conn.transmit()
+        for _, endpoint, conn in attempts:
+            listener = conn.listener
+            if isinstance(listener, _HelloOnHandshake) and listener.local is None:
+                listener.local = self._local_addrs(endpoint, conn.peer_address)
+        self._identity()
 
         with trio.move_on_after(cfg.connect_timeout):
             async with trio.open_nursery() as watchers:
                 for _, _, conn in attempts:
                     watchers.start_soon(self._watch_attempt, conn, attempts, watchers.cancel_scope)
-        won = [a for a in attempts if a[2].handshake_complete.is_set() and a[2].is_open]
+        # The winner (if any) was chosen, and said its hello, when its handshake completed.
+        winner = self._conn
         for scope, _, conn in attempts:
-            if not won or conn is not won[0][2]:
+            if conn is not winner:
                 if conn.is_open:
                     conn.close(int(CloseCode.NORMAL), "another address answered first")
                     await conn.transmit()
                 else:
                     errors.append(_close_error(conn, host, port))
                 scope.cancel()
-        if not won:
+        if winner is None:
             raise self._best_error(errors, host, port)
-        _, self._endpoint, self._conn = won[0]
+        assert self._endpoint is not None
         self._endpoint.raw_datagram_handler = self._direct.raw_datagram
         if cfg.listen:
             # Direct channels arrive on this same socket (and so through the same NAT mapping
@@ -245,7 +287,8 @@ class Client:
         with scope:
             async with trio.open_nursery() as nursery:
                 endpoint = QuicEndpoint(sock, nursery)
-                await nursery.start(endpoint.run)
+                # No need to wait for the receive loop: datagrams wait in the socket.
+                nursery.start_soon(endpoint.run)
                 task_status.started(endpoint)
 
     def _best_error(self, errors: list[ConecError], host: str, port: int) -> ConecError:
@@ -258,9 +301,16 @@ class Client:
             f"{self.config.connect_timeout:g} s (is it running, and are host and port right?)"
         )
 
-    async def _hello(self) -> None:
-        conn = self._conn
-        assert conn is not None
+    def _say_hello(self, conn: QuicConn, local: list[tuple[str, int]]) -> None:
+        """The first attempt whose handshake completes wins: its control stream opens and
+        the hello goes out at once, in the same flight as the client's TLS Finished (1-RTT
+        data may follow the Finished), so registration costs no round trip of its own.
+        The server's certificate was verified before the Finished; the coordinator checks
+        ours with the Finished, which it reads before the hello."""
+        if self._conn is not None or not conn.is_open:
+            return
+        self._conn = conn
+        self._endpoint = conn.endpoint
         self._table = StreamTable(
             conn,
             window=self.config.stream_window,
@@ -273,13 +323,18 @@ class Client:
         )
         st = self._table.open_stream()
         self._control = st
-        local = self._local_addrs()
         write_message(
             st,
             control.encode(
                 control.Hello(control.PROTOCOL_VERSION, self.id, self.config.listen, local)
             ),
         )
+        conn.expedite()
+
+    async def _hello(self) -> None:
+        """Wait for the coordinator's answer to the hello ``_say_hello`` sent."""
+        conn, st = self._conn, self._control
+        assert conn is not None and st is not None
         host, port = self.config.coord_host, self.config.coord_port
         try:
             with trio.fail_after(self.config.connect_timeout):
@@ -305,16 +360,16 @@ class Client:
         self.observed_address = reply.observed_addr
         self._nursery.start_soon(self._control_loop, st)
 
-    def _local_addrs(self) -> list[tuple[str, int]]:
+    @staticmethod
+    def _local_addrs(endpoint: QuicEndpoint, peer: tuple[Any, ...]) -> list[tuple[str, int]]:
         """This client's own view of its address (a peer on the same LAN can use it)."""
-        assert self._endpoint is not None and self._conn is not None
-        host, port = self._endpoint.local_address[:2]
+        host, port = endpoint.local_address[:2]
         if host not in ("0.0.0.0", "::"):
             return [(str(host), int(port))]
         # The address the OS would send from towards the coordinator (no packet is sent).
-        probe = socket.socket(self._endpoint.sock.family, socket.SOCK_DGRAM)
+        probe = socket.socket(endpoint.sock.family, socket.SOCK_DGRAM)
         try:
-            probe.connect(self._conn.peer_address[:2])
+            probe.connect(peer[:2])
             return [(str(probe.getsockname()[0]), int(port))]
         except OSError:
             return []

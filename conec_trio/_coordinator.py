@@ -91,6 +91,11 @@ class ClientSession:
         return ConecError(f"client {self.id!r} disconnected")
 
     def _new_stream(self, st: StreamState) -> None:
+        if self.control is None and not self.hello_seen.is_set() and st.messages:
+            # The hello came whole with the handshake's last flight (as clients send it):
+            # answer it now, so the welcome leaves with the handshake confirmation.
+            self.coord._hello_now(self, st)
+            return
         self.coord._nursery.start_soon(self.coord._guarded, self, self.coord._handle_stream, st)
 
     def _terminated(self, conn: QuicConn, error_code: int, reason: str) -> None:
@@ -229,7 +234,8 @@ class Coordinator:
             return
         if session.control is None:
             if session.id is None and not session.hello_seen.is_set():
-                await self._handle_hello(session, st, header)
+                if self._handle_hello(session, st, header):
+                    await self._control_loop(session, st)
             else:
                 st.fail(ProtocolError("stream before hello"), StreamCode.PROTOCOL)
             return
@@ -247,55 +253,67 @@ class Coordinator:
                 ProtocolError(f"unexpected stream header {type(msg).__name__}"), StreamCode.PROTOCOL
             )
 
-    async def _handle_hello(self, session: ClientSession, st: StreamState, header: bytes) -> None:
+    def _hello_now(self, session: ClientSession, st: StreamState) -> None:
+        """``_handle_stream`` for a hello that is already here, without waiting for a task."""
+        try:
+            registered = self._handle_hello(session, st, st.take_message())
+        except Exception:
+            log.exception("error serving client %r; disconnecting it", session.id)
+            session.conn.close(int(CloseCode.PROTOCOL), "internal error serving this client")
+            return
+        if registered:
+            self._nursery.start_soon(self._guarded, session, self._control_loop, st)
+
+    def _handle_hello(self, session: ClientSession, st: StreamState, header: bytes) -> bool:
+        """Check a hello and register the client (True), or refuse it (False)."""
         session.hello_seen.set()
         try:
             version = control.decode_hello_version(header)
         except ProtocolError as exc:
             session.refuse(CloseCode.PROTOCOL, f"bad hello: {exc}")
-            return
+            return False
         if version != control.PROTOCOL_VERSION:
             session.refuse(
                 CloseCode.VERSION,
                 f"protocol version mismatch: the coordinator speaks version "
                 f"{control.PROTOCOL_VERSION}, the client speaks version {version}",
             )
-            return
+            return False
         try:
             hello = control.decode(header)
             assert isinstance(hello, control.Hello)
             client_id = check_client_id(hello.client_id)
         except (ProtocolError, AssertionError) as exc:
             session.refuse(CloseCode.PROTOCOL, f"bad hello: {exc}")
-            return
+            return False
         except InvalidIdError as exc:
             session.refuse(CloseCode.BAD_ID, str(exc))
-            return
+            return False
         session.id = client_id
         cert = session.conn.quic.peer_certificate
         if cert is None:
             session.refuse(CloseCode.CERTIFICATE, "the client presented no certificate")
-            return
+            return False
         try:
             _tls.verify_client_cert(
                 cert, session.conn.quic.peer_certificate_chain, client_id, self._client_ca
             )
         except CertificateError as exc:
             session.refuse(CloseCode.CERTIFICATE, str(exc))
-            return
+            return False
         if client_id in self._clients:
             session.id = None  # must not unregister the client that holds the name
             session.refuse(CloseCode.ID_TAKEN, f"client id {client_id!r} is already connected")
-            return
+            return False
         if len(self._clients) >= self.config.max_clients:
             session.id = None
             session.refuse(
                 CloseCode.LIMIT,
                 f"the coordinator holds its maximum of {self.config.max_clients} clients",
             )
-            return
+            return False
         if not session.conn.is_open:
-            return
+            return False
         session.listen = hello.listen
         session.local_addrs = list(hello.local_addrs)
         session.control = st
@@ -303,8 +321,9 @@ class Coordinator:
         write_message(
             st, control.encode(control.Welcome(control.PROTOCOL_VERSION, session.observed_addr))
         )
+        session.conn.expedite()
         log.info("client %r connected from %s", client_id, session.observed_addr)
-        await self._control_loop(session, st)
+        return True
 
     async def _control_loop(self, session: ClientSession, st: StreamState) -> None:
         while True:

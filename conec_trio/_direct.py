@@ -78,6 +78,10 @@ class _Expected:
         self.punch_seen = trio.Event()
         self.done = trio.Event()
         self.accepting = False  # from the peer's offer (not our own opening)
+        # Our own opening, waiting for the coordinator's grant; and the dial started on the
+        # peer's first punch meanwhile.
+        self.awaiting_grant = False
+        self.early: QuicConn | None = None
 
 
 class DirectManager:
@@ -147,6 +151,12 @@ class DirectManager:
         endpoint = self.client._endpoint
         if endpoint is not None:
             endpoint._send_now(punch_packet(self.client.id), addr)
+        if expected.awaiting_grant and self.client.config.holepunch:
+            # The peer punches once it has accepted, while its yes still goes through the
+            # coordinator: dial now. The certificate to pin comes with the grant; nothing
+            # is sent on the connection and it counts as a channel only once it matches.
+            expected.early = self._connect(expected, addr)
+            expected.early.expedite()
 
     # -- opening (this side dials) ---------------------------------------------------------------
 
@@ -178,23 +188,30 @@ class DirectManager:
         if pending is not None and pending.accepting:
             # The peer is opening a channel to this client right now: share it.
             return await self._join(peer)
-        reply = await client._request(lambda rid: control.ChannelRequest(rid, peer))
-        if isinstance(reply, control.ErrorReply) and reply.reason == "peer-opening":
-            return await self._join(peer)
-        if isinstance(reply, control.ErrorReply):
-            if reply.reason == "no-peer":
-                from ._exceptions import PeerNotFoundError
-
-                raise PeerNotFoundError(reply.message)
-            raise ChannelError(reply.message)
-        if not isinstance(reply, control.ChannelGrant):
-            raise ProtocolError(f"unexpected reply {type(reply).__name__} to a channel request")
-        self._check_peer_ca(peer, reply.cert_der)
-        expected = _Expected(peer, reply.cert_der, list(reply.addrs))
+        # The peer punches before it accepts, so its first punch usually arrives before the
+        # grant: expect it from now on (the certificate and the addresses come with the
+        # grant), and the dial needs no punch round trip of its own.
+        expected = _Expected(peer, b"", [])
+        expected.awaiting_grant = True
         self._expected[peer] = expected
         channel: DirectChannel | None = None
         failure: ChannelError | None = None
         try:
+            reply = await client._request(lambda rid: control.ChannelRequest(rid, peer))
+            if isinstance(reply, control.ErrorReply) and reply.reason == "peer-opening":
+                return await self._join(peer)
+            if isinstance(reply, control.ErrorReply):
+                if reply.reason == "no-peer":
+                    from ._exceptions import PeerNotFoundError
+
+                    raise PeerNotFoundError(reply.message)
+                raise ChannelError(reply.message)
+            if not isinstance(reply, control.ChannelGrant):
+                raise ProtocolError(f"unexpected reply {type(reply).__name__} to a channel request")
+            self._check_peer_ca(peer, reply.cert_der)
+            expected.cert_der = reply.cert_der
+            expected.addrs = list(reply.addrs)
+            expected.awaiting_grant = False
             async with trio.open_nursery() as nursery:
                 if client.config.holepunch:
                     nursery.start_soon(self._punch, expected)
@@ -207,6 +224,9 @@ class DirectManager:
         finally:
             if self._expected.get(peer) is expected:
                 del self._expected[peer]
+            early = expected.early
+            if early is not None and (channel is None or channel.conn is not early):
+                early.close(int(CloseCode.NORMAL), "channel not opened")
         if failure is not None:
             raise failure
         if channel is not None:
@@ -232,22 +252,25 @@ class DirectManager:
 
     async def _dial(self, expected: _Expected) -> DirectChannel:
         """Connect to the first address that works; keeps trying until cancelled."""
-        if self.client.config.holepunch:
-            with trio.move_on_after(PUNCH_HEAD_START):
-                await expected.punch_seen.wait()
-        if expected.punched_from is not None:
-            targets = [expected.punched_from]
-        else:
-            targets = self._usable(expected.addrs)
-        if not targets:
-            raise ChannelError(f"peer {expected.peer!r} has no address this client can reach")
         winner: list[QuicConn] = []
         conns: list[QuicConn] = []
+        targets: list[tuple[Any, ...]] = []
+        if expected.early is not None:  # dialling where the punch came from already
+            conns.append(expected.early)
+        else:
+            if self.client.config.holepunch:
+                with trio.move_on_after(PUNCH_HEAD_START):
+                    await expected.punch_seen.wait()
+            if expected.punched_from is not None:
+                targets = [expected.punched_from]
+            else:
+                targets = self._usable(expected.addrs)
+            if not targets:
+                raise ChannelError(f"peer {expected.peer!r} has no address this client can reach")
         try:
             async with trio.open_nursery() as attempts:
-                for addr in targets:
-                    conn = self._connect(expected, addr)
-                    conns.append(conn)
+                conns.extend(self._connect(expected, addr) for addr in targets)
+                for conn in conns:
                     attempts.start_soon(self._await_handshake, conn, winner, attempts.cancel_scope)
         finally:
             for conn in conns:
@@ -274,7 +297,9 @@ class DirectManager:
         conn: QuicConn, winner: list[QuicConn], done: trio.CancelScope
     ) -> None:
         # Confirmed, not just complete: only then has the peer accepted our certificate.
-        await wait_any(conn.handshake_confirmed, conn.closed)
+        table = conn.listener
+        assert isinstance(table, DirectTable)
+        await table.settled.wait()
         if conn.handshake_confirmed.is_set() and conn.is_open and not winner:
             winner.append(conn)
             done.cancel()
@@ -396,6 +421,7 @@ class DirectManager:
         table = conn.listener
         assert isinstance(table, DirectTable)
         channel = DirectChannel(peer, conn, table)
+        table.vouched.set()
         self.channels[peer] = channel
         self._failed_at.pop(peer, None)
         self._channel_up.unpark_all()
@@ -438,6 +464,12 @@ class DirectManager:
         return message_channels(st, peer, StreamId.direct(n))
 
     async def accept_stream(self, table: DirectTable, st: StreamState) -> None:
+        # Nothing the peer sends counts before its certificate matched the one vouched for
+        # (a dialler checks it only after the handshake, and may dial before the grant).
+        await wait_any(table.vouched, table.conn.closed)
+        if not table.vouched.is_set():
+            st.fail(ChannelError("the direct connection closed"), StreamCode.ABORTED)
+            return
         try:
             msg = control.decode(await read_header(st))
         except ConecError as exc:
@@ -492,6 +524,8 @@ class DirectTable(StreamTable):
         client = manager.client
         self.manager = manager
         self.peer = peer
+        self.vouched = trio.Event()  # the peer's certificate is the one vouched for
+        self.settled = trio.Event()  # the handshake was confirmed, or the connection closed
         super().__init__(
             conn,
             window=client.config.stream_window,
@@ -508,7 +542,13 @@ class DirectTable(StreamTable):
         self.manager.client._nursery.start_soon(self.manager.accept_stream, self, st)
 
     def _gone(self, conn: QuicConn, error_code: int, reason: str) -> None:
+        self.settled.set()
         self.manager.channel_gone(self)
+
+    def send_progress(self, conn: QuicConn) -> None:
+        super().send_progress(conn)
+        if conn.handshake_confirmed.is_set():
+            self.settled.set()
 
     def handshake_completed(self, conn: QuicConn) -> None:
         self.manager.handshake_done(self)

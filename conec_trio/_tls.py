@@ -9,6 +9,10 @@ chain, no dates, no name. This module does that part:
 - for a direct channel, each side accepts exactly the certificate the coordinator vouched for
   (:func:`verify_pinned`).
 
+It also holds the check of the *coordinator's* certificate that aioquic makes during the
+handshake (:func:`verify_server_certificate`): the same checks, with the trust store built
+once per CA setting instead of once per handshake (a system store takes milliseconds to load).
+
 Why not ``cryptography.x509.verification``: its client verifier follows the CA/Browser
 Forum's profile strictly and refuses certificates that are common in practice and that
 trustme makes, e.g. a critical subjectAltName next to a non-empty subject. The checks here are
@@ -22,13 +26,20 @@ failed and what to do about it.
 from __future__ import annotations
 
 import datetime
+import functools
+import ipaddress
 from typing import NoReturn
 
+import certifi
+import service_identity
+from aioquic import tls
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
+from OpenSSL import crypto
 
 from . import certs
 from ._exceptions import CertificateError
@@ -126,8 +137,13 @@ def verify_client_cert(
 
     if client_ca_pem is None:
         return
-    anchors = load_cert_chain_pem(client_ca_pem)
-    _check_chain(cert, chain, anchors, now)
+    _check_chain(cert, chain, _client_ca_anchors(client_ca_pem), now)
+
+
+@functools.lru_cache(maxsize=16)
+def _client_ca_anchors(client_ca_pem: bytes) -> list[x509.Certificate]:
+    """A client CA setting, parsed once (it is checked against every client that connects)."""
+    return load_cert_chain_pem(client_ca_pem)
 
 
 def verify_pinned(cert: x509.Certificate, expected_der: bytes, peer: str) -> None:
@@ -142,6 +158,89 @@ def verify_pinned(cert: x509.Certificate, expected_der: bytes, peer: str) -> Non
         )
 
 
+def verify_server_certificate(
+    certificate: x509.Certificate,
+    chain: list[x509.Certificate],
+    server_name: str | None,
+    cadata: bytes | None,
+    cafile: str | None,
+    capath: str | None,
+) -> None:
+    """aioquic's ``tls.verify_certificate``, check for check and alert for alert: dates, the
+    server name, and the chain up to the trusted CAs. Only the trust store is made once per
+    ``(cadata, cafile, capath)`` and kept (see :func:`_trust_store`), as is the OpenSSL copy
+    of a certificate seen before.
+
+    Raises:
+      aioquic.tls.AlertCertificateExpired: outside its validity period.
+      aioquic.tls.AlertBadCertificate: not valid for ``server_name``, or not trusted.
+    """
+    now = datetime.datetime.now(datetime.UTC)
+    if now < certificate.not_valid_before_utc:
+        raise tls.AlertCertificateExpired("Certificate is not valid yet")
+    if now > certificate.not_valid_after_utc:
+        raise tls.AlertCertificateExpired("Certificate is no longer valid")
+
+    if server_name is not None:
+        _verify_server_name(certificate, server_name)
+
+    store = _trust_store(cadata, cafile, capath)
+    store_ctx = crypto.X509StoreContext(
+        store, _openssl_cert(cert_der(certificate)), [_openssl_cert(cert_der(c)) for c in chain]
+    )
+    try:
+        store_ctx.verify_certificate()
+    except crypto.X509StoreContextError as exc:
+        raise tls.AlertBadCertificate(exc.args[0]) from exc
+
+
+def _verify_server_name(certificate: x509.Certificate, server_name: str) -> None:
+    try:
+        ipaddress.ip_address(server_name)
+    except ValueError:
+        is_ip = False
+    else:
+        is_ip = True
+    try:
+        if is_ip:
+            service_identity.cryptography.verify_certificate_ip_address(certificate, server_name)
+        else:
+            service_identity.cryptography.verify_certificate_hostname(certificate, server_name)
+    except ValueError as exc:
+        # The certificate's extensions are only parsed when accessed.
+        raise tls.AlertBadCertificate("Certificate extensions could not be parsed") from exc
+    except (service_identity.CertificateError, service_identity.VerificationError) as exc:
+        patterns = service_identity.cryptography.extract_patterns(certificate)
+        if len(patterns) == 0:
+            errmsg = str(exc)
+        elif len(patterns) == 1:
+            errmsg = f"hostname {server_name!r} doesn't match {patterns[0]!r}"
+        else:
+            patterns_repr = ", ".join(repr(pattern) for pattern in patterns)
+            errmsg = f"hostname {server_name!r} doesn't match either of {patterns_repr}"
+        raise tls.AlertBadCertificate(errmsg) from exc
+
+
+@functools.lru_cache(maxsize=16)
+def _trust_store(cadata: bytes | None, cafile: str | None, capath: str | None) -> crypto.X509Store:
+    """The CAs a server certificate may chain to, as aioquic would load them. OpenSSL does not
+    change a store while verifying with it, so one store serves every handshake."""
+    store = crypto.X509Store()
+    if cadata is None and cafile is None and capath is None:
+        store.load_locations(certifi.where())
+    if cadata is not None:
+        for cert in x509.load_pem_x509_certificates(cadata):
+            store.add_cert(crypto.X509.from_cryptography(cert))
+    if cafile is not None or capath is not None:
+        store.load_locations(cafile, capath)
+    return store
+
+
+@functools.lru_cache(maxsize=64)
+def _openssl_cert(der: bytes) -> crypto.X509:
+    return crypto.load_certificate(crypto.FILETYPE_ASN1, der)
+
+
 def ephemeral_identity(client_id: str) -> tuple[bytes, bytes]:
     """A fresh self-signed ``(cert_pem, key_pem)`` valid for ``client_id``.
 
@@ -149,6 +248,13 @@ def ephemeral_identity(client_id: str) -> tuple[bytes, bytes]:
     since that is what :func:`verify_client_cert` matches.
     """
     return certs._self_signed([x509.DNSName(client_id)], client_id, days=825)
+
+
+def ephemeral_identity_objects(
+    client_id: str,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """:func:`ephemeral_identity` as objects, for a client that uses it at once."""
+    return certs._self_signed_objects([x509.DNSName(client_id)], client_id, days=825)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -306,11 +306,19 @@ def _self_signed(
     san: list[x509.GeneralName], common_name: str, *, days: int
 ) -> tuple[bytes, bytes]:
     """A self-signed leaf for exactly these subjectAltName entries."""
+    cert, key = _self_signed_objects(san, common_name, days=days)
+    return _cert_pem(cert), _key_pem(key)
+
+
+def _self_signed_objects(
+    san: list[x509.GeneralName], common_name: str, *, days: int
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """:func:`_self_signed` without the PEM round trip (for a key used in this process)."""
     _check_days(days)
     key = ec.generate_private_key(ec.SECP256R1())
     not_before, not_after = _validity(days)
     cert = _leaf_builder(key, san, common_name, not_before, not_after, None)
-    return _cert_pem(cert.sign(key, hashes.SHA256())), _key_pem(key)
+    return cert.sign(key, hashes.SHA256()), key
 
 
 def _leaf_builder(
