@@ -67,6 +67,9 @@ RECEIVE_BATCH = 32
 # Loopback and LAN paths end up with large datagrams, internet paths stay at what works.
 PMTU_LADDER = (1452, 4096, 8952, 16384)
 PMTU_PROBE_TIMEOUT = 1.0  # a probe not acknowledged by then is taken as too large
+# Probing starts once this much stream data was written: large datagrams pay off for bulk
+# transfers only, so idle and chatty connections (most of a coordinator's) never probe.
+PMTU_AFTER_BYTES = 64 * 1024
 # How long closing waits for the CONNECTION_CLOSE datagram to leave.
 CLOSE_SEND_TIMEOUT = 1.0
 # aioquic timers that do not move after being handled are retried this much later.
@@ -141,6 +144,7 @@ class FlowControlledConnection(QuicConnection):
         self._stream_consumed: dict[int, int] = {}
         self._consumed_total = 0
         self.delivered_total = 0  # stream bytes handed to the application layer
+        self.written_total = 0  # stream bytes the application layer wrote
         super().__init__(configuration=configuration, **kwargs)
         limit = self._local_max_streams_bidi
         limit.value = limit.sent = max_streams
@@ -250,6 +254,7 @@ class FlowControlledConnection(QuicConnection):
             return None
         if (
             self._pmtu_next >= len(self._pmtu_ladder)
+            or self.written_total < PMTU_AFTER_BYTES
             or not self._handshake_confirmed
             or self._state in END_STATES
         ):
@@ -392,6 +397,7 @@ class QuicConn:
 
     def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         self.quic.send_stream_data(stream_id, data, end_stream)
+        self.quic.written_total += len(data)
         self._pending_bytes += len(data)
         self.mark_dirty()
 
