@@ -42,6 +42,8 @@ from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.retry import QuicRetryTokenHandler
 from cryptography import x509
 
+from ._config import KEEPALIVE_FRACTION
+
 log = logging.getLogger("conec_trio.quic")
 
 CID_LENGTH = 8
@@ -220,6 +222,8 @@ class FlowControlledConnection(QuicConnection):
             target = self._stream_consumed.get(stream.stream_id, 0) + self._stream_window
             if target > stream.max_stream_data_local:
                 stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+            return  # nothing to announce (runs for every stream in every packet)
         # aioquic doubles the limit when half of it has *arrived*; hide the arrival offset
         # for this call so only the frame writing runs.
         receiver = stream.receiver
@@ -238,6 +242,9 @@ class FlowControlledConnection(QuicConnection):
         target = max_data.used - held + self._connection_window
         if target > max_data.value:
             max_data.value = target
+        bidi, uni = self._local_max_streams_bidi, self._local_max_streams_uni
+        if max_data.value == max_data.sent and bidi.value == bidi.sent and uni.value == uni.sent:
+            return  # nothing to announce (runs for every packet)
         used = max_data.used
         max_data.used = 0  # same trick as above: no doubling on arrival
         try:
@@ -554,15 +561,15 @@ class QuicConn:
         return True
 
     def _keepalive_interval_now(self) -> float | None:
-        """The configured keepalive interval, shortened to a third of the idle timeout
-        negotiated with the peer (the lower of both sides' settings) once that is known.
-        None before the handshake and after the close: nothing to keep alive then."""
+        """The configured keepalive interval, shortened to ``KEEPALIVE_FRACTION`` of the idle
+        timeout negotiated with the peer (the lower of both sides' settings) once that is
+        known. None before the handshake and after the close: nothing to keep alive then."""
         interval = self._keepalive_interval
         if interval is None or not self.handshake_complete.is_set() or self.closed.is_set():
             return None
         remote = self.quic._remote_max_idle_timeout
         if remote:  # None: not known yet; 0: the peer has no idle timeout
-            interval = min(interval, remote / 3)
+            interval = min(interval, remote * KEEPALIVE_FRACTION)
         return interval
 
     async def _coalesce(self) -> None:

@@ -137,6 +137,7 @@ async def test_flow_control_attributes_are_where_we_reach_for_them(
         for name, fields in (
             ("_local_max_data", ("value", "used", "sent")),
             ("_local_max_streams_bidi", ("value", "sent")),
+            ("_local_max_streams_uni", ("value", "sent")),
         ):
             limit = getattr(quic, name, None)
             assert limit is not None, _aioquic_broke(f"QuicConnection.{name}")
@@ -158,6 +159,7 @@ async def test_flow_control_attributes_are_where_we_reach_for_them(
             (stream.sender, "is_finished"),
             (stream.receiver, "highest_offset"),
             (stream, "max_stream_data_local"),
+            (stream, "max_stream_data_local_sent"),
             (stream, "stream_id"),
         ):
             assert hasattr(obj, attr), _aioquic_broke(f"{type(obj).__name__}.{attr}")
