@@ -16,7 +16,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from . import _tls
-from ._config import DEFAULT_IDLE_TIMEOUT, ClientConfig, check_client_id, load_pem
+from ._config import (
+    DEFAULT_IDLE_TIMEOUT,
+    KEEPALIVE_FRACTION,
+    ClientConfig,
+    check_client_id,
+    load_pem,
+)
 from ._direct import DirectManager
 from ._exceptions import (
     BroadcastNotFoundError,
@@ -220,7 +226,9 @@ class Client:
             conn = endpoint.connect(
                 addr,
                 self._coordinator_quic_config(),
-                keepalive_interval=self._idle_timeout / 3 if cfg.keepalive else None,
+                keepalive_interval=self._idle_timeout * KEEPALIVE_FRACTION
+                if cfg.keepalive
+                else None,
                 request_client_certificate=False,
                 stream_window=cfg.stream_window,
                 connection_window=cfg.connection_window,

@@ -13,6 +13,10 @@ PemSource = bytes | str | os.PathLike[str]
 DEFAULT_PORT = 1719
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 DEFAULT_IDLE_TIMEOUT = 10.0
+# With keepalive on, a PING goes out after this fraction of the idle timeout without traffic:
+# half leaves the other half for the PING's loss recovery (several retransmissions at
+# internet round-trip times), and each keepalive costs a coordinator one datagram each way.
+KEEPALIVE_FRACTION = 0.5
 # Per-stream receive window: how many bytes of complete, unread messages a receiver lets a
 # sender put in flight. The relay holds at most about two windows per direction per stream.
 DEFAULT_STREAM_WINDOW = 1024 * 1024

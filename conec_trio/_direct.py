@@ -21,6 +21,7 @@ import trio
 from aioquic.quic.configuration import QuicConfiguration
 
 from . import _tls
+from ._config import KEEPALIVE_FRACTION
 from ._exceptions import CertificateError, ChannelError, ConecError, ProtocolError
 from ._quic import QuicConn
 from ._streams import (
@@ -314,7 +315,7 @@ class DirectManager:
         conn = endpoint.connect(
             addr,
             config,
-            keepalive_interval=client._idle_timeout / 3 if cfg.keepalive else None,
+            keepalive_interval=client._idle_timeout * KEEPALIVE_FRACTION if cfg.keepalive else None,
             request_client_certificate=False,
             stream_window=cfg.stream_window,
             connection_window=cfg.connection_window,
@@ -386,7 +387,9 @@ class DirectManager:
             "max_streams": cfg.max_streams,
             "max_datagram_size": cfg.max_datagram_size,
             # Either side keeps an idle channel alive, whoever dialled.
-            "keepalive_interval": client._idle_timeout / 3 if cfg.keepalive else None,
+            "keepalive_interval": client._idle_timeout * KEEPALIVE_FRACTION
+            if cfg.keepalive
+            else None,
         }
         return config, options
 

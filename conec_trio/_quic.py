@@ -44,6 +44,7 @@ from aioquic.quic.retry import QuicRetryTokenHandler
 from cryptography import x509
 
 from . import _tls
+from ._config import KEEPALIVE_FRACTION
 
 log = logging.getLogger("conec_trio.quic")
 
@@ -78,6 +79,13 @@ COALESCE_ROUNDS = 256
 COALESCE_BYTES = 16 * 1200
 MAX_UDP_PAYLOAD = 65_535
 SMALLEST_INITIAL = 1200
+# aioquic gives every connection three 16 KiB buffers for TLS handshake output. Once the
+# handshake is over, TLS writes nothing more on a QUIC connection (no tickets are issued, key
+# updates are QUIC's own), so they shrink to this.
+POST_HANDSHAKE_CRYPTO_BUFFER = 1024
+# aioquic builds a frame-type -> allowed-epochs table per connection; the epoch sets are the
+# same for every connection, so all connections share one copy of each.
+_SHARED_EPOCH_SETS: dict[frozenset[Any], frozenset[Any]] = {}
 
 
 class _ClientTlsContext(tls.Context):
@@ -145,7 +153,14 @@ class FlowControlledConnection(QuicConnection):
         self._consumed_total = 0
         self.delivered_total = 0  # stream bytes handed to the application layer
         self.written_total = 0  # stream bytes the application layer wrote
+        self._ping_received = False  # a PING arrived in the datagram being processed
+        self.ack_due = False  # ... and its ACK has not been built yet
+        self._ack_only_kept: int | None = None  # see _forget_ack_only
+        self._handshake_trimmed = False
         super().__init__(configuration=configuration, **kwargs)
+        handlers = self._QuicConnection__frame_handlers  # type: ignore[attr-defined]
+        for frame_type, (handler, epochs) in handlers.items():
+            handlers[frame_type] = (handler, _SHARED_EPOCH_SETS.setdefault(epochs, epochs))
         limit = self._local_max_streams_bidi
         limit.value = limit.sent = max_streams
         # sizes path MTU probing will try, in order
@@ -175,6 +190,66 @@ class FlowControlledConnection(QuicConnection):
         buf.seek(pos + len(rest) - len(rest.lstrip(b"\x00")))
         if self._quic_logger is not None:
             context.quic_logger_frames.append(self._quic_logger.encode_padding_frame())
+
+    # -- idle cost: acknowledgements and per-connection state ------------------------------
+
+    def _handle_ping_frame(self, context: Any, frame_type: int, buf: Buffer) -> None:
+        super()._handle_ping_frame(context, frame_type, buf)
+        self._ping_received = True
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        super().receive_datagram(data, addr, now)
+        if self._ping_received:
+            # A PING (a keepalive, a loss probe, a path MTU probe) is acknowledged at once:
+            # no data will follow to share the ACK with, and waiting aioquic's ack delay
+            # would cost a second wakeup for every keepalive.
+            self._ping_received = False
+            space = self._spaces.get(tls.Epoch.ONE_RTT)
+            if space is not None and space.ack_at is not None:
+                space.ack_at = now
+                self.ack_due = True
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        first = self._packet_number
+        datagrams: list[tuple[bytes, Any]] = super().datagrams_to_send(now)
+        if self._packet_number != first:
+            self._forget_ack_only(first)
+        if not self._handshake_trimmed:
+            self._trim_after_handshake()
+        return datagrams
+
+    def _forget_ack_only(self, first: int) -> None:
+        """Keep only the newest of the packets sent from ``first`` on that carry nothing but
+        ACKs. aioquic keeps every sent packet until it is acknowledged or declared lost, but
+        a peer never acknowledges a packet of ACKs alone unless it has something of its own
+        to send, and loss is only declared below the highest acknowledged packet: an idle
+        connection answering keepalives would keep every ACK it ever sent. The newest one is
+        kept so that its acknowledgement, if one comes, still prunes our ACK ranges."""
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        if space is None:
+            return
+        sent = space.sent_packets
+        for number in range(first, self._packet_number):
+            packet = sent.get(number)
+            if packet is None or packet.is_ack_eliciting or packet.in_flight:
+                continue
+            if self._ack_only_kept is not None:
+                sent.pop(self._ack_only_kept, None)
+            self._ack_only_kept = number
+
+    def _trim_after_handshake(self) -> None:
+        """Once the Initial and Handshake epochs are discarded, drop what only the handshake
+        needed (about 50 KiB of buffers per connection)."""
+        spaces = self._spaces
+        initial = spaces.get(tls.Epoch.INITIAL)
+        handshake = spaces.get(tls.Epoch.HANDSHAKE)
+        if initial is None or handshake is None or not (initial.discarded and handshake.discarded):
+            return
+        self._handshake_trimmed = True
+        buffers = self._crypto_buffers
+        buffers[tls.Epoch.INITIAL] = Buffer(capacity=0)
+        buffers[tls.Epoch.HANDSHAKE] = Buffer(capacity=0)
+        buffers[tls.Epoch.ONE_RTT] = Buffer(capacity=POST_HANDSHAKE_CRYPTO_BUFFER)
 
     # -- consumption-based flow control --------------------------------------------------
 
@@ -214,6 +289,8 @@ class FlowControlledConnection(QuicConnection):
             target = self._stream_consumed.get(stream.stream_id, 0) + self._stream_window
             if target > stream.max_stream_data_local:
                 stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+            return  # nothing to announce (runs for every stream in every packet)
         # aioquic doubles the limit when half of it has *arrived*; hide the arrival offset
         # for this call so only the frame writing runs.
         receiver = stream.receiver
@@ -232,6 +309,9 @@ class FlowControlledConnection(QuicConnection):
         target = max_data.used - held + self._connection_window
         if target > max_data.value:
             max_data.value = target
+        bidi, uni = self._local_max_streams_bidi, self._local_max_streams_uni
+        if max_data.value == max_data.sent and bidi.value == bidi.sent and uni.value == uni.sent:
+            return  # nothing to announce (runs for every packet)
         used = max_data.used
         max_data.used = 0  # same trick as above: no doubling on arrival
         try:
@@ -381,6 +461,8 @@ class QuicConn:
         self._deferred: list[tuple[int, Callable[[int, int], None], int]] = []
         self._wakeup = trio.lowlevel.ParkingLot()
         self._last_activity = trio.current_time()
+        self._handled_timer = -math.inf  # when the driver last ran aioquic's timer
+        self._parked: trio.CancelScope | None = None  # the idle driver's wait, if it waits
 
     # -- called by the stream layer --------------------------------------------------------
 
@@ -495,33 +577,20 @@ class QuicConn:
         with CONNECTION_CLOSE) although its owner was told at once that it is closed.
         """
         quic = self.quic
-        handled_timer = -math.inf
         try:
             while quic._state != QuicConnectionState.TERMINATED:
                 if not self._dirty:
-                    deadline = quic.get_timer()
-                    if deadline is None:
-                        deadline = math.inf
-                    elif deadline <= handled_timer:
-                        # aioquic can leave its loss timer at the instant just handled
-                        # (float rounding); waiting for the clock to move avoids a spin.
-                        deadline = handled_timer + TIMER_GRANULARITY
-                    keepalive = self._keepalive_interval_now()
-                    if keepalive is not None:
-                        deadline = min(deadline, self._last_activity + keepalive)
-                    probe_deadline = quic.pmtu_timer()
-                    if probe_deadline is not None:
-                        deadline = min(deadline, probe_deadline)
-                    with trio.move_on_at(deadline) as timeout:
+                    with trio.move_on_at(self._next_deadline()) as self._parked:
                         await self._wakeup.park()
-                    if timeout.cancelled_caught:
+                    if self._parked.cancelled_caught:
                         self._unsent = True
+                    self._parked = None
                 await self._coalesce()
                 self._dirty = False
                 now = trio.current_time()
                 timer = quic.get_timer()
-                if timer is not None and now >= timer and now > handled_timer:
-                    handled_timer = now
+                if timer is not None and now >= timer and now > self._handled_timer:
+                    self._handled_timer = now
                     quic.handle_timer(now)
                     self._unsent = True
                 keepalive = self._keepalive_interval_now()
@@ -539,16 +608,53 @@ class QuicConn:
             self.close_now(0, "endpoint shut down")
             self.endpoint._forget(self)
 
+    def _next_deadline(self) -> float:
+        """When the idle driver must wake: aioquic's timer, a keepalive, a path MTU probe."""
+        quic = self.quic
+        deadline = quic.get_timer()
+        if deadline is None:
+            deadline = math.inf
+        elif deadline <= self._handled_timer:
+            # aioquic can leave its loss timer at the instant just handled (float
+            # rounding); waiting for the clock to move avoids a spin.
+            deadline = self._handled_timer + TIMER_GRANULARITY
+        keepalive = self._keepalive_interval_now()
+        if keepalive is not None:
+            deadline = min(deadline, self._last_activity + keepalive)
+        probe_deadline = quic.pmtu_timer()
+        if probe_deadline is not None:
+            deadline = min(deadline, probe_deadline)
+        return deadline
+
+    def answer_ping(self) -> bool:
+        """Called by the endpoint after feeding a batch of datagrams. If they carried a PING
+        (a keepalive, mostly) and the driver is idle with nothing else to send, the ACK goes
+        out right here and the driver's wait is moved to the new deadline: one wakeup per
+        keepalive instead of two. False: the driver must run (``mark_dirty``)."""
+        quic = self.quic
+        if not quic.ack_due:
+            return False
+        quic.ack_due = False
+        parked = self._parked
+        if parked is None or self._dirty or self._pending_bytes or self._deferred:
+            return False
+        try:
+            self._send_built()
+        except Exception:
+            return False  # let the driver meet it (the endpoint loop must go on)
+        parked.deadline = self._next_deadline()
+        return True
+
     def _keepalive_interval_now(self) -> float | None:
-        """The configured keepalive interval, shortened to a third of the idle timeout
-        negotiated with the peer (the lower of both sides' settings) once that is known.
-        None before the handshake and after the close: nothing to keep alive then."""
+        """The configured keepalive interval, shortened to ``KEEPALIVE_FRACTION`` of the idle
+        timeout negotiated with the peer (the lower of both sides' settings) once that is
+        known. None before the handshake and after the close: nothing to keep alive then."""
         interval = self._keepalive_interval
         if interval is None or not self.handshake_complete.is_set() or self.closed.is_set():
             return None
         remote = self.quic._remote_max_idle_timeout
         if remote:  # None: not known yet; 0: the peer has no idle timeout
-            interval = min(interval, remote / 3)
+            interval = min(interval, remote * KEEPALIVE_FRACTION)
         return interval
 
     async def _coalesce(self) -> None:
@@ -625,6 +731,11 @@ class QuicConn:
             or not self.handshake_complete.is_set()
         ):
             return
+        self._send_built()
+
+    def _send_built(self) -> None:
+        """Build and send what is due now without waiting: from a writer's task, or from
+        the endpoint's receive loop."""
         datagrams = self._build(trio.current_time())
         sent = self.endpoint.sock.send_batch_nowait(datagrams, 0)
         if sent < len(datagrams):  # the socket is full: the driver sends the rest
@@ -746,7 +857,8 @@ class QuicEndpoint:
                 except Exception:  # a bug or hostile input must not stop the endpoint
                     log.exception("error handling events of %s; closing it", conn.peer_address)
                     conn.close(int(QuicErrorCode.INTERNAL_ERROR), "internal error")
-                conn.mark_dirty()
+                if not conn.answer_ping():
+                    conn.mark_dirty()
             touched.clear()
             while self._urgent:
                 conn, _ = self._urgent.popitem()

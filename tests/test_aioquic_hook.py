@@ -18,7 +18,7 @@ import pytest
 import trio
 from aioquic import tls
 from aioquic.quic.connection import QuicConnection
-from conftest import ClientFactory
+from conftest import ClientFactory, wait_for
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -65,7 +65,14 @@ def _coordinator_side_connection(
 def test_overridden_methods_still_exist_in_aioquic() -> None:
     # FlowControlledConnection overrides these; if aioquic renamed them, the overrides would
     # silently never run (no client certificate request, no consumption-based credit).
-    for name in ("_initialize", "_write_stream_limits", "_write_connection_limits"):
+    for name in (
+        "_initialize",
+        "_write_stream_limits",
+        "_write_connection_limits",
+        "_handle_ping_frame",
+        "receive_datagram",
+        "datagrams_to_send",
+    ):
         assert callable(getattr(QuicConnection, name, None)), _aioquic_broke(
             f"QuicConnection.{name}()"
         )
@@ -130,6 +137,7 @@ async def test_flow_control_attributes_are_where_we_reach_for_them(
         for name, fields in (
             ("_local_max_data", ("value", "used", "sent")),
             ("_local_max_streams_bidi", ("value", "sent")),
+            ("_local_max_streams_uni", ("value", "sent")),
         ):
             limit = getattr(quic, name, None)
             assert limit is not None, _aioquic_broke(f"QuicConnection.{name}")
@@ -151,6 +159,7 @@ async def test_flow_control_attributes_are_where_we_reach_for_them(
             (stream.sender, "is_finished"),
             (stream.receiver, "highest_offset"),
             (stream, "max_stream_data_local"),
+            (stream, "max_stream_data_local_sent"),
             (stream, "stream_id"),
         ):
             assert hasattr(obj, attr), _aioquic_broke(f"{type(obj).__name__}.{attr}")
@@ -168,6 +177,47 @@ async def test_flow_control_attributes_are_where_we_reach_for_them(
             "_remote_max_idle_timeout",
         ):
             assert hasattr(quic, attr), _aioquic_broke(f"QuicConnection.{attr}")
+
+
+async def test_connections_work_after_the_handshake_state_is_dropped(
+    coord: conec_trio.Coordinator, open_client: ClientFactory
+) -> None:
+    # Once the handshake is over, FlowControlledConnection drops aioquic's handshake buffers
+    # and shares its frame table; streams, a key update and the close must not notice.
+    async with connected(open_client, coord, "alice") as alice:
+        conn = alice._conn
+        assert conn is not None
+        client_side = conn.quic
+        coord_side = _coordinator_side_connection(coord, "alice")
+        for quic in (client_side, coord_side):
+            spaces = getattr(quic, "_spaces", None)
+            assert isinstance(spaces, dict), _aioquic_broke("QuicConnection._spaces (a dict)")
+            for epoch in (tls.Epoch.INITIAL, tls.Epoch.HANDSHAKE):
+                assert spaces[epoch].discarded, _aioquic_broke("QuicPacketSpace.discarded")
+            assert hasattr(spaces[tls.Epoch.ONE_RTT], "sent_packets"), _aioquic_broke(
+                "QuicPacketSpace.sent_packets"
+            )
+            buffers = getattr(quic, "_crypto_buffers", None)
+            assert isinstance(buffers, dict), _aioquic_broke("QuicConnection._crypto_buffers")
+            assert sum(b.capacity for b in buffers.values()) < 3 * 16384, (
+                "the handshake buffers were not dropped after the handshake"
+            )
+            handlers = getattr(quic, "_QuicConnection__frame_handlers", None)
+            assert isinstance(handlers, dict), _aioquic_broke("QuicConnection.__frame_handlers")
+        phase = client_side._cryptos[tls.Epoch.ONE_RTT].key_phase
+        client_side.request_key_update()
+        with trio.fail_after(5):
+            send, recv = await alice.new_proxied_stream(None)
+            incoming = await coord.incoming_streams.receive()
+            for n in range(3):
+                await send.send(bytes([n]) * 50_000)
+                assert await incoming.recv.receive() == bytes([n]) * 50_000
+                await incoming.send.send(bytes([n]) * 50_000)
+                assert await recv.receive() == bytes([n]) * 50_000
+        assert client_side._cryptos[tls.Epoch.ONE_RTT].key_phase != phase
+        assert coord_side._cryptos[tls.Epoch.ONE_RTT].key_phase != phase
+    # Leaving closed it: the coordinator saw the goodbye, not an idle timeout.
+    await wait_for(lambda: coord.num_clients == 0)
 
 
 def test_tls_context_flag_is_off_by_default() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from aioquic import tls
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnectionState
 from conftest import wait_for
@@ -36,6 +37,7 @@ from fakenet import (
 
 import conec_trio
 from conec_trio import _quic, certs
+from conec_trio._config import DEFAULT_IDLE_TIMEOUT
 from conec_trio._direct import CHANNEL_TIMEOUT
 
 COORD_IP = "192.0.2.1"
@@ -485,6 +487,63 @@ async def test_silent_client_is_dropped_after_its_idle_timeout(
             # bob, idle just as long but with keepalive, stays connected.
             await trio.sleep(5 * idle)
             assert coord.client_ids() == ["bob"]
+
+
+# --- idle clients -------------------------------------------------------------------------------
+# What an idle client costs is what a coordinator with many of them pays: the traffic of the
+# keepalives and the state kept per connection. Both must stay flat however long it idles.
+
+ONE_WAY = 0.01  # link delay in these tests
+
+
+async def test_idle_client_costs_one_datagram_each_way_per_keepalive(
+    autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
+) -> None:
+    async with fake_network(0, delay=(ONE_WAY, ONE_WAY)) as net:
+        build(net, None, None)
+        async with open_lab(net, identity) as (coord, _alice, _bob):
+            await trio.sleep(30)  # handshake, path MTU probing and the hellos are long over
+            start = len(net.sent_log)
+            window = 120.0
+            await trio.sleep(window)
+            idle = net.sent_log[start:]
+            pings = [d for d in idle if d.sender[0] == ALICE_IP and d.dst[0] == COORD_IP]
+            acks = [d for d in idle if d.sender[0] == COORD_IP and d.dst[0] == ALICE_IP]
+            timeout = DEFAULT_IDLE_TIMEOUT
+            # At least one keepalive per idle timeout (else the client would be dropped), and
+            # no more than one per third of it.
+            assert window / timeout <= len(pings) <= window / (timeout / 3) + 1
+            # Each answered by one datagram, sent the moment the keepalive arrived (no ack
+            # delay, which would cost the coordinator a second wakeup per keepalive).
+            assert len(acks) == len(pings)
+            for ping, ack in zip(pings, acks, strict=True):
+                assert ack.sent_at == pytest.approx(ping.sent_at + ONE_WAY, abs=1e-6)
+            assert coord.client_ids() == ["alice", "bob"]
+
+
+async def test_idle_connections_keep_no_growing_state(
+    autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
+) -> None:
+    async with fake_network(0, delay=(ONE_WAY, ONE_WAY)) as net:
+        build(net, None, None)
+        async with open_lab(net, identity) as (coord, alice, bob):
+            await trio.sleep(30)
+            sides = {"coordinator": coord._clients["alice"].conn.quic, "client": alice._conn.quic}  # type: ignore[union-attr]
+            for side, quic in sides.items():
+                # The handshake's buffers are gone once it is over.
+                buffers = quic._crypto_buffers.values()
+                assert sum(b.capacity for b in buffers) <= 4096, side
+            await trio.sleep(600)  # ten minutes of keepalives
+            for side, quic in sides.items():
+                # aioquic keeps each sent packet until it is acknowledged; a peer never
+                # acknowledges packets that carry nothing but ACKs, so those must not pile up.
+                sent = quic._spaces[tls.Epoch.ONE_RTT].sent_packets
+                assert len(sent) <= 2, f"{side} keeps {len(sent)} sent packets"
+            # ... and the connections still carry streams.
+            send, _recv = await alice.new_proxied_stream("bob")
+            await send.send(b"still here")
+            incoming = await bob.incoming_streams.receive()
+            assert await incoming.recv.receive() == b"still here"
 
 
 # --- the QUIC driver under the mock clock ------------------------------------------------------
