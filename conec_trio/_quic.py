@@ -477,11 +477,15 @@ class QuicConn:
     def next_stream_id(self) -> int:
         return int(self.quic.get_next_available_stream_id())
 
-    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+    def send_stream_data(
+        self, stream_id: int, data: bytes, end_stream: bool = False, *, wake: bool = True
+    ) -> None:
+        """Queue stream data; ``wake=False`` when the caller ends with ``send_now``."""
         self.quic.send_stream_data(stream_id, data, end_stream)
         self.quic.written_total += len(data)
         self._pending_bytes += len(data)
-        self.mark_dirty()
+        if wake:
+            self.mark_dirty()
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
         if self._held_back(stream_id, self.quic.reset_stream, error_code):
@@ -642,6 +646,30 @@ class QuicConn:
             self._send_built()
         except Exception:
             return False  # let the driver meet it (the endpoint loop must go on)
+        return True
+
+    def leave_to_reader(self) -> bool:
+        """Called by the endpoint after feeding a batch of datagrams. If they delivered stream
+        data to readers while nothing of ours is in flight or waiting, the driver stays
+        parked, its wait moved to aioquic's ACK timer: a reader that answers sends the
+        answer, ACK included, from its own task (``send_now``); for one that does not, the
+        timer sends the ACK. This saves a driver wakeup per request and per reply. False:
+        the driver must run (``mark_dirty``)."""
+        parked = self._parked
+        quic = self.quic
+        if (
+            parked is None
+            or not self._delivered
+            or self._dirty
+            or self._pending_bytes
+            or self._deferred
+            or self._backlog
+            or self._urgent
+            or not quic._handshake_confirmed
+            or quic._loss.bytes_in_flight
+            or self.closed.is_set()
+        ):
+            return False
         parked.deadline = self._next_deadline()
         return True
 
@@ -723,13 +751,14 @@ class QuicConn:
     def send_now(self) -> None:
         """After a writer's message: send it from the writer's task at once if nothing of
         ours is unacknowledged (a request, a reply; the driver would only add task switches
-        and rounds), else leave it to the driver to gather with what follows."""
+        and rounds), else wake the driver to gather it with what follows."""
         if (
             self._transmitting
             or self._pending_bytes >= COALESCE_BYTES
             or self.quic._loss.bytes_in_flight
             or not self.handshake_complete.is_set()
         ):
+            self.mark_dirty()
             return
         self._send_built()
 
@@ -741,6 +770,9 @@ class QuicConn:
         if sent < len(datagrams):  # the socket is full: the driver sends the rest
             self._backlog = datagrams[sent:]
             self.mark_dirty()
+        elif self._parked is not None:
+            # What was sent has a loss timer now: the idle driver must wake for it.
+            self._parked.deadline = self._next_deadline()
 
     def process_events(self) -> None:
         """Hand aioquic's events to the listener (synchronously)."""
@@ -857,7 +889,7 @@ class QuicEndpoint:
                 except Exception:  # a bug or hostile input must not stop the endpoint
                     log.exception("error handling events of %s; closing it", conn.peer_address)
                     conn.close(int(QuicErrorCode.INTERNAL_ERROR), "internal error")
-                if not conn.answer_ping():
+                if not conn.answer_ping() and not conn.leave_to_reader():
                     conn.mark_dirty()
             touched.clear()
             while self._urgent:

@@ -362,10 +362,10 @@ class MessageSendChannel(trio.abc.SendChannel[bytes]):
                 raise trio.ClosedResourceError("this send channel was closed")
         conn = st.conn
         if size <= SMALL_MESSAGE:
-            conn.send_stream_data(st.stream_id, frame_header(size) + bytes(value))
+            conn.send_stream_data(st.stream_id, frame_header(size) + bytes(value), wake=False)
         else:  # not worth copying a large message just to prepend its header
-            conn.send_stream_data(st.stream_id, frame_header(size))
-            conn.send_stream_data(st.stream_id, bytes(value))
+            conn.send_stream_data(st.stream_id, frame_header(size), wake=False)
+            conn.send_stream_data(st.stream_id, bytes(value), wake=False)
         conn.send_now()
         await trio.lowlevel.cancel_shielded_checkpoint()
 

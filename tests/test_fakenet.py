@@ -623,3 +623,47 @@ async def test_driver_keepalive_waits_for_its_interval(
         assert len(set(quic.pings)) == len(quic.pings)
     else:
         assert quic.pings == []  # nothing to keep alive before the handshake
+
+
+async def test_a_lost_request_sent_from_the_writers_task_is_retransmitted_promptly(
+    autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
+) -> None:
+    # A request and its reply leave from the tasks that write them, while the connections'
+    # drivers stay parked; the driver must still wake for the loss timer of what was sent,
+    # not only at its next keepalive.
+    async with fake_network(0, delay=(ONE_WAY, ONE_WAY)) as net:
+        build(net, None, None)
+        async with open_lab(net, identity) as (coord, alice, _bob):
+            with trio.fail_after(PATIENCE):
+                send, recv = await alice.new_proxied_stream(None)
+                await send.send(b"hello")
+                incoming = await coord.incoming_streams.receive()
+                assert await incoming.recv.receive() == b"hello"
+
+                async def echo() -> None:
+                    async for message in incoming.recv:
+                        await incoming.send.send(message)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(echo)
+                    for i in range(5):
+                        await send.send(b"warm-up %d" % i)
+                        assert await recv.receive() == b"warm-up %d" % i
+                    await trio.sleep(1.0)  # every driver is parked with nothing to do
+                    dropped: list[Datagram] = []
+
+                    def drop_next_request(d: Datagram) -> bool:
+                        if not dropped and d.sender[0] == ALICE_IP and d.dst[0] == COORD_IP:
+                            dropped.append(d)
+                            return True
+                        return False
+
+                    net.add_filter(drop_next_request)
+                    start = trio.current_time()
+                    await send.send(b"request")
+                    assert await recv.receive() == b"request"
+                    elapsed = trio.current_time() - start
+                    nursery.cancel_scope.cancel()
+            assert dropped, "the request was not dropped"
+            # One probe timeout (a few round trips), far below the keepalive interval.
+            assert elapsed < 1.0, f"the lost request took {elapsed:.2f} s to be answered"
