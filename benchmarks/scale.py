@@ -58,6 +58,7 @@ import trio
 import conec_trio
 
 from ._certs import self_signed_cert
+from ._child import from_parent, trio_time
 from ._procs import Child, Link, Processes
 
 HOST = "127.0.0.1"
@@ -295,21 +296,6 @@ def _usage() -> dict[str, float]:
     return {"cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kib": float(ru.ru_maxrss)}
 
 
-async def _from_parent(link: Link, limit: float) -> Any:
-    """The parent's next message (waiting at most ``limit`` s); None if the parent is gone."""
-    with trio.fail_after(limit):
-        await trio.lowlevel.wait_readable(link.fileno())
-    try:
-        return link.recv(0)
-    except EOFError:
-        return None
-
-
-def _trio_time(monotonic_t: float) -> float:
-    """The trio clock reading at system monotonic time ``monotonic_t``."""
-    return trio.current_time() + (monotonic_t - time.monotonic())
-
-
 def _coord_main(link: Link, cert_pem: bytes, key_pem: bytes, lifetime: float) -> None:
     link.send(trio.run(_coord_run, link, cert_pem, key_pem, lifetime))
 
@@ -322,7 +308,7 @@ async def _coord_run(
     with trio.fail_after(lifetime):
         async with conec_trio.open_coordinator(config) as coord:
             link.send(coord.address[1])
-            while await _from_parent(link, lifetime) == "count":
+            while await from_parent(link, lifetime) == "count":
                 link.send(coord.num_clients)
     return _usage()
 
@@ -384,7 +370,7 @@ async def _clients_run(
         async with trio.open_nursery() as holders:
             link.send("ready")
             while True:
-                message = await _from_parent(link, lifetime)
+                message = await from_parent(link, lifetime)
                 if message == "connect":
                     link.send(await _connect(holders, port, cert_pem, ids, batch, held, release))
                 elif message == "pair":
@@ -480,7 +466,7 @@ async def _relay_run(
     stats: _RelayStats,
 ) -> None:
     start, end = plan["start"], plan["end"]
-    drain_at = _trio_time(end + RELAY_DRAIN)
+    drain_at = trio_time(end + RELAY_DRAIN)
 
     def received(msg: bytes, pair: int, expected: int) -> int:
         """Check and count one message; the next sequence number expected."""
@@ -501,7 +487,7 @@ async def _relay_run(
     async def opener(pair: int) -> None:
         send, recv = streams[pair]
         seq = expected = 0
-        await trio.sleep_until(_trio_time(start))
+        await trio.sleep_until(trio_time(start))
         with trio.move_on_at(drain_at):
             while time.monotonic() < end:
                 await send.send(HEADER.pack(pair, seq, time.monotonic()) + PADDING)
@@ -531,9 +517,9 @@ async def _relay_run(
             stats.errors.append(f"{client_id(arg)}: {type(exc).__name__}: {exc}")
 
     async def window_cpu() -> None:
-        await trio.sleep_until(_trio_time(start))
+        await trio.sleep_until(trio_time(start))
         cpu0 = _usage()["cpu_s"]
-        await trio.sleep_until(_trio_time(end))
+        await trio.sleep_until(trio_time(end))
         stats.cpu_s = _usage()["cpu_s"] - cpu0
 
     async with trio.open_nursery() as nursery:

@@ -48,6 +48,7 @@ import trio
 import conec_trio
 
 from ._certs import self_signed_cert
+from ._child import from_parent, trio_time
 from ._procs import Link, Processes
 
 HOST = "127.0.0.1"
@@ -74,21 +75,6 @@ def _usage() -> dict[str, float]:
     return {"cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kib": float(ru.ru_maxrss)}
 
 
-def _trio_time(monotonic_t: float) -> float:
-    """The trio clock reading at system monotonic time ``monotonic_t``."""
-    return trio.current_time() + (monotonic_t - time.monotonic())
-
-
-async def _from_parent(link: Link, limit: float) -> Any:
-    """The parent's next message (waiting at most ``limit`` s); None if the parent is gone."""
-    with trio.fail_after(limit):
-        await trio.lowlevel.wait_readable(link.fileno())
-    try:
-        return link.recv(0)
-    except EOFError:
-        return None
-
-
 # --------------------------------------------------------------------------------------------
 # Coordinator process
 
@@ -105,7 +91,7 @@ async def _coord_run(
     with trio.fail_after(lifetime):
         async with conec_trio.open_coordinator(config) as coord:
             link.send(coord.address[1])
-            plan = await _from_parent(link, lifetime)  # {"start": t, "end": t}
+            plan = await from_parent(link, lifetime)  # {"start": t, "end": t}
             if plan is None:
                 return report
             samples: list[int] = []
@@ -117,11 +103,11 @@ async def _coord_run(
                         await trio.sleep(1.0)
 
                 nursery.start_soon(sample)
-                await trio.sleep_until(_trio_time(plan["start"]))
+                await trio.sleep_until(trio_time(plan["start"]))
                 report["at_start"] = {**_usage(), "clients": coord.num_clients}
-                await trio.sleep_until(_trio_time(plan["end"]))
+                await trio.sleep_until(trio_time(plan["end"]))
                 report["at_end"] = {**_usage(), "clients": coord.num_clients}
-                await _from_parent(link, lifetime)  # stop
+                await from_parent(link, lifetime)  # stop
                 nursery.cancel_scope.cancel()
             report["clients_min"] = min(samples) if samples else 0
             report["clients_max"] = max(samples) if samples else 0
@@ -243,16 +229,16 @@ async def _clients_run(
                             stats,
                         )
             link.send("connected")
-            message = await _from_parent(link, lifetime)
+            message = await from_parent(link, lifetime)
             if message is None:
                 raise RuntimeError("the parent went away before the start")
             plan.update(message)
             go.set()
             # Every client's work ends by the end of the drain at the latest.
-            with trio.move_on_at(_trio_time(plan["end"] + params["drain"]) + 1.0):
+            with trio.move_on_at(trio_time(plan["end"] + params["drain"]) + 1.0):
                 await stats.all_finished.wait()
             link.send(stats.report())
-            await _from_parent(link, lifetime)  # stop
+            await from_parent(link, lifetime)  # stop
             release.set()
     return {"usage": _usage()}
 
@@ -301,7 +287,7 @@ async def _client_work(
     stats: _ProcStats,
 ) -> None:
     clients = params["clients"]
-    drain_at = _trio_time(plan["end"] + params["drain"])
+    drain_at = trio_time(plan["end"] + params["drain"])
     partner = partner_of(k, clients)
     stats.bcast[k] = {}
     async with trio.open_nursery() as nursery:
@@ -340,14 +326,14 @@ async def _send_loop(
     if interval > 0:
         t = plan["start"] + random.Random(k).random() * interval
         while t < plan["end"]:
-            await trio.sleep_until(_trio_time(t))
+            await trio.sleep_until(trio_time(t))
             await send.send(HEADER.pack(k, seq, time.monotonic()) + padding)
             seq += 1
             sent[k] = seq
             t += interval
     # Closing ends the partner's stream (or, once every member did, the broadcast channel):
     # not before the end, so that the streams stay in place for the whole run.
-    await trio.sleep_until(_trio_time(plan["end"]))
+    await trio.sleep_until(trio_time(plan["end"]))
     await send.aclose()
 
 

@@ -39,6 +39,7 @@ import trio
 import conec_trio
 
 from ._certs import self_signed_cert
+from ._child import from_parent
 from ._procs import Child, Link, Processes
 
 HOST = "127.0.0.1"
@@ -341,19 +342,8 @@ def _run(
 # Helpers for the children (trio side)
 
 
-async def _from_parent(link: Link, limit: float) -> Any:
-    """The parent's next message (waiting at most ``limit`` seconds); ``None`` if the parent
-    has gone away."""
-    with trio.fail_after(limit):
-        await trio.lowlevel.wait_readable(link.fileno())
-    try:
-        return link.recv(0)
-    except EOFError:
-        return None
-
-
 async def _expect_from_parent(link: Link, expected: str, limit: float) -> None:
-    value = await _from_parent(link, limit)
+    value = await from_parent(link, limit)
     if value != expected:
         raise RuntimeError(f"the parent sent {value!r}, expected {expected!r}")
 
@@ -445,7 +435,7 @@ async def _coord_run(
             async with trio.open_nursery() as nursery:
                 if mode != "plain":
                     nursery.start_soon(_serve_incoming, coord.incoming_streams, mode, counter)
-                await _from_parent(link, lifetime)
+                await from_parent(link, lifetime)
                 nursery.cancel_scope.cancel()
     return {"received": counter.received, "streams": counter.streams, **_usage()}
 
@@ -474,7 +464,7 @@ async def _peer(link: Link, port: int, cert_pem: bytes, id: str, mode: str) -> d
         link.send("ready")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_serve_incoming, client.incoming_streams, mode, counter)
-            await _from_parent(link, math.inf)
+            await from_parent(link, math.inf)
             nursery.cancel_scope.cancel()
     return {"received": counter.received, "streams": counter.streams, "broken": counter.broken}
 
@@ -659,7 +649,7 @@ async def _broadcast_sender(
             sent += size
         await send.aclose()
         link.send(start)
-        await _from_parent(link, math.inf)  # stop: leave only once the receivers are done
+        await from_parent(link, math.inf)  # stop: leave only once the receivers are done
     return "done"
 
 
@@ -698,7 +688,7 @@ async def _broadcast_receivers(link: Link, port: int, cert_pem: bytes, ids: list
         link.send("ready")
         await all_done.wait()
         link.send({"received": list(received.values()), "ends": list(ends.values())})
-        await _from_parent(link, math.inf)
+        await from_parent(link, math.inf)
         go.set()
     return "done"
 
