@@ -84,3 +84,23 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.005)
+
+
+@asynccontextmanager
+async def coordinator_echo(
+    client: conec_trio.Client, coord: conec_trio.Coordinator
+) -> AsyncIterator[tuple[trio.abc.SendChannel[bytes], trio.abc.ReceiveChannel[bytes]]]:
+    """A stream from ``client`` to ``coord`` whose coordinator end echoes every message."""
+    send, recv = await client.new_proxied_stream(None)
+    await send.send(b"hello")
+    incoming = await coord.incoming_streams.receive()
+    assert await incoming.recv.receive() == b"hello"
+
+    async def echo() -> None:
+        async for message in incoming.recv:
+            await incoming.send.send(message)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(echo)
+        yield send, recv
+        nursery.cancel_scope.cancel()

@@ -18,7 +18,7 @@ import pytest
 import trio
 from aioquic import tls
 from aioquic.quic.connection import QuicConnection
-from conftest import ClientFactory, wait_for
+from conftest import ClientFactory, coordinator_echo, wait_for
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -255,24 +255,13 @@ async def test_a_reply_carries_the_ack_of_its_request(
         async with connected(open_client, coord, "alice", listen=False) as alice:
             _quic.set_socket_factory(old)
             with trio.fail_after(10):
-                send, recv = await alice.new_proxied_stream(None)
-                await send.send(b"hello")
-                incoming = await coord.incoming_streams.receive()
-                assert await incoming.recv.receive() == b"hello"
-
-                async def echo() -> None:
-                    async for message in incoming.recv:
-                        await incoming.send.send(message)
-
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(echo)
+                async with coordinator_echo(alice, coord) as (send, recv):
                     rounds = 200
                     before = sum(sent)
                     for i in range(rounds):
                         await send.send(i.to_bytes(64, "big"))
                         assert await recv.receive() == i.to_bytes(64, "big")
                     datagrams = sum(sent) - before
-                    nursery.cancel_scope.cancel()
     finally:
         _quic.set_socket_factory(old)
     # One datagram per request; a few more for keepalive or a path MTU probe at most.

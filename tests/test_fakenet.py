@@ -19,7 +19,7 @@ import trio.testing
 from aioquic import tls
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnectionState
-from conftest import wait_for
+from conftest import coordinator_echo, wait_for
 from fakenet import (
     BLOCKED,
     FILTERED,
@@ -635,17 +635,7 @@ async def test_a_lost_request_sent_from_the_writers_task_is_retransmitted_prompt
         build(net, None, None)
         async with open_lab(net, identity) as (coord, alice, _bob):
             with trio.fail_after(PATIENCE):
-                send, recv = await alice.new_proxied_stream(None)
-                await send.send(b"hello")
-                incoming = await coord.incoming_streams.receive()
-                assert await incoming.recv.receive() == b"hello"
-
-                async def echo() -> None:
-                    async for message in incoming.recv:
-                        await incoming.send.send(message)
-
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(echo)
+                async with coordinator_echo(alice, coord) as (send, recv):
                     for i in range(5):
                         await send.send(b"warm-up %d" % i)
                         assert await recv.receive() == b"warm-up %d" % i
@@ -663,7 +653,6 @@ async def test_a_lost_request_sent_from_the_writers_task_is_retransmitted_prompt
                     await send.send(b"request")
                     assert await recv.receive() == b"request"
                     elapsed = trio.current_time() - start
-                    nursery.cancel_scope.cancel()
             assert dropped, "the request was not dropped"
             # One probe timeout (a few round trips), far below the keepalive interval.
             assert elapsed < 1.0, f"the lost request took {elapsed:.2f} s to be answered"
