@@ -25,3 +25,11 @@ def trio_time(monotonic_t: float) -> float:
     """The trio clock reading at system monotonic time ``monotonic_t`` (which, unlike trio's
     clock, is shared by all processes: the parent plans windows in it)."""
     return trio.current_time() + (monotonic_t - time.monotonic())
+
+
+def usage() -> dict[str, float]:
+    """This process's CPU seconds so far and its peak RSS (KiB)."""
+    import resource  # Unix only, like the benchmarks
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kib": float(ru.ru_maxrss)}

@@ -58,7 +58,7 @@ import trio
 import conec_trio
 
 from ._certs import self_signed_cert
-from ._child import from_parent, trio_time
+from ._child import from_parent, trio_time, usage
 from ._procs import Child, Link, Processes
 
 HOST = "127.0.0.1"
@@ -289,13 +289,6 @@ def _expect_count(coord: Child, clients: int, when: str) -> None:
 # Children (trio side)
 
 
-def _usage() -> dict[str, float]:
-    import resource
-
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return {"cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kib": float(ru.ru_maxrss)}
-
-
 def _coord_main(link: Link, cert_pem: bytes, key_pem: bytes, lifetime: float) -> None:
     link.send(trio.run(_coord_run, link, cert_pem, key_pem, lifetime))
 
@@ -310,7 +303,7 @@ async def _coord_run(
             link.send(coord.address[1])
             while await from_parent(link, lifetime) == "count":
                 link.send(coord.num_clients)
-    return _usage()
+    return usage()
 
 
 class _RelayStats:
@@ -385,7 +378,7 @@ async def _clients_run(
                 else:  # "stop", or the parent has gone
                     break
             release.set()
-    return _usage()
+    return usage()
 
 
 async def _hold(
@@ -518,9 +511,9 @@ async def _relay_run(
 
     async def window_cpu() -> None:
         await trio.sleep_until(trio_time(start))
-        cpu0 = _usage()["cpu_s"]
+        cpu0 = usage()["cpu_s"]
         await trio.sleep_until(trio_time(end))
-        stats.cpu_s = _usage()["cpu_s"] - cpu0
+        stats.cpu_s = usage()["cpu_s"] - cpu0
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(window_cpu)

@@ -35,7 +35,6 @@ import math
 import os
 import random
 import re
-import resource
 import statistics
 import struct
 import sys
@@ -48,7 +47,7 @@ import trio
 import conec_trio
 
 from ._certs import self_signed_cert
-from ._child import from_parent, trio_time
+from ._child import from_parent, trio_time, usage
 from ._procs import Link, Processes
 
 HOST = "127.0.0.1"
@@ -68,11 +67,6 @@ def client_id(k: int) -> str:
 def partner_of(k: int, clients: int) -> int | None:
     partner = k ^ 1
     return partner if partner < clients else None
-
-
-def _usage() -> dict[str, float]:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return {"cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kib": float(ru.ru_maxrss)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,14 +98,14 @@ async def _coord_run(
 
                 nursery.start_soon(sample)
                 await trio.sleep_until(trio_time(plan["start"]))
-                report["at_start"] = {**_usage(), "clients": coord.num_clients}
+                report["at_start"] = {**usage(), "clients": coord.num_clients}
                 await trio.sleep_until(trio_time(plan["end"]))
-                report["at_end"] = {**_usage(), "clients": coord.num_clients}
+                report["at_end"] = {**usage(), "clients": coord.num_clients}
                 await from_parent(link, lifetime)  # stop
                 nursery.cancel_scope.cancel()
             report["clients_min"] = min(samples) if samples else 0
             report["clients_max"] = max(samples) if samples else 0
-    report["final"] = _usage()
+    report["final"] = usage()
     return report
 
 
@@ -185,7 +179,7 @@ class _ProcStats:
             "lat_p2p": self.lat_p2p,
             "lat_bcast": self.lat_bcast,
             "errors": self.errors,
-            "usage": _usage(),
+            "usage": usage(),
         }
 
 
@@ -240,7 +234,7 @@ async def _clients_run(
             link.send(stats.report())
             await from_parent(link, lifetime)  # stop
             release.set()
-    return {"usage": _usage()}
+    return {"usage": usage()}
 
 
 async def _client(

@@ -39,7 +39,7 @@ import trio
 import conec_trio
 
 from ._certs import self_signed_cert
-from ._child import from_parent
+from ._child import from_parent, usage
 from ._procs import Child, Link, Processes
 
 HOST = "127.0.0.1"
@@ -403,13 +403,6 @@ async def _serve_incoming(
             nursery.start_soon(_serve_stream, stream.send, stream.recv, mode, counter)
 
 
-def _usage() -> dict[str, float]:
-    import resource
-
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return {"cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kib": float(ru.ru_maxrss)}
-
-
 # --------------------------------------------------------------------------------------------
 # Coordinator process
 
@@ -437,7 +430,7 @@ async def _coord_run(
                     nursery.start_soon(_serve_incoming, coord.incoming_streams, mode, counter)
                 await from_parent(link, lifetime)
                 nursery.cancel_scope.cancel()
-    return {"received": counter.received, "streams": counter.streams, **_usage()}
+    return {"received": counter.received, "streams": counter.streams, **usage()}
 
 
 # --------------------------------------------------------------------------------------------
