@@ -702,9 +702,10 @@ class QuicConn:
             if pending == 0:
                 if not self._delivered:
                     return
-            elif not quic._loss.bytes_in_flight:
-                # Nothing of ours is unacknowledged (as with Nagle's algorithm): a request
-                # or a reply goes out at once; only a stream of writes is gathered.
+            elif self._delivered and not quic._loss.bytes_in_flight:
+                # An answer to what just arrived, with nothing of ours unacknowledged (as
+                # with Nagle's algorithm): it goes out at once; a stream of writes is
+                # gathered.
                 return
             await trio.lowlevel.cancel_shielded_checkpoint()
             quiet = quiet + 1 if self._pending_bytes == pending else 0
@@ -749,11 +750,14 @@ class QuicConn:
         return datagrams
 
     def send_now(self) -> None:
-        """After a writer's message: send it from the writer's task at once if nothing of
-        ours is unacknowledged (a request, a reply; the driver would only add task switches
-        and rounds), else wake the driver to gather it with what follows."""
+        """After a writer's message: if it answers data that arrived since our last packet
+        and nothing of ours is unacknowledged (request/response traffic), send it from the
+        writer's task at once (the driver would only add task switches and rounds), else
+        wake the driver to gather it with what follows. A stream of writes that answers
+        nothing is always gathered: sent one by one, each would cost a packet."""
         if (
-            self._transmitting
+            not self._delivered
+            or self._transmitting
             or self._pending_bytes >= COALESCE_BYTES
             or self.quic._loss.bytes_in_flight
             or not self.handshake_complete.is_set()

@@ -229,13 +229,11 @@ def test_tls_context_flag_is_off_by_default() -> None:
     )
 
 
-async def test_a_reply_carries_the_ack_of_its_request(
-    coord: conec_trio.Coordinator, open_client: ClientFactory
-) -> None:
-    # aioquic delays ACKs by a millisecond, so a reply would go without the ACK and an
-    # ACK-only packet would follow; QuicConn brings the ACK forward (through the 1-RTT
-    # space's ``ack_at``) into the reply's packet. A ping-pong then takes one datagram each
-    # way per round trip, which halves the packet work of request/response traffic.
+@asynccontextmanager
+async def counting_client(
+    open_client: ClientFactory, coord: conec_trio.Coordinator, client_id: str
+) -> AsyncIterator[tuple[conec_trio.Client, list[int]]]:
+    """A client whose socket counts the datagrams it sends (appended per send call)."""
     sent: list[int] = []
 
     def counting_socket(family: int, host: str, port: int) -> _quic.DatagramSocket:
@@ -252,20 +250,70 @@ async def test_a_reply_carries_the_ack_of_its_request(
 
     old = _quic.set_socket_factory(counting_socket)
     try:
-        async with connected(open_client, coord, "alice", listen=False) as alice:
+        async with connected(open_client, coord, client_id, listen=False) as client:
             _quic.set_socket_factory(old)
-            with trio.fail_after(10):
-                async with coordinator_echo(alice, coord) as (send, recv):
-                    rounds = 200
-                    before = sum(sent)
-                    for i in range(rounds):
-                        await send.send(i.to_bytes(64, "big"))
-                        assert await recv.receive() == i.to_bytes(64, "big")
-                    datagrams = sum(sent) - before
+            yield client, sent
     finally:
         _quic.set_socket_factory(old)
+
+
+async def test_a_reply_carries_the_ack_of_its_request(
+    coord: conec_trio.Coordinator, open_client: ClientFactory
+) -> None:
+    # aioquic delays ACKs by a millisecond, so a reply would go without the ACK and an
+    # ACK-only packet would follow; QuicConn brings the ACK forward (through the 1-RTT
+    # space's ``ack_at``) into the reply's packet. A ping-pong then takes one datagram each
+    # way per round trip, which halves the packet work of request/response traffic.
+    async with counting_client(open_client, coord, "alice") as (alice, sent):
+        with trio.fail_after(10):
+            async with coordinator_echo(alice, coord) as (send, recv):
+                rounds = 200
+                before = sum(sent)
+                for i in range(rounds):
+                    await send.send(i.to_bytes(64, "big"))
+                    assert await recv.receive() == i.to_bytes(64, "big")
+                datagrams = sum(sent) - before
     # One datagram per request; a few more for keepalive or a path MTU probe at most.
     assert datagrams <= rounds + 10, _aioquic_broke(
         f"QuicPacketSpace.ack_at as the time the next ACK is due ({datagrams} datagrams "
         f"for {rounds} round trips)"
     )
+
+
+async def test_a_stream_of_small_writes_shares_packets(
+    coord: conec_trio.Coordinator, open_client: ClientFactory
+) -> None:
+    # Only an answer to what arrived goes out on its own at once; messages written one
+    # after another are gathered into packets, even when ACKs come back quickly (here all
+    # runs in one process, so they come back within a few scheduling rounds). Relayed to
+    # bob after a bulk transfer, as in the demo, where they once went nearly one by one.
+    messages = 5_000
+    async with (
+        counting_client(open_client, coord, "alice") as (alice, sent),
+        open_client(coord, "bob", listen=False) as bob,
+    ):
+        with trio.fail_after(20):
+            for size, count in ((64 * 1024, 64), (64, messages)):
+                send, _recv = await alice.new_proxied_stream("bob")
+                await send.send(b"hello")
+                incoming = await bob.incoming_streams.receive()
+                assert await incoming.recv.receive() == b"hello"
+                before = sum(sent)
+                async with trio.open_nursery() as nursery:
+                    received: list[bytes] = []
+
+                    async def collect(
+                        recv: trio.abc.ReceiveChannel[bytes], into: list[bytes]
+                    ) -> None:
+                        async for message in recv:
+                            into.append(message)
+
+                    nursery.start_soon(collect, incoming.recv, received)
+                    for i in range(count):
+                        await send.send(i.to_bytes(size, "big"))
+                    await send.aclose()
+                datagrams = sum(sent) - before
+                assert received == [i.to_bytes(size, "big") for i in range(count)]
+    # The bulk transfer grew the datagrams (path MTU probing), so 320 KB of messages fit in a
+    # few dozen; answers sent one by one took over 300 here.
+    assert datagrams <= messages / 25, f"{datagrams} datagrams for {messages} messages"
