@@ -462,6 +462,17 @@ async def _peer(link: Link, port: int, cert_pem: bytes, id: str, mode: str) -> d
     return {"received": counter.received, "streams": counter.streams, "broken": counter.broken}
 
 
+async def _send_bulk(send: trio.abc.SendChannel[bytes], nbytes: int) -> None:
+    """``nbytes`` in messages of ``CHUNK`` bytes (the last one shorter), then the end."""
+    chunk = bytes(CHUNK)
+    sent = 0
+    while sent < nbytes:
+        size = min(CHUNK, nbytes - sent)
+        await send.send(chunk if size == CHUNK else chunk[:size])
+        sent += size
+    await send.aclose()
+
+
 async def _open_stream(
     client: conec_trio.Client, target: str | None, direct: bool
 ) -> tuple[trio.abc.SendChannel[bytes], trio.abc.ReceiveChannel[bytes]]:
@@ -481,14 +492,8 @@ async def _bulk(
         link.send("ready")
         await _expect_from_parent(link, "go", STARTUP_TIMEOUT)
         send, recv = await _open_stream(client, target, direct)
-        chunk = bytes(CHUNK)
-        sent = 0
         start = time.perf_counter()
-        while sent < nbytes:
-            size = min(CHUNK, nbytes - sent)
-            await send.send(chunk if size == CHUNK else chunk[:size])
-            sent += size
-        await send.aclose()
+        await _send_bulk(send, nbytes)
         reply = await recv.receive()
         elapsed = time.perf_counter() - start
         if reply != REPLY:
@@ -633,14 +638,8 @@ async def _broadcast_sender(
             await trio.sleep(0.01)
         else:
             raise RuntimeError(f"broadcast: counts {counts}, expected (1, {receivers})")
-        chunk = bytes(CHUNK)
-        sent = 0
         start = time.monotonic()
-        while sent < nbytes:
-            size = min(CHUNK, nbytes - sent)
-            await send.send(chunk if size == CHUNK else chunk[:size])
-            sent += size
-        await send.aclose()
+        await _send_bulk(send, nbytes)
         link.send(start)
         await from_parent(link, math.inf)  # stop: leave only once the receivers are done
     return "done"
