@@ -457,7 +457,6 @@ class QuicConn:
         self._unsent = False  # something happened since the last transmit that may need one
         self._transmitting = False  # the driver is waiting for the socket in transmit()
         self._backlog: list[tuple[bytes, tuple[Any, ...]]] = []  # built, not yet sent
-        self._urgent = False  # in the endpoint's list of what to send at once (see expedite)
         self._deferred: list[tuple[int, Callable[[int, int], None], int]] = []
         self._wakeup = trio.lowlevel.ParkingLot()
         self._last_activity = trio.current_time()
@@ -551,9 +550,7 @@ class QuicConn:
         the driver is being cancelled and will not transmit again."""
         self.close(error_code, reason)
         with contextlib.suppress(Exception):
-            datagrams = self.quic.datagrams_to_send(trio.current_time())
-            if datagrams:
-                self.endpoint.sock.send_batch_nowait(datagrams, 0)
+            self._send_built()
 
     def expedite(self) -> None:
         """Transmit what was written at the next opportunity, without waiting for more
@@ -561,7 +558,6 @@ class QuicConn:
         registration hello and its welcome, a dial on a punch). Written while the endpoint
         handles received datagrams, it leaves from there, before any other task runs."""
         self._pending_bytes = 0
-        self._urgent = True
         self.endpoint._urgent[self] = None
         self.mark_dirty()
 
@@ -664,7 +660,7 @@ class QuicConn:
             or self._pending_bytes
             or self._deferred
             or self._backlog
-            or self._urgent
+            or self in self.endpoint._urgent
             or not quic._handshake_confirmed
             or quic._loss.bytes_in_flight
             or self.closed.is_set()
@@ -689,10 +685,10 @@ class QuicConn:
         """Give writers that are running right now a few scheduling rounds to add to this
         flight, so many small messages share packets instead of one packet each. After
         data was handed to readers, they get the same rounds, so that a reply goes out in
-        one packet with the ACK. Bulk data (a packet's worth already), writes while
-        nothing is in flight and wakeups with nothing to wait for go out at once. Trio
-        runs a round's tasks in random order, so only two quiet rounds in a row mean "no
-        writer"."""
+        one packet with the ACK. Bulk data (a packet's worth already), an answer to what
+        arrived while nothing of ours is in flight, and wakeups with nothing to wait for go
+        out at once. Trio runs a round's tasks in random order, so only two quiet rounds in
+        a row mean "no writer"."""
         quiet = 0
         quic = self.quic
         for _ in range(COALESCE_ROUNDS):
@@ -736,9 +732,7 @@ class QuicConn:
         self._pending_bytes = 0
         self._delivered = False
         self._unsent = False
-        if self._urgent:
-            self._urgent = False
-            self.endpoint._urgent.pop(self, None)
+        self.endpoint._urgent.pop(self, None)
         if self._deferred:
             self._run_deferred()
         datagrams = self.quic.datagrams_to_send(now)
@@ -886,7 +880,6 @@ class QuicEndpoint:
                 if not conn.handshake_confirmed.is_set():
                     # A handshake flight (or its confirmation) is what the peer waits for:
                     # it leaves from here, not a scheduling round later (see expedite).
-                    conn._urgent = True
                     self._urgent[conn] = None
                 try:
                     conn.process_events()
