@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import trio
@@ -104,6 +104,17 @@ class ClientSession:
     def refuse(self, code: CloseCode, message: str) -> None:
         log.info("refusing client %r: %s", self.id, message)
         self.conn.close(int(code), message)
+
+
+@contextmanager
+def _serving(session: ClientSession) -> Iterator[None]:
+    """Work on behalf of one client: a failure in it (a bug, or input we did not foresee)
+    closes that client's connection, never the coordinator."""
+    try:
+        yield
+    except Exception:
+        log.exception("error serving client %r; disconnecting it", session.id)
+        session.conn.close(int(CloseCode.PROTOCOL), "internal error serving this client")
 
 
 class Coordinator:
@@ -215,13 +226,9 @@ class Coordinator:
             log.info("client %r left: %s", session.id, reason or "closed")
 
     async def _guarded(self, session: ClientSession, task: Any, *args: Any) -> None:
-        """Run a task on behalf of one client: a failure in it (a bug, or input we did not
-        foresee) closes that client's connection, never the coordinator."""
-        try:
+        """Run a task on behalf of one client (see ``_serving``)."""
+        with _serving(session):
             await task(session, *args)
-        except Exception:
-            log.exception("error serving client %r; disconnecting it", session.id)
-            session.conn.close(int(CloseCode.PROTOCOL), "internal error serving this client")
 
     # -- streams ----------------------------------------------------------------------------------
 
@@ -255,12 +262,9 @@ class Coordinator:
 
     def _hello_now(self, session: ClientSession, st: StreamState) -> None:
         """``_handle_stream`` for a hello that is already here, without waiting for a task."""
-        try:
+        registered = False
+        with _serving(session):
             registered = self._handle_hello(session, st, st.take_message())
-        except Exception:
-            log.exception("error serving client %r; disconnecting it", session.id)
-            session.conn.close(int(CloseCode.PROTOCOL), "internal error serving this client")
-            return
         if registered:
             self._nursery.start_soon(self._guarded, session, self._control_loop, st)
 
