@@ -298,9 +298,7 @@ class DirectManager:
         conn: QuicConn, winner: list[QuicConn], done: trio.CancelScope
     ) -> None:
         # Confirmed, not just complete: only then has the peer accepted our certificate.
-        table = conn.listener
-        assert isinstance(table, DirectTable)
-        await table.settled.wait()
+        await conn.settled.wait()
         if conn.handshake_confirmed.is_set() and conn.is_open and not winner:
             winner.append(conn)
             done.cancel()
@@ -528,7 +526,6 @@ class DirectTable(StreamTable):
         self.manager = manager
         self.peer = peer
         self.vouched = trio.Event()  # the peer's certificate is the one vouched for
-        self.settled = trio.Event()  # the handshake was confirmed, or the connection closed
         super().__init__(
             conn,
             window=client.config.stream_window,
@@ -545,13 +542,7 @@ class DirectTable(StreamTable):
         self.manager.client._nursery.start_soon(self.manager.accept_stream, self, st)
 
     def _gone(self, conn: QuicConn, error_code: int, reason: str) -> None:
-        self.settled.set()
         self.manager.channel_gone(self)
-
-    def send_progress(self, conn: QuicConn) -> None:
-        super().send_progress(conn)
-        if conn.handshake_confirmed.is_set():
-            self.settled.set()
 
     def handshake_completed(self, conn: QuicConn) -> None:
         self.manager.handshake_done(self)

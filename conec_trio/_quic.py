@@ -447,6 +447,8 @@ class QuicConn:
         # our certificate too. Server role: same moment as handshake_complete.
         self.handshake_confirmed = trio.Event()
         self.closed = trio.Event()
+        # The handshake was confirmed, or the connection closed: one event to wait on.
+        self.settled = trio.Event()
         self.close_error_code: int | None = None
         self.close_reason = ""
         self._keepalive_interval = keepalive_interval
@@ -797,6 +799,7 @@ class QuicConn:
             event = quic.next_event()
         if quic._handshake_confirmed and not self.handshake_confirmed.is_set():
             self.handshake_confirmed.set()
+            self.settled.set()
         # aioquic reports a close only after its closing period (3 PTO); the owner must know
         # at once, so peers see broken streams promptly.
         close_event = quic._close_event
@@ -811,6 +814,7 @@ class QuicConn:
         self.close_error_code = error_code
         self.close_reason = reason
         self.closed.set()
+        self.settled.set()
         self.listener.terminated(self, error_code, reason)
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
