@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
-from aioquic.quic.configuration import QuicConfiguration
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
@@ -39,7 +38,16 @@ from ._exceptions import (
     StreamIdInUseError,
     VersionMismatchError,
 )
-from ._quic import ConnectionListener, DatagramSocket, QuicConn, QuicEndpoint, make_udp_socket
+from ._quic import (
+    ConnectionListener,
+    ConnectionSettings,
+    DatagramSocket,
+    Identity,
+    QuicConn,
+    QuicEndpoint,
+    TrustStore,
+    make_udp_socket,
+)
 from ._streams import (
     MessageReceiveChannel,
     MessageSendChannel,
@@ -114,14 +122,15 @@ class _IncomingStreams(trio.abc.ReceiveChannel[IncomingStream]):
 class _HelloOnHandshake(ConnectionListener):
     """Listens to one connection attempt until its handshake completes."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, endpoint: QuicEndpoint) -> None:
         self._client = client
+        self.endpoint = endpoint
         self.local: list[tuple[str, int]] | None = None  # this client's own address view
 
     def handshake_completed(self, conn: QuicConn) -> None:
         if self.local is None:
-            self.local = Client._local_addrs(conn.endpoint, conn.peer_address)
-        self._client._say_hello(conn, self.local)
+            self.local = Client._local_addrs(self.endpoint, conn.peer_address)
+        self._client._say_hello(conn, self.local, self.endpoint)
 
 
 class Client:
@@ -166,40 +175,41 @@ class Client:
 
     # -- connecting ------------------------------------------------------------------------------
 
-    def _identity(self) -> tuple[x509.Certificate, list[x509.Certificate], PrivateKeyTypes]:
+    def _identity(self) -> Identity:
         """This client's certificate, chain and key; an ephemeral one is made on first use."""
         if self._certificate is None or self._private_key is None:
             self._certificate, self._private_key = _tls.ephemeral_identity_objects(self.id)
             self._certificate_chain = []
-        return self._certificate, self._certificate_chain, self._private_key
+        return Identity(self._certificate, tuple(self._certificate_chain), self._private_key)
 
-    def quic_config(
-        self, *, is_client: bool, server_name: str | None = None, identity: bool = True
-    ) -> QuicConfiguration:
-        """A QUIC configuration with this client's windows and idle timeout, and its
-        identity unless ``identity`` is False (the connection then asks ``_identity``)."""
+    def _settings(
+        self, *, server_name: str | None = None, trust: TrustStore | None = None
+    ) -> ConnectionSettings:
+        """Settings with this client's windows, idle timeout and keepalive. Its identity is
+        made on demand for the coordinator connection (``trust`` given), and now for a
+        direct channel."""
         cfg = self.config
-        config = QuicConfiguration(
-            is_client=is_client,
-            alpn_protocols=[control.ALPN],
-            server_name=server_name,
+        return ConnectionSettings(
+            alpn=control.ALPN,
             idle_timeout=self._idle_timeout,
-            max_stream_data=cfg.stream_window,
-            max_data=cfg.connection_window,
+            stream_window=cfg.stream_window,
+            connection_window=cfg.connection_window,
+            max_streams=cfg.max_streams,
+            max_datagram_size=cfg.max_datagram_size,
+            # Either side keeps an idle channel alive, whoever dialled.
+            keepalive_interval=self._idle_timeout * KEEPALIVE_FRACTION if cfg.keepalive else None,
+            identity=self._identity if trust is not None else self._identity(),
+            server_name=server_name,
+            trust=trust,
         )
-        if identity:
-            config.certificate, config.certificate_chain, config.private_key = self._identity()
-        return config
 
-    def _coordinator_quic_config(self) -> QuicConfiguration:
-        config = self.quic_config(
-            is_client=True, server_name=self.config.coord_host, identity=False
-        )
+    def _coordinator_settings(self) -> ConnectionSettings:
         if self._ca is not None:
-            config.cadata = self._ca
+            trust = TrustStore(cadata=self._ca)
         else:
-            config.cafile, config.capath = system_ca_location()
-        return config
+            cafile, capath = system_ca_location()
+            trust = TrustStore(cafile=cafile, capath=capath)
+        return self._settings(server_name=self.config.coord_host, trust=trust)
 
     async def _connect(self) -> None:
         cfg = self.config
@@ -223,20 +233,8 @@ class Client:
                 continue
             scope = trio.CancelScope()
             endpoint: QuicEndpoint = await self._nursery.start(self._run_endpoint, sock, scope)
-            conn = endpoint.connect(
-                addr,
-                self._coordinator_quic_config(),
-                keepalive_interval=self._idle_timeout * KEEPALIVE_FRACTION
-                if cfg.keepalive
-                else None,
-                request_client_certificate=False,
-                stream_window=cfg.stream_window,
-                connection_window=cfg.connection_window,
-                max_streams=cfg.max_streams,
-                max_datagram_size=cfg.max_datagram_size,
-                identity=self._identity,
-            )
-            conn.listener = _HelloOnHandshake(self)
+            conn = endpoint.connect(addr, self._coordinator_settings())
+            conn.listener = _HelloOnHandshake(self, endpoint)
             attempts.append((scope, endpoint, conn))
         # The ClientHello carries no certificate: send it, then make an ephemeral identity
         # (and the rest of the hello) while the coordinator answers; a handshake that gets
@@ -270,7 +268,7 @@ class Client:
         if cfg.listen:
             # Direct channels arrive on this same socket (and so through the same NAT mapping
             # the coordinator observed).
-            self._endpoint.accept_connections(self._direct.server_config, self._direct.accepted)
+            self._endpoint.accept_connections(self._direct.server_settings, self._direct.accepted)
         await self._hello()
 
     @staticmethod
@@ -309,7 +307,9 @@ class Client:
             f"{self.config.connect_timeout:g} s (is it running, and are host and port right?)"
         )
 
-    def _say_hello(self, conn: QuicConn, local: list[tuple[str, int]]) -> None:
+    def _say_hello(
+        self, conn: QuicConn, local: list[tuple[str, int]], endpoint: QuicEndpoint
+    ) -> None:
         """The first attempt whose handshake completes wins: its control stream opens and
         the hello goes out at once, in the same flight as the client's TLS Finished (1-RTT
         data may follow the Finished), so registration costs no round trip of its own.
@@ -318,7 +318,7 @@ class Client:
         if self._conn is not None or not conn.is_open:
             return
         self._conn = conn
-        self._endpoint = conn.endpoint
+        self._endpoint = endpoint
         self._table = StreamTable(
             conn,
             window=self.config.stream_window,

@@ -10,12 +10,11 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import trio
-from aioquic.quic.configuration import QuicConfiguration
 
 from . import _tls
 from ._config import DEFAULT_IDLE_TIMEOUT, CoordConfig, check_client_id, load_pem
 from ._exceptions import CertificateError, ConecError, InvalidIdError, ProtocolError
-from ._quic import QuicConn, QuicEndpoint, make_udp_socket
+from ._quic import ConnectionSettings, Identity, QuicConn, QuicEndpoint, make_udp_socket
 from ._streams import (
     StreamState,
     StreamTable,
@@ -70,7 +69,7 @@ class ClientSession:
 
     @property
     def cert_der(self) -> bytes:
-        cert = self.conn.quic.peer_certificate
+        cert = self.conn.peer_certificate
         return _tls.cert_der(cert) if cert is not None else b""
 
     @property
@@ -136,11 +135,16 @@ class Coordinator:
         key_pem = load_pem(config.private_key)
         assert cert_pem is not None and key_pem is not None
         chain = _tls.load_cert_chain_pem(cert_pem)
-        self._certificate = chain[0]
-        self._certificate_chain = chain[1:]
-        self._private_key = _tls.load_private_key(key_pem)
         self._client_ca = load_pem(config.client_ca)
-        self._idle_timeout = config.idle_timeout or DEFAULT_IDLE_TIMEOUT
+        self._settings = ConnectionSettings(
+            alpn=control.ALPN,
+            idle_timeout=config.idle_timeout or DEFAULT_IDLE_TIMEOUT,
+            stream_window=config.stream_window,
+            connection_window=config.connection_window,
+            max_streams=config.max_streams_per_client,
+            max_datagram_size=config.max_datagram_size,
+            identity=Identity(chain[0], tuple(chain[1:]), _tls.load_private_key(key_pem)),
+        )
         from ._broadcast import BroadcastHub
 
         self.broadcasts = BroadcastHub(self)
@@ -177,29 +181,12 @@ class Coordinator:
         sock = make_udp_socket(family, str(sockaddr[0]), int(sockaddr[1]))
         self._endpoint = QuicEndpoint(sock, self._nursery)
         self._endpoint.accept_connections(
-            self._server_config, self._accepted, stateless_retry=self.config.stateless_retry
+            self._server_settings, self._accepted, stateless_retry=self.config.stateless_retry
         )
         await self._nursery.start(self._endpoint.run)
 
-    def _server_config(self) -> tuple[QuicConfiguration, dict[str, Any]]:
-        config = QuicConfiguration(
-            is_client=False,
-            alpn_protocols=[control.ALPN],
-            idle_timeout=self._idle_timeout,
-            max_stream_data=self.config.stream_window,
-            max_data=self.config.connection_window,
-        )
-        config.certificate = self._certificate
-        config.certificate_chain = self._certificate_chain
-        config.private_key = self._private_key
-        options = {
-            "request_client_certificate": True,
-            "stream_window": self.config.stream_window,
-            "connection_window": self.config.connection_window,
-            "max_streams": self.config.max_streams_per_client,
-            "max_datagram_size": self.config.max_datagram_size,
-        }
-        return config, options
+    def _server_settings(self) -> ConnectionSettings:
+        return self._settings
 
     def _accepted(self, conn: QuicConn) -> None:
         session = ClientSession(self, conn)
@@ -294,13 +281,13 @@ class Coordinator:
             session.refuse(CloseCode.BAD_ID, str(exc))
             return False
         session.id = client_id
-        cert = session.conn.quic.peer_certificate
+        cert = session.conn.peer_certificate
         if cert is None:
             session.refuse(CloseCode.CERTIFICATE, "the client presented no certificate")
             return False
         try:
             _tls.verify_client_cert(
-                cert, session.conn.quic.peer_certificate_chain, client_id, self._client_ca
+                cert, session.conn.peer_certificate_chain, client_id, self._client_ca
             )
         except CertificateError as exc:
             session.refuse(CloseCode.CERTIFICATE, str(exc))

@@ -14,16 +14,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import ssl
 from typing import TYPE_CHECKING, Any
 
 import trio
-from aioquic.quic.configuration import QuicConfiguration
 
 from . import _tls
-from ._config import KEEPALIVE_FRACTION
 from ._exceptions import CertificateError, ChannelError, ConecError, ProtocolError
-from ._quic import QuicConn
+from ._quic import ConnectionSettings, QuicConn
 from ._streams import (
     MessageReceiveChannel,
     MessageSendChannel,
@@ -151,7 +148,7 @@ class DirectManager:
         # Answer at once from this socket: the sender's NAT may only now have a mapping.
         endpoint = self.client._endpoint
         if endpoint is not None:
-            endpoint._send_now(punch_packet(self.client.id), addr)
+            endpoint.send_raw_nowait(punch_packet(self.client.id), addr)
         if expected.awaiting_grant and self.client.config.holepunch:
             # The peer punches once it has accepted, while its yes still goes through the
             # coordinator: dial now. The certificate to pin comes with the grant; nothing
@@ -283,7 +280,7 @@ class DirectManager:
                 f"direct connection to {expected.peer!r} failed: {reasons or 'no answer'}"
             )
         conn = winner[0]
-        cert = conn.quic.peer_certificate
+        cert = conn.peer_certificate
         try:
             if cert is None:
                 raise CertificateError(f"peer {expected.peer!r} presented no certificate")
@@ -305,21 +302,10 @@ class DirectManager:
 
     def _connect(self, expected: _Expected, addr: tuple[Any, ...]) -> QuicConn:
         client = self.client
-        cfg = client.config
-        config = client.quic_config(is_client=True, server_name=expected.peer)
-        config.verify_mode = ssl.CERT_NONE  # the pin check after the handshake replaces it
         endpoint = client._endpoint
         assert endpoint is not None
-        conn = endpoint.connect(
-            addr,
-            config,
-            keepalive_interval=client._idle_timeout * KEEPALIVE_FRACTION if cfg.keepalive else None,
-            request_client_certificate=False,
-            stream_window=cfg.stream_window,
-            connection_window=cfg.connection_window,
-            max_streams=cfg.max_streams,
-            max_datagram_size=cfg.max_datagram_size,
-        )
+        # No trust store: the pin check after the handshake replaces it.
+        conn = endpoint.connect(addr, client._settings(server_name=expected.peer))
         # A listener first, so nothing the peer sends is lost before registration.
         self._make_table(expected.peer, conn)
         return conn
@@ -374,22 +360,8 @@ class DirectManager:
             if self._expected.get(offer.peer) is expected:
                 del self._expected[offer.peer]
 
-    def server_config(self) -> tuple[QuicConfiguration, dict[str, Any]]:
-        client = self.client
-        cfg = client.config
-        config = client.quic_config(is_client=False)
-        options = {
-            "request_client_certificate": True,
-            "stream_window": cfg.stream_window,
-            "connection_window": cfg.connection_window,
-            "max_streams": cfg.max_streams,
-            "max_datagram_size": cfg.max_datagram_size,
-            # Either side keeps an idle channel alive, whoever dialled.
-            "keepalive_interval": client._idle_timeout * KEEPALIVE_FRACTION
-            if cfg.keepalive
-            else None,
-        }
-        return config, options
+    def server_settings(self) -> ConnectionSettings:
+        return self.client._settings()
 
     def accepted(self, conn: QuicConn) -> None:
         """A peer dials us; who it is shows when its certificate arrives."""
@@ -402,7 +374,7 @@ class DirectManager:
         if table.peer is not None:
             return  # we dialled: _dial checks the pin
         conn = table.conn
-        cert = conn.quic.peer_certificate
+        cert = conn.peer_certificate
         der = _tls.cert_der(cert) if cert is not None else b""
         for expected in self._expected.values():
             if der and der == expected.cert_der:

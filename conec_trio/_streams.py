@@ -144,7 +144,7 @@ class StreamState:
     # -- send side ----------------------------------------------------------------------------
 
     def can_write(self) -> bool:
-        return self.conn.quic.send_backlog(self.stream_id) < self.table.window
+        return self.conn.send_backlog(self.stream_id) < self.table.window
 
     def write(self, data: bytes | bytearray | memoryview, end: bool = False) -> None:
         self.conn.send_stream_data(self.stream_id, bytes(data), end)
@@ -233,14 +233,14 @@ class StreamTable(ConnectionListener):
                 st.on_done = None
             self.streams.pop(st.stream_id, None)
             self._blocked.discard(st)
-            self.conn.quic.forget_stream(st.stream_id)
+            self.conn.forget_stream(st.stream_id)
 
     async def flush(self) -> None:
         """Wait until every stream this side cleanly closed has been acknowledged in full
         (FIN included), or the connection is gone."""
         conn = self.conn
         while conn.is_open and not all(
-            conn.quic.fin_acked(sid)
+            conn.fin_acked(sid)
             for sid, st in self.streams.items()
             if st.send_finished and st.send_error is None
         ):

@@ -19,10 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from aioquic.quic.configuration import QuicConfiguration
 
 from conec_trio import _tls
-from conec_trio._quic import ConnectionListener, QuicConn, QuicEndpoint, make_udp_socket
+from conec_trio._quic import (
+    ConnectionListener,
+    ConnectionSettings,
+    Identity,
+    QuicConn,
+    QuicEndpoint,
+    TrustStore,
+    make_udp_socket,
+)
 from conec_trio._wire import control
 from conec_trio._wire.framing import FrameDecoder, encode_frame
 
@@ -182,26 +189,18 @@ async def open_raw_client(
         async with trio.open_nursery() as nursery:
             endpoint = QuicEndpoint(sock, nursery)
             await nursery.start(endpoint.run)
-            config = QuicConfiguration(
-                is_client=True,
-                alpn_protocols=[control.ALPN],
-                server_name=address[0],
-                idle_timeout=DEADLINE,
-            )
-            config.cadata = ca
             chain = _tls.load_cert_chain_pem(cert_pem)
-            config.certificate = chain[0]
-            config.certificate_chain = chain[1:]
-            config.private_key = _tls.load_private_key(key_pem)
-            conn = endpoint.connect(
-                address,
-                config,
-                keepalive_interval=None,
-                request_client_certificate=False,
+            settings = ConnectionSettings(
+                alpn=control.ALPN,
+                idle_timeout=DEADLINE,
                 stream_window=1 << 20,
                 connection_window=16 << 20,
                 max_streams=max_streams,
+                identity=Identity(chain[0], tuple(chain[1:]), _tls.load_private_key(key_pem)),
+                server_name=address[0],
+                trust=TrustStore(cadata=ca),
             )
+            conn = endpoint.connect(address, settings)
             raw = RawClient(conn, client_id)
             await raw.wait_until(lambda: conn.handshake_complete.is_set() or not conn.is_open)
             if not conn.is_open:

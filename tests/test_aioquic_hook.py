@@ -31,7 +31,7 @@ UPGRADE = f"aioquic {aioquic.__version__}"
 def _aioquic_broke(what: str) -> str:
     return (
         f"{UPGRADE} no longer provides {what}, which conec_trio._quic.FlowControlledConnection "
-        "relies on: adapt _quic.py to this aioquic version, or keep the version pin below it"
+        "relies on: adapt conec_trio/_quic/_aioquic.py to this aioquic version, or keep the version pin below it"
     )
 
 
@@ -237,7 +237,7 @@ async def counting_client(
     sent: list[int] = []
 
     def counting_socket(family: int, host: str, port: int) -> _quic.DatagramSocket:
-        sock = _quic._real_udp_socket(family, host, port)
+        sock = _quic.real_udp_socket(family, host, port)
         real_send = sock.send_batch_nowait
 
         def send_batch_nowait(datagrams: list[tuple[bytes, Any]], start: int) -> int:

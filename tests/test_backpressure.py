@@ -261,7 +261,7 @@ async def test_a_full_socket_buffer_delays_messages_and_loses_none(coord, open_c
     monkeypatch.setattr(QuicPacketRecovery, "_on_packets_lost", count_lost)
 
     def flaky_socket(family: int, host: str, port: int) -> _quic.DatagramSocket:
-        sock = _quic._real_udp_socket(family, host, port)
+        sock = _quic.real_udp_socket(family, host, port)
         real_send = sock.send_batch_nowait
         calls = 0
 

@@ -586,9 +586,9 @@ class _ScriptedQuic(_quic.FlowControlledConnection):
 
 class _StubEndpoint:
     def __init__(self) -> None:
-        self._urgent: dict[_quic.QuicConn, None] = {}
+        self.urgent: dict[_quic.QuicConn, None] = {}
 
-    def _forget(self, conn: _quic.QuicConn) -> None:
+    def forget(self, conn: _quic.QuicConn) -> None:
         pass
 
 

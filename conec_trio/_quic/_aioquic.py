@@ -1,0 +1,404 @@
+"""The library's aioquic connection: every use of aioquic's private names lives here (and in
+``_pmtu``), with no trio, so an aioquic upgrade has one place to check.
+
+What it adds to aioquic's ``QuicConnection``:
+
+1. Server side: asks the client for a certificate (aioquic has no public switch). aioquic then
+   checks the client's CertificateVerify signature (proof of the key) and keeps the cert;
+   chain, name and pin checks are the roles' (see ``_tls``).
+2. Receive credit follows what the application consumed, not what arrived.
+3. Idle connections keep no growing ACK bookkeeping and no handshake buffers.
+4. Path MTU probing (``_pmtu``).
+5. Read-only views the driver and the stream layer need (``is_client``, ``bytes_in_flight``,
+   ``send_backlog`` ...), so nothing outside this package touches aioquic objects.
+
+``new_connection`` builds one from the roles' ``ConnectionSettings``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from aioquic import tls
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import END_STATES, QuicConnectionState
+from cryptography import x509
+
+from .. import _tls
+from ._pmtu import PathMtuProbing
+from .settings import LARGEST_DATAGRAM, ConnectionSettings, Identity
+
+# aioquic gives every connection three 16 KiB buffers for TLS handshake output. Once the
+# handshake is over, TLS writes nothing more on a QUIC connection (no tickets are issued, key
+# updates are QUIC's own), so they shrink to this.
+POST_HANDSHAKE_CRYPTO_BUFFER = 1024
+# aioquic builds a frame-type -> allowed-epochs table per connection; the epoch sets are the
+# same for every connection, so all connections share one copy of each.
+_SHARED_EPOCH_SETS: dict[frozenset[Any], frozenset[Any]] = {}
+# the QUIC versions a server accepts (aioquic's defaults)
+SUPPORTED_VERSIONS: list[int] = list(QuicConfiguration(is_client=False).supported_versions)
+_CLOSING_STATES = (
+    QuicConnectionState.CLOSING,
+    QuicConnectionState.DRAINING,
+    QuicConnectionState.TERMINATED,
+)
+
+
+class _ClientTlsContext(tls.Context):
+    """aioquic's TLS context with its check of the server's certificate replaced by the same
+    check on a trust store made once (``_tls.verify_server_certificate``): aioquic rebuilds
+    the store in every handshake, which costs a tenth of a millisecond with one CA and over
+    ten with the system's CAs."""
+
+    # Gives (certificate, chain, private key) when the server asks for them and the
+    # configuration had none yet: a client may make its identity during the handshake.
+    identity: Callable[[], tuple[x509.Certificate, list[x509.Certificate], Any]] | None = None
+
+    def _client_handle_finished(self, input_buf: Buffer, output_buf: Any) -> None:
+        if self.certificate is None and self.identity is not None:
+            self.certificate, self.certificate_chain, self.certificate_private_key = self.identity()
+        super()._client_handle_finished(input_buf, output_buf)
+
+    def _client_handle_certificate_verify(self, input_buf: Buffer) -> None:
+        verify = tls.pull_certificate_verify(input_buf)
+        self._check_certificate_verify_signature(verify)
+        if self._verify_mode != ssl.CERT_NONE:
+            assert self._peer_certificate is not None
+            _tls.verify_server_certificate(
+                self._peer_certificate,
+                self._peer_certificate_chain,
+                self._server_name,
+                self._cadata,
+                self._cafile,
+                self._capath,
+            )
+        assert self.key_schedule is not None
+        self.key_schedule.update_hash(input_buf.data)
+        self._set_state(tls.State.CLIENT_EXPECT_FINISHED)
+
+
+class FlowControlledConnection(PathMtuProbing):
+    """aioquic's connection with two changes this library relies on.
+
+    1. Server side: asks the client for a certificate (aioquic has no public switch). aioquic
+       then checks the client's CertificateVerify signature (proof of the key) and keeps the
+       cert; chain, name and pin checks are ours (see ``_tls``).
+    2. Receive credit follows what the application consumed, not what arrived. aioquic raises
+       MAX_STREAM_DATA / MAX_DATA as soon as data is received, so a reader that stops reading
+       would never slow its sender. Here credit is ``consumed + window``, which gives
+       end-to-end backpressure with memory bounded by the window.
+    """
+
+    def __init__(
+        self,
+        *,
+        configuration: QuicConfiguration,
+        request_client_certificate: bool,
+        stream_window: int,
+        connection_window: int,
+        max_streams: int,
+        max_datagram_size: int = LARGEST_DATAGRAM,
+        identity: Callable[[], tuple[x509.Certificate, list[x509.Certificate], Any]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._request_client_cert = request_client_certificate
+        self._identity = identity
+        self._stream_window = stream_window
+        self._connection_window = connection_window
+        self._stream_consumed: dict[int, int] = {}
+        self._consumed_total = 0
+        self.delivered_total = 0  # stream bytes handed to the application layer
+        self.written_total = 0  # stream bytes the application layer wrote
+        self._ping_received = False  # a PING arrived in the datagram being processed
+        self.ack_due = False  # ... and its ACK has not been built yet
+        self._ack_only_kept: int | None = None  # see _forget_ack_only
+        self._handshake_trimmed = False
+        super().__init__(configuration=configuration, **kwargs)
+        handlers = self._QuicConnection__frame_handlers  # type: ignore[attr-defined]
+        for frame_type, (handler, epochs) in handlers.items():
+            handlers[frame_type] = (handler, _SHARED_EPOCH_SETS.setdefault(epochs, epochs))
+        limit = self._local_max_streams_bidi
+        limit.value = limit.sent = max_streams
+        self._init_pmtu(max_datagram_size)
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if self._request_client_cert:
+            self.tls._request_client_certificate = True
+        if self._is_client:
+            context = self.tls
+            context.__class__ = _ClientTlsContext
+            assert isinstance(context, _ClientTlsContext)
+            context.identity = self._identity
+            # aioquic makes a key share for each of four groups (P-256, P-384, X25519, X448)
+            # in every ClientHello, about 0.5 ms of key generation, and an aioquic server
+            # takes the first one it supports, P-256, anyway: offer only that one.
+            self.tls._supported_groups = [tls.Group.SECP256R1]
+
+    def _handle_padding_frame(self, context: Any, frame_type: int, buf: Buffer) -> None:
+        # aioquic skips padding one byte at a time in Python: half a millisecond for each
+        # 16 KiB path MTU probe, on top of every padded Initial. The same, in C.
+        pos = buf.tell()
+        rest = buf.data_slice(pos, buf.capacity)
+        buf.seek(pos + len(rest) - len(rest.lstrip(b"\x00")))
+        if self._quic_logger is not None:
+            context.quic_logger_frames.append(self._quic_logger.encode_padding_frame())
+
+    # -- idle cost: acknowledgements and per-connection state ------------------------------
+
+    def _handle_ping_frame(self, context: Any, frame_type: int, buf: Buffer) -> None:
+        super()._handle_ping_frame(context, frame_type, buf)
+        self._ping_received = True
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        super().receive_datagram(data, addr, now)
+        if self._ping_received:
+            # A PING (a keepalive, a loss probe, a path MTU probe) is acknowledged at once:
+            # no data will follow to share the ACK with, and waiting aioquic's ack delay
+            # would cost a second wakeup for every keepalive.
+            self._ping_received = False
+            space = self._spaces.get(tls.Epoch.ONE_RTT)
+            if space is not None and space.ack_at is not None:
+                space.ack_at = now
+                self.ack_due = True
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        first = self._packet_number
+        datagrams: list[tuple[bytes, Any]] = super().datagrams_to_send(now)
+        if self._packet_number != first:
+            self._forget_ack_only(first)
+        if not self._handshake_trimmed:
+            self._trim_after_handshake()
+        return datagrams
+
+    def _forget_ack_only(self, first: int) -> None:
+        """Keep only the newest of the packets sent from ``first`` on that carry nothing but
+        ACKs. aioquic keeps every sent packet until it is acknowledged or declared lost, but
+        a peer never acknowledges a packet of ACKs alone unless it has something of its own
+        to send, and loss is only declared below the highest acknowledged packet: an idle
+        connection answering keepalives would keep every ACK it ever sent. The newest one is
+        kept so that its acknowledgement, if one comes, still prunes our ACK ranges."""
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        if space is None:
+            return
+        sent = space.sent_packets
+        for number in range(first, self._packet_number):
+            packet = sent.get(number)
+            if packet is None or packet.is_ack_eliciting or packet.in_flight:
+                continue
+            if self._ack_only_kept is not None:
+                sent.pop(self._ack_only_kept, None)
+            self._ack_only_kept = number
+
+    def _trim_after_handshake(self) -> None:
+        """Once the Initial and Handshake epochs are discarded, drop what only the handshake
+        needed (about 50 KiB of buffers per connection)."""
+        spaces = self._spaces
+        initial = spaces.get(tls.Epoch.INITIAL)
+        handshake = spaces.get(tls.Epoch.HANDSHAKE)
+        if initial is None or handshake is None or not (initial.discarded and handshake.discarded):
+            return
+        self._handshake_trimmed = True
+        buffers = self._crypto_buffers
+        buffers[tls.Epoch.INITIAL] = Buffer(capacity=0)
+        buffers[tls.Epoch.HANDSHAKE] = Buffer(capacity=0)
+        buffers[tls.Epoch.ONE_RTT] = Buffer(capacity=POST_HANDSHAKE_CRYPTO_BUFFER)
+
+    # -- consumption-based flow control --------------------------------------------------
+
+    def add_consumed(self, stream_id: int, nbytes: int) -> bool:
+        """Record that the application consumed ``nbytes`` more of a stream.
+
+        Returns True when the new credit is worth announcing now (a quarter window).
+        """
+        consumed = self._stream_consumed.get(stream_id, 0) + nbytes
+        self._stream_consumed[stream_id] = consumed
+        self._consumed_total += nbytes
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.max_stream_data_local:
+            return False
+        return consumed + self._stream_window - stream.max_stream_data_local >= (
+            self._stream_window // 4
+        )
+
+    def add_discarded(self, nbytes: int) -> bool:
+        """Bytes that arrived for a stream nobody reads any more: their credit comes back."""
+        self._consumed_total += nbytes
+        return nbytes > 0
+
+    def forget_stream(self, stream_id: int) -> None:
+        self._stream_consumed.pop(stream_id, None)
+
+    def ack_with_next_packet(self, now: float) -> None:
+        """Acknowledge what arrived in the next packet we build instead of after aioquic's
+        ack delay: a reply then carries the ACK, where aioquic would send the reply without
+        it and an ACK-only packet a millisecond later (RFC 9000 13.2.1 allows both)."""
+        space = self._spaces[tls.Epoch.ONE_RTT]
+        if space.ack_at is not None and space.ack_at > now:
+            space.ack_at = now
+
+    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
+        if stream.max_stream_data_local:
+            target = self._stream_consumed.get(stream.stream_id, 0) + self._stream_window
+            if target > stream.max_stream_data_local:
+                stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+            return  # nothing to announce (runs for every stream in every packet)
+        # aioquic doubles the limit when half of it has *arrived*; hide the arrival offset
+        # for this call so only the frame writing runs.
+        receiver = stream.receiver
+        highest = receiver.highest_offset
+        receiver.highest_offset = 0
+        try:
+            super()._write_stream_limits(builder, space, stream)
+        finally:
+            receiver.highest_offset = highest
+
+    def _write_connection_limits(self, builder: Any, space: Any) -> None:
+        max_data = self._local_max_data
+        # Bytes aioquic counted but never delivered (a reset's final size, gaps) are not
+        # held by anyone: only delivered-and-unconsumed bytes hold connection credit.
+        held = self.delivered_total - self._consumed_total
+        target = max_data.used - held + self._connection_window
+        if target > max_data.value:
+            max_data.value = target
+        bidi, uni = self._local_max_streams_bidi, self._local_max_streams_uni
+        if max_data.value == max_data.sent and bidi.value == bidi.sent and uni.value == uni.sent:
+            return  # nothing to announce (runs for every packet)
+        used = max_data.used
+        max_data.used = 0  # same trick as above: no doubling on arrival
+        try:
+            super()._write_connection_limits(builder, space)
+        finally:
+            max_data.used = used
+
+    # -- small read-only views used by the stream layer -----------------------------------
+
+    def send_backlog(self, stream_id: int) -> int:
+        """Bytes written to a stream and not yet acknowledged by the peer."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return int(sender._buffer_stop - sender._buffer_start)
+
+    def fin_acked(self, stream_id: int) -> bool:
+        """True when the stream's send side is done (FIN or reset acknowledged, or gone)."""
+        stream = self._streams.get(stream_id)
+        return stream is None or bool(stream.sender.is_finished)
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        cert: x509.Certificate | None = self.tls._peer_certificate
+        return cert
+
+    @property
+    def peer_certificate_chain(self) -> list[x509.Certificate]:
+        return list(getattr(self.tls, "_peer_certificate_chain", []) or [])
+
+    # -- state the driver reads -----------------------------------------------------------
+
+    @property
+    def is_client(self) -> bool:
+        return bool(self._is_client)
+
+    @property
+    def is_terminated(self) -> bool:
+        """aioquic is done with the connection (after its closing period)."""
+        return bool(self._state == QuicConnectionState.TERMINATED)
+
+    @property
+    def is_closing(self) -> bool:
+        """A close was started or received: nothing more can be sent on streams."""
+        return self._state in _CLOSING_STATES
+
+    @property
+    def is_over(self) -> bool:
+        return self._state in END_STATES
+
+    @property
+    def handshake_confirmed(self) -> bool:
+        return bool(self._handshake_confirmed)
+
+    @property
+    def bytes_in_flight(self) -> int:
+        return int(self._loss.bytes_in_flight)
+
+    @property
+    def peer_idle_timeout(self) -> float | None:
+        """The peer's idle timeout once known (0: it has none)."""
+        value: float | None = self._remote_max_idle_timeout
+        return value
+
+    @property
+    def close_event(self) -> Any:
+        """aioquic's ConnectionTerminated, known before aioquic reports it (it reports only
+        after its closing period)."""
+        return self._close_event
+
+    @property
+    def datagram_size(self) -> int:
+        return int(self._max_datagram_size)
+
+    @property
+    def smoothed_rtt(self) -> float:
+        return float(self._loss._rtt_smoothed)
+
+    def host_cids(self) -> list[bytes]:
+        return [cid.cid for cid in self._host_cids]
+
+    def stream_blocked(self, stream_id: int) -> bool:
+        """The stream still waits for the peer's stream-count credit."""
+        stream = self._streams.get(stream_id)
+        return stream is not None and bool(stream.is_blocked)
+
+
+def _identity_triple(identity: Identity) -> tuple[x509.Certificate, list[x509.Certificate], Any]:
+    return identity.certificate, list(identity.chain), identity.private_key
+
+
+def new_connection(
+    settings: ConnectionSettings,
+    *,
+    is_client: bool,
+    original_destination_connection_id: bytes | None = None,
+    retry_source_connection_id: bytes | None = None,
+) -> FlowControlledConnection:
+    """An aioquic connection configured from ``settings``."""
+    config = QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[settings.alpn],
+        server_name=settings.server_name,
+        idle_timeout=settings.idle_timeout,
+        max_stream_data=settings.stream_window,
+        max_data=settings.connection_window,
+    )
+    identity = settings.identity
+    make_identity: Callable[[], tuple[x509.Certificate, list[x509.Certificate], Any]] | None
+    make_identity = None
+    if isinstance(identity, Identity):
+        config.certificate, config.certificate_chain, config.private_key = _identity_triple(
+            identity
+        )
+    elif identity is not None:
+        make = identity
+        make_identity = lambda: _identity_triple(make())  # noqa: E731
+    trust = settings.trust
+    if is_client and trust is None:
+        config.verify_mode = ssl.CERT_NONE  # the role pins the peer's certificate instead
+    elif trust is not None:
+        config.cadata, config.cafile, config.capath = trust.cadata, trust.cafile, trust.capath
+    return FlowControlledConnection(
+        configuration=config,
+        request_client_certificate=not is_client,
+        stream_window=settings.stream_window,
+        connection_window=settings.connection_window,
+        max_streams=settings.max_streams,
+        max_datagram_size=settings.max_datagram_size,
+        identity=make_identity,
+        original_destination_connection_id=original_destination_connection_id,
+        retry_source_connection_id=retry_source_connection_id,
+    )

@@ -1,0 +1,231 @@
+"""One UDP socket, many QUIC connections: connection-id demux, accepting server-role
+connections (with QUIC Retry and version negotiation), and the receive loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
+from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicPacketType,
+    encode_quic_retry,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from aioquic.quic.retry import QuicRetryTokenHandler
+
+from ._aioquic import SUPPORTED_VERSIONS, FlowControlledConnection, new_connection
+from ._conn import Address, Datagrams, QuicConn
+from ._udp import DatagramSocket
+from .settings import ConnectionSettings
+
+log = logging.getLogger("conec_trio.quic")
+
+CID_LENGTH = 8
+# Datagrams read per wakeup before the touched connections transmit (see ``_conn``).
+RECEIVE_BATCH = 32
+SMALLEST_INITIAL = 1200
+
+
+class QuicEndpoint:
+    """One UDP socket, many QUIC connections (client and server role)."""
+
+    def __init__(self, sock: DatagramSocket, nursery: trio.Nursery) -> None:
+        self.sock = sock
+        self._nursery = nursery
+        self._by_cid: dict[bytes, QuicConn] = {}
+        self._accept: Callable[[], ConnectionSettings] | None = None
+        self._on_accept: Callable[[QuicConn], None] | None = None
+        self._retry: QuicRetryTokenHandler | None = None
+        # connections with something to send at once, before the next receive (see expedite)
+        self.urgent: dict[QuicConn, None] = {}
+        # datagrams that are not QUIC (hole punching) go here
+        self.raw_datagram_handler: Callable[[bytes, Address], None] | None = None
+
+    @property
+    def local_address(self) -> Address:
+        return tuple(self.sock.getsockname())
+
+    def accept_connections(
+        self,
+        make_settings: Callable[[], ConnectionSettings],
+        on_accept: Callable[[QuicConn], None],
+        *,
+        stateless_retry: bool = False,
+    ) -> None:
+        """Serve server-role connections: ``make_settings`` gives the settings of each;
+        ``on_accept`` is called with each new connection (before its handshake completes) so
+        its owner can set a listener."""
+        self._accept = make_settings
+        self._on_accept = on_accept
+        self._retry = QuicRetryTokenHandler() if stateless_retry else None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The receive loop: reads batches of datagrams and dispatches them."""
+        sock = self.sock
+        task_status.started()
+        touched: dict[QuicConn, None] = {}
+        while True:
+            await sock.wait_readable()
+            now = trio.current_time()
+            for _ in range(RECEIVE_BATCH):
+                received = sock.recvfrom_nowait()
+                if received is None:
+                    break
+                data, addr = received
+                conn = self._dispatch(data, addr, now)
+                if conn is not None:
+                    touched[conn] = None
+            for conn in touched:
+                if not conn.handshake_confirmed.is_set():
+                    # A handshake flight (or its confirmation) is what the peer waits for:
+                    # it leaves from here, not a scheduling round later (see expedite).
+                    self.urgent[conn] = None
+                try:
+                    conn.process_events()
+                except Exception:  # a bug or hostile input must not stop the endpoint
+                    log.exception("error handling events of %s; closing it", conn.peer_address)
+                    conn.close(int(QuicErrorCode.INTERNAL_ERROR), "internal error")
+                if not conn.answer_ping() and not conn.leave_to_reader():
+                    conn.mark_dirty()
+            touched.clear()
+            while self.urgent:
+                conn, _ = self.urgent.popitem()
+                await conn.transmit(probe=False)
+
+    def _dispatch(self, data: bytes, addr: Address, now: float) -> QuicConn | None:
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+        except ValueError:
+            if self.raw_datagram_handler is not None:
+                self.raw_datagram_handler(data, addr)
+            return None
+        conn = self._by_cid.get(header.destination_cid)
+        if conn is None:
+            conn = self._maybe_accept(data, header, addr)
+            if conn is None:
+                return None
+        try:
+            conn.datagram_received(data, addr, now)
+        except Exception:
+            conn.close(0x1, "internal error handling a datagram")
+        return conn
+
+    def _maybe_accept(self, data: bytes, header: Any, addr: Address) -> QuicConn | None:
+        if self._accept is None or header.packet_type != QuicPacketType.INITIAL:
+            return None
+        if header.version is not None and header.version not in SUPPORTED_VERSIONS:
+            self.send_raw_nowait(
+                encode_quic_version_negotiation(
+                    source_cid=header.destination_cid,
+                    destination_cid=header.source_cid,
+                    supported_versions=SUPPORTED_VERSIONS,
+                ),
+                addr,
+            )
+            return None
+        if len(data) < SMALLEST_INITIAL:
+            return None
+        original_dcid: bytes = header.destination_cid
+        retry_scid: bytes | None = None
+        if self._retry is not None:
+            if not header.token:
+                source_cid = os.urandom(CID_LENGTH)
+                self.send_raw_nowait(
+                    encode_quic_retry(
+                        version=header.version,
+                        source_cid=source_cid,
+                        destination_cid=header.source_cid,
+                        original_destination_cid=header.destination_cid,
+                        retry_token=self._retry.create_token(
+                            address=addr,
+                            original_destination_connection_id=header.destination_cid,
+                            retry_source_connection_id=source_cid,
+                            now=trio.current_time(),
+                        ),
+                    ),
+                    addr,
+                )
+                return None
+            try:
+                original_dcid = self._retry.validate_token(
+                    address=addr,
+                    destination_cid=header.destination_cid,
+                    token=header.token,
+                    now=trio.current_time(),
+                )
+            except ValueError:
+                return None
+            retry_scid = header.destination_cid
+        settings = self._accept()
+        quic = new_connection(
+            settings,
+            is_client=False,
+            original_destination_connection_id=original_dcid,
+            retry_source_connection_id=retry_scid,
+        )
+        conn = self._add(quic, addr, settings.keepalive_interval)
+        self.register_cid(conn, header.destination_cid)
+        assert self._on_accept is not None
+        self._on_accept(conn)
+        return conn
+
+    def connect(self, addr: Address, settings: ConnectionSettings) -> QuicConn:
+        """Start a client-role connection; wait on ``conn.handshake_complete``/``closed``."""
+        quic = new_connection(settings, is_client=True)
+        conn = self._add(quic, addr, settings.keepalive_interval)
+        quic.connect(addr, now=trio.current_time())
+        conn.process_events()
+        conn.mark_dirty()
+        return conn
+
+    def _add(
+        self, quic: FlowControlledConnection, addr: Address, keepalive_interval: float | None
+    ) -> QuicConn:
+        conn = QuicConn(self, quic, addr, keepalive_interval=keepalive_interval)
+        for cid in quic.host_cids():
+            self.register_cid(conn, cid)
+        self._nursery.start_soon(conn.drive)
+        return conn
+
+    def register_cid(self, conn: QuicConn, cid: bytes) -> None:
+        self._by_cid[cid] = conn
+        conn.cids.add(cid)
+
+    def unregister_cid(self, conn: QuicConn, cid: bytes) -> None:
+        if self._by_cid.get(cid) is conn:
+            del self._by_cid[cid]
+        conn.cids.discard(cid)
+
+    def forget(self, conn: QuicConn) -> None:
+        for cid in list(conn.cids):
+            self.unregister_cid(conn, cid)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def send_raw_nowait(self, data: bytes, addr: Address) -> None:
+        """Best-effort immediate send (dropped if the socket is full): stateless replies,
+        punch answers."""
+        self.sock.sendto_nowait(data, addr)
+
+    def send_nowait(self, datagrams: Datagrams) -> int:
+        return self.sock.send_batch_nowait(datagrams, 0)
+
+    async def send_datagrams(self, datagrams: Datagrams) -> None:
+        sock = self.sock
+        start = 0
+        while start < len(datagrams):
+            sent = sock.send_batch_nowait(datagrams, start)
+            if sent == 0:
+                await sock.wait_writable()
+            start += sent
+
+    async def send_raw(self, data: bytes, addr: Address) -> None:
+        """Send one non-QUIC datagram (hole punching)."""
+        await self.send_datagrams([(data, addr)])
