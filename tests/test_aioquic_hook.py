@@ -31,7 +31,8 @@ UPGRADE = f"aioquic {aioquic.__version__}"
 def _aioquic_broke(what: str) -> str:
     return (
         f"{UPGRADE} no longer provides {what}, which conec_trio._quic.FlowControlledConnection "
-        "relies on: adapt conec_trio/_quic/_aioquic.py to this aioquic version, or keep the version pin below it"
+        "relies on: adapt conec_trio/_quic/_aioquic.py to this aioquic version, or keep the "
+        "version pin below it"
     )
 
 
