@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,43 +20,37 @@ from ._config import (
     check_client_id,
     load_pem,
 )
+from ._connect import Dialer, Link
 from ._direct import DirectManager
 from ._exceptions import (
     BroadcastNotFoundError,
-    CertificateError,
     ChannelError,
     ConecError,
-    ConnectError,
     DisconnectedError,
-    IdInUseError,
-    InvalidIdError,
     PeerNotFoundError,
     ProtocolError,
     RefusedError,
     StreamIdInUseError,
-    VersionMismatchError,
 )
 from ._quic import (
-    ConnectionListener,
     ConnectionSettings,
     DatagramSocket,
     Identity,
     QuicConn,
     QuicEndpoint,
     TrustStore,
-    make_udp_socket,
 )
+from ._rpc import Requests
 from ._streams import (
     MessageReceiveChannel,
     MessageSendChannel,
     StreamState,
-    StreamTable,
     message_channels,
     read_header,
     write_message,
 )
 from ._types import BroadcastMessage, IncomingStream, StreamId
-from ._util import system_ca_location, unwrap_single_exception, wait_any
+from ._util import system_ca_location, unwrap_single_exception
 from ._wire import control
 from ._wire.codes import CloseCode, StreamCode
 
@@ -66,33 +58,6 @@ log = logging.getLogger("conec_trio.client")
 
 # How long a client waits at exit for its cleanly closed streams to be acknowledged.
 FLUSH_TIMEOUT = 2.0
-
-_CLOSE_ERRORS: dict[int, type[ConecError]] = {
-    CloseCode.VERSION: VersionMismatchError,
-    CloseCode.ID_TAKEN: IdInUseError,
-    CloseCode.BAD_ID: InvalidIdError,
-    CloseCode.CERTIFICATE: CertificateError,
-    CloseCode.LIMIT: RefusedError,
-    CloseCode.PROTOCOL: ProtocolError,
-}
-
-
-def _close_error(conn: QuicConn, host: str, port: int) -> ConecError:
-    """Turn a connection that closed during setup into the error a user can act on."""
-    code = conn.close_error_code or 0
-    reason = conn.close_reason
-    if code in _CLOSE_ERRORS:
-        return _CLOSE_ERRORS[code](f"coordinator at {host}:{port} refused this client: {reason}")
-    if 0x100 <= code < 0x200:  # a TLS alert, from either side
-        return CertificateError(
-            f"TLS handshake with the coordinator at {host}:{port} failed: {reason or 'alert'} "
-            f"(check the coordinator's certificate, the 'ca' setting and 'coord_host')"
-        )
-    if reason == "Idle timeout":
-        return ConnectError(f"no answer from the coordinator at {host}:{port}")
-    return ConnectError(
-        f"connection to the coordinator at {host}:{port} closed: {reason or f'code {code:#x}'}"
-    )
 
 
 class _IncomingStreams(trio.abc.ReceiveChannel[IncomingStream]):
@@ -119,20 +84,6 @@ class _IncomingStreams(trio.abc.ReceiveChannel[IncomingStream]):
         await self._recv.aclose()
 
 
-class _HelloOnHandshake(ConnectionListener):
-    """Listens to one connection attempt until its handshake completes."""
-
-    def __init__(self, client: Client, endpoint: QuicEndpoint) -> None:
-        self._client = client
-        self.endpoint = endpoint
-        self.local: list[tuple[str, int]] | None = None  # this client's own address view
-
-    def handshake_completed(self, conn: QuicConn) -> None:
-        if self.local is None:
-            self.local = Client._local_addrs(self.endpoint, conn.peer_address)
-        self._client._say_hello(conn, self.local, self.endpoint)
-
-
 class Client:
     """A client connected to a coordinator (see ``open_client``)."""
 
@@ -140,14 +91,10 @@ class Client:
         self.config = config
         self.id = check_client_id(config.id)
         self._nursery = nursery
-        self._conn: QuicConn | None = None
-        self._endpoint: QuicEndpoint | None = None
+        self._link: Link | None = None  # the coordinator connection, once connected
         self._sockets: list[DatagramSocket] = []
-        self._table: StreamTable | None = None
-        self._control: StreamState | None = None
         self._lost: ConecError | None = None
-        self._rid = itertools.count(1)
-        self._pending: dict[int, trio.MemorySendChannel[Any]] = {}
+        self._requests = Requests(self._send_control)
         self._proxied_ids: set[int] = set()
         self._next_proxied = 0
         self.observed_address: tuple[str, int] | None = None
@@ -211,222 +158,67 @@ class Client:
             trust = TrustStore(cafile=cafile, capath=capath)
         return self._settings(server_name=self.config.coord_host, trust=trust)
 
-    async def _connect(self) -> None:
-        cfg = self.config
-        host, port = cfg.coord_host, cfg.coord_port
-        try:
-            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        except OSError as exc:
-            raise ConnectError(f"cannot resolve the coordinator host {host!r}: {exc}") from exc
-        errors: list[ConecError] = []
-        attempts: list[tuple[trio.CancelScope, QuicEndpoint, QuicConn]] = []
-        # Every resolved address is tried at once ("localhost" may be ::1 or 127.0.0.1);
-        # the first finished handshake wins.
-        # Full socket addresses: an AF_INET6 socket reports senders as 4-tuples, and aioquic
-        # only accepts packets from the exact address it dialled.
-        for family, addr in dict.fromkeys((info[0], tuple(info[4])) for info in infos):
-            bind_host = "::" if family == socket.AF_INET6 else "0.0.0.0"
-            try:
-                sock = make_udp_socket(family, bind_host, 0)
-            except OSError as exc:
-                errors.append(ConnectError(f"cannot open a UDP socket towards {addr}: {exc}"))
-                continue
-            scope = trio.CancelScope()
-            endpoint: QuicEndpoint = await self._nursery.start(self._run_endpoint, sock, scope)
-            conn = endpoint.connect(addr, self._coordinator_settings())
-            conn.listener = _HelloOnHandshake(self, endpoint)
-            attempts.append((scope, endpoint, conn))
-        # The ClientHello carries no certificate: send it, then make an ephemeral identity
-        # (and the rest of the hello) while the coordinator answers; a handshake that gets
-        # there first makes them itself.
-        for _, _, conn in attempts:
-            await conn.transmit()
-        for _, endpoint, conn in attempts:
-            listener = conn.listener
-            if isinstance(listener, _HelloOnHandshake) and listener.local is None:
-                listener.local = self._local_addrs(endpoint, conn.peer_address)
-        self._identity()
+    @property
+    def _endpoint(self) -> QuicEndpoint | None:
+        return self._link.endpoint if self._link is not None else None
 
-        with trio.move_on_after(cfg.connect_timeout):
-            async with trio.open_nursery() as watchers:
-                for _, _, conn in attempts:
-                    watchers.start_soon(self._watch_attempt, conn, attempts, watchers.cancel_scope)
-        # The winner (if any) was chosen, and said its hello, when its handshake completed.
-        winner = self._conn
-        for scope, _, conn in attempts:
-            if conn is not winner:
-                if conn.is_open:
-                    conn.close(int(CloseCode.NORMAL), "another address answered first")
-                    await conn.transmit()
-                else:
-                    errors.append(_close_error(conn, host, port))
-                scope.cancel()
-        if winner is None:
-            raise self._best_error(errors, host, port)
-        assert self._endpoint is not None
-        self._endpoint.raw_datagram_handler = self._direct.raw_datagram
-        if cfg.listen:
+    async def _connect(self) -> None:
+        dialer = Dialer(
+            self.config,
+            self.id,
+            self._nursery,
+            self._coordinator_settings(),
+            self._identity,
+            self._sockets,
+            self._new_stream,
+            self._terminated,
+        )
+        link = await dialer.dial()
+        self._link = link
+        # Before the welcome: a peer may dial as soon as the coordinator registered us.
+        link.endpoint.raw_datagram_handler = self._direct.raw_datagram
+        if self.config.listen:
             # Direct channels arrive on this same socket (and so through the same NAT mapping
             # the coordinator observed).
-            self._endpoint.accept_connections(self._direct.server_settings, self._direct.accepted)
-        await self._hello()
-
-    @staticmethod
-    async def _watch_attempt(
-        conn: QuicConn,
-        attempts: list[tuple[trio.CancelScope, QuicEndpoint, QuicConn]],
-        done: trio.CancelScope,
-    ) -> None:
-        await wait_any(conn.handshake_complete, conn.closed)
-        if conn.handshake_complete.is_set() or all(not c.is_open for _, _, c in attempts):
-            done.cancel()
-
-    async def _run_endpoint(
-        self,
-        sock: DatagramSocket,
-        scope: trio.CancelScope,
-        *,
-        task_status: trio.TaskStatus[QuicEndpoint] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        # The socket outlives this task: open_client closes it last, after the goodbyes.
-        self._sockets.append(sock)
-        with scope:
-            async with trio.open_nursery() as nursery:
-                endpoint = QuicEndpoint(sock, nursery)
-                # No need to wait for the receive loop: datagrams wait in the socket.
-                nursery.start_soon(endpoint.run)
-                task_status.started(endpoint)
-
-    def _best_error(self, errors: list[ConecError], host: str, port: int) -> ConecError:
-        # A certificate problem or a refusal says more than a silence.
-        for err in errors:
-            if not isinstance(err, ConnectError):
-                return err
-        return ConnectError(
-            f"no answer from the coordinator at {host}:{port} within "
-            f"{self.config.connect_timeout:g} s (is it running, and are host and port right?)"
-        )
-
-    def _say_hello(
-        self, conn: QuicConn, local: list[tuple[str, int]], endpoint: QuicEndpoint
-    ) -> None:
-        """The first attempt whose handshake completes wins: its control stream opens and
-        the hello goes out at once, in the same flight as the client's TLS Finished (1-RTT
-        data may follow the Finished), so registration costs no round trip of its own.
-        The server's certificate was verified before the Finished; the coordinator checks
-        ours with the Finished, which it reads before the hello."""
-        if self._conn is not None or not conn.is_open:
-            return
-        self._conn = conn
-        self._endpoint = endpoint
-        self._table = StreamTable(
-            conn,
-            window=self.config.stream_window,
-            max_message_size=self.config.max_message_size,
-            on_new_stream=self._new_stream,
-            on_terminated=self._terminated,
-            describe_loss=lambda: DisconnectedError(
-                f"client {self.id!r} lost its connection to the coordinator"
-            ),
-        )
-        st = self._table.open_stream()
-        self._control = st
-        write_message(
-            st,
-            control.encode(
-                control.Hello(control.PROTOCOL_VERSION, self.id, self.config.listen, local)
-            ),
-        )
-        conn.expedite()
-
-    async def _hello(self) -> None:
-        """Wait for the coordinator's answer to the hello ``_say_hello`` sent."""
-        conn, st = self._conn, self._control
-        assert conn is not None and st is not None
-        host, port = self.config.coord_host, self.config.coord_port
-        try:
-            with trio.fail_after(self.config.connect_timeout):
-                reply = control.decode(await read_header(st))
-        except trio.TooSlowError:
-            raise ConnectError(
-                f"the coordinator at {host}:{port} did not answer the hello"
-            ) from None
-        except ConecError:
-            await trio.lowlevel.checkpoint()
-            if not conn.is_open:
-                raise _close_error(conn, host, port) from None
-            raise
-        if isinstance(reply, control.Refused):
-            raise ConecError(f"coordinator refused this client: {reply.message}")
-        if not isinstance(reply, control.Welcome):
-            raise ProtocolError(f"the coordinator answered the hello with {type(reply).__name__}")
-        if reply.version != control.PROTOCOL_VERSION:
-            raise VersionMismatchError(
-                f"protocol version mismatch: the client speaks version {control.PROTOCOL_VERSION},"
-                f" the coordinator speaks version {reply.version}"
-            )
-        self.observed_address = reply.observed_addr
-        self._nursery.start_soon(self._control_loop, st)
-
-    @staticmethod
-    def _local_addrs(endpoint: QuicEndpoint, peer: tuple[Any, ...]) -> list[tuple[str, int]]:
-        """This client's own view of its address (a peer on the same LAN can use it)."""
-        host, port = endpoint.local_address[:2]
-        if host not in ("0.0.0.0", "::"):
-            return [(str(host), int(port))]
-        # The address the OS would send from towards the coordinator (no packet is sent).
-        probe = socket.socket(endpoint.sock.family, socket.SOCK_DGRAM)
-        try:
-            probe.connect(peer[:2])
-            return [(str(probe.getsockname()[0]), int(port))]
-        except OSError:
-            return []
-        finally:
-            probe.close()
+            link.endpoint.accept_connections(self._direct.server_settings, self._direct.accepted)
+        await dialer.await_welcome(link)
+        self.observed_address = link.observed_address
+        self._nursery.start_soon(self._control_loop, link)
 
     # -- control stream ----------------------------------------------------------------------------
 
-    async def _control_loop(self, st: StreamState) -> None:
+    async def _control_loop(self, link: Link) -> None:
         while True:
             try:
-                msg = control.decode(await read_header(st))
+                msg = control.decode(await read_header(link.control))
             except ConecError as exc:
-                if self._conn is not None and self._conn.is_open:
+                if link.conn.is_open:
                     log.warning("bad control message from the coordinator: %s", exc)
-                    self._conn.close(int(CloseCode.PROTOCOL), f"bad control message: {exc}")
+                    link.conn.close(int(CloseCode.PROTOCOL), f"bad control message: {exc}")
                 return
             if isinstance(msg, control.ChannelOffer):
                 self._nursery.start_soon(self._direct.on_offer, msg)
                 continue
-            rid = getattr(msg, "rid", None)
-            if rid is not None and rid in self._pending:
-                self._pending.pop(rid).send_nowait(msg)
+            self._requests.reply(msg)
 
     def _send_control(self, msg: Any) -> None:
-        if self._control is not None and self._conn is not None and self._conn.is_open:
-            write_message(self._control, control.encode(msg))
+        link = self._link
+        if link is not None and link.conn.is_open:
+            write_message(link.control, control.encode(msg))
 
     async def _request(self, make: Any) -> Any:
-        """Send a control request and wait for its reply (matched by request id)."""
+        """Send a control request and wait for its reply (``DisconnectedError`` if the
+        coordinator connection is lost meanwhile)."""
         self._check_alive()
-        assert self._control is not None
-        rid = next(self._rid)
-        send, recv = trio.open_memory_channel[Any](1)
-        self._pending[rid] = send
-        try:
-            write_message(self._control, control.encode(make(rid)))
-            while True:
-                with trio.move_on_after(0.5):
-                    return await recv.receive()
-                self._check_alive()
-        finally:
-            self._pending.pop(rid, None)
+        return await self._requests.request(make)
 
-    def _check_alive(self) -> None:
+    def _check_alive(self) -> Link:
         if self._lost is not None:
             raise DisconnectedError(str(self._lost)) from self._lost
-        if self._conn is None or not self._conn.is_open:
+        link = self._link
+        if link is None or not link.conn.is_open:
             raise DisconnectedError(f"client {self.id!r} is not connected to the coordinator")
+        return link
 
     def _terminated(self, conn: QuicConn, error_code: int, reason: str) -> None:
         if self._lost is None:
@@ -434,8 +226,7 @@ class Client:
                 f"client {self.id!r} lost its connection to the coordinator: {reason or 'closed'}"
             )
         self._incoming_send.close()
-        for send in self._pending.values():
-            send.close()
+        self._requests.connection_lost(self._lost)
         # The contract: losing the coordinator breaks every stream of this client, direct
         # ones included (their peers were vouched for by a coordinator that is gone).
         self._direct.coordinator_lost()
@@ -493,9 +284,7 @@ class Client:
         or ``RefusedError``, anything else ``ProtocolError``. On any failure, or if cancelled,
         the stream is broken both ways.
         """
-        self._check_alive()
-        assert self._table is not None
-        st = self._table.open_stream()
+        st = self._check_alive().table.open_stream()
         if decoder is not None:
             st.decoder = decoder
         write_message(st, control.encode(header))
@@ -627,9 +416,7 @@ class Client:
         """Join broadcast channel ``name`` (created on first use): ``(send, recv)``."""
         from ._broadcast import join_broadcast
 
-        self._check_alive()
-        assert self._table is not None
-        return await join_broadcast(self, self._table, name)
+        return await join_broadcast(self, self._check_alive().table, name)
 
     async def broadcast_count(self, name: str) -> tuple[int, int]:
         """``(senders, receivers)`` of broadcast channel ``name`` now.
@@ -645,19 +432,19 @@ class Client:
 
     async def _shutdown(self) -> None:
         """Leave: deliver what was cleanly closed, then break the rest and say goodbye."""
-        conn, table = self._conn, self._table
+        link = self._link
         self._incoming_send.close()
         tables = [channel.table for channel in self._direct.channels.values()]
-        if table is not None:
-            tables.append(table)
+        if link is not None:
+            tables.append(link.table)
         with trio.move_on_after(FLUSH_TIMEOUT):
             for t in tables:
                 await t.flush()
         for t in tables:
             t.abort_all(StreamCode.ABORTED)
         await self._direct.aclose_all()
-        if conn is not None:
-            await conn.aclose(int(CloseCode.NORMAL), "client leaving")
+        if link is not None:
+            await link.conn.aclose(int(CloseCode.NORMAL), "client leaving")
 
 
 @asynccontextmanager

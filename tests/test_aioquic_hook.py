@@ -115,7 +115,7 @@ async def test_client_side_does_not_ask_the_coordinator_for_a_client_cert(
 ) -> None:
     # The hook is server-side only: a client-role connection must not request anything.
     async with connected(open_client, coord, "alice") as alice:
-        conn = alice._conn
+        conn = alice._link.conn
         assert conn is not None
         assert conn.quic.tls._request_client_certificate is False
         # ... and it does see the coordinator's certificate, through the same attribute.
@@ -186,7 +186,7 @@ async def test_connections_work_after_the_handshake_state_is_dropped(
     # Once the handshake is over, FlowControlledConnection drops aioquic's handshake buffers
     # and shares its frame table; streams, a key update and the close must not notice.
     async with connected(open_client, coord, "alice") as alice:
-        conn = alice._conn
+        conn = alice._link.conn
         assert conn is not None
         client_side = conn.quic
         coord_side = _coordinator_side_connection(coord, "alice")

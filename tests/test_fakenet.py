@@ -528,7 +528,10 @@ async def test_idle_connections_keep_no_growing_state(
         build(net, None, None)
         async with open_lab(net, identity) as (coord, alice, bob):
             await trio.sleep(30)
-            sides = {"coordinator": coord._clients["alice"].conn.quic, "client": alice._conn.quic}  # type: ignore[union-attr]
+            sides = {
+                "coordinator": coord._clients["alice"].conn.quic,
+                "client": alice._link.conn.quic,  # type: ignore[union-attr]
+            }
             for side, quic in sides.items():
                 # The handshake's buffers are gone once it is over.
                 buffers = quic._crypto_buffers.values()

@@ -631,7 +631,7 @@ async def test_opener_giving_up_on_streams_bob_has_no_room_for_does_not_disconne
         raw.conn.reset_stream(sids[-1], StreamCode.ABORTED)
         assert isinstance(await raw.still_served(), control.ErrorReply)
         await arena.traffic.advance()
-        conn = arena.bob._conn
+        conn = arena.bob._link.conn
         assert conn is not None
         assert conn.is_open, f"bob was disconnected: {conn.close_reason}"
 

@@ -14,7 +14,7 @@ DEADLINE = 10.0
 
 
 def client_side(client: conec_trio.Client) -> _quic.FlowControlledConnection:
-    conn = client._conn
+    conn = client._link.conn
     assert conn is not None
     return conn.quic
 

@@ -552,7 +552,7 @@ async def test_invalid_id_is_refused_before_any_network_activity(
         raise AssertionError("open_client touched the network for an invalid id")
 
     monkeypatch.setattr(trio.socket, "getaddrinfo", no_network)
-    monkeypatch.setattr(conec_trio._client, "make_udp_socket", no_network)
+    monkeypatch.setattr(conec_trio._connect, "make_udp_socket", no_network)
     with silent_udp_port() as port:
         err = await expect_open_client_error(
             client_config(coord, bad_id, coord_port=port),
@@ -594,7 +594,7 @@ async def test_version_mismatch_is_refused_saying_so(
     # the module, so give one side its own view of it.
     real = control.PROTOCOL_VERSION
     other = 7919
-    module = conec_trio._client if newer == "client" else conec_trio._coordinator
+    module = conec_trio._connect if newer == "client" else conec_trio._coordinator
     monkeypatch.setattr(module, "control", _VersionProxy(other))
     err = await expect_open_client_error(
         client_config(coord, "alice"), conec_trio.VersionMismatchError, coord=coord
