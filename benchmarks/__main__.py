@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--only NAME ...] [--json PATH] [--png PATH]``."""
+"""``python -m benchmarks [--quick] [--only NAME ...] [--no-pin] [--json PATH] [--png PATH]``."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 def main(argv: list[str] | None = None) -> int:
     from . import cases  # noqa: F401  (registers the cases)
+    from ._procs import configure_pinning, pinning_report
     from .chart import Bar, ValueBar, draw, value_score
     from .harness import (
         REGISTRY,
         fmt,
         format_table,
         format_value_target,
+        noisy_summary,
         results_json,
         run_all,
         write_json,
@@ -42,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--repeats", type=int, help="runs of each side per case (default 5, 2 with --quick)"
+    )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let the scheduler place every process (default: the server/coordinator side "
+        "and the client side of each measurement on separate CPUs, where there are two)",
     )
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "latest.json", metavar="PATH")
     parser.add_argument("--png", type=Path, default=RESULTS_DIR / "latest.png", metavar="PATH")
@@ -68,15 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     if repeats < 1:
         parser.error("--repeats must be at least 1")
 
+    pinning = configure_pinning(not args.no_pin)
+    _log(f"pinning: {pinning.describe()}")
     start = time.perf_counter()
     results = run_all([REGISTRY[n] for n in names], repeats, args.quick, log=_log)
     wall = time.perf_counter() - start
+    pinned = pinning_report()
 
     print()
     print(format_table(results))
     print(f"\n{len(results)} case(s), {repeats} repeat(s), {wall:.1f} s")
+    refused = pinned["refused"]
+    note = f"; refused for {len(refused)} process(es), which ran unpinned" if refused else ""
+    print(f"pinning: {pinned['description']}{note}")
+    print(noisy_summary(results))
 
-    data = results_json(results, quick=args.quick, repeats=repeats, wall_time=wall)
+    data = results_json(results, quick=args.quick, repeats=repeats, wall_time=wall, pinning=pinned)
     write_json(data, args.json)
     print(f"raw samples: {_show(args.json)}")
     # The ratio panel judges the ratio target alone; the value panel the value target alone.

@@ -16,24 +16,119 @@ values with ``link.send(value)`` and reads the parent's messages with ``link.rec
 parent, which raises ``ChildError`` carrying the child's traceback. Every wait has a timeout,
 and leaving the ``with`` block stops every child: politely when all went well (the pipe closes,
 the child is expected to notice and exit), with terminate/kill otherwise or if it lingers.
+
+CPU pinning: ``spawn(..., side="server")`` or ``side="client"`` names the side of the
+measurement a child belongs to. Once the harness has called ``configure_pinning(True)``, each
+side runs on its own set of CPUs (``os.sched_setaffinity``), so that the scheduler never puts
+both ends of a measurement on one core while the other idles: a run that did so would be a
+second mode in the samples. With one CPU, or where the call is refused, children run unpinned
+and ``pinning_report`` says so. Without ``configure_pinning`` (the modules run on their own)
+nothing is pinned.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 _CTX = multiprocessing.get_context("spawn")
 
 # How long a child may take to exit on its own after the parent is done with it.
 _EXIT_GRACE = 5.0
+
+
+Side = Literal["server", "client"]
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """The CPUs each side of a measurement runs on (``None``: not pinned, and why)."""
+
+    server: tuple[int, ...] | None = None
+    client: tuple[int, ...] | None = None
+    reason: str = "not asked for"
+
+    def cpus(self, side: Side) -> tuple[int, ...] | None:
+        return self.server if side == "server" else self.client
+
+    def describe(self) -> str:
+        if self.server is None or self.client is None:
+            return f"none ({self.reason})"
+        return (
+            f"server/coordinator side on CPU {_cpu_list(self.server)}, "
+            f"client side on CPU {_cpu_list(self.client)}"
+        )
+
+
+def _cpu_list(cpus: tuple[int, ...]) -> str:
+    return ",".join(str(c) for c in cpus)
+
+
+_pinning = Pinning()
+# Children whose pinning was refused after the plan was made: they ran unpinned.
+_refused: list[str] = []
+
+
+def configure_pinning(enabled: bool) -> Pinning:
+    """Plan the pinning of every child spawned from now on and return the plan.
+
+    The CPUs this process may use are split in two: the first half for the server side,
+    the rest for the client side (which may hold several processes). Falls back to no
+    pinning with one CPU or where ``sched_setaffinity`` is missing or refused."""
+    global _pinning
+    _refused.clear()
+    if not enabled:
+        _pinning = Pinning(reason="turned off")
+        return _pinning
+    try:
+        cpus = tuple(sorted(os.sched_getaffinity(0)))
+        # Setting our own mask to what it is already asks whether the call is allowed here.
+        os.sched_setaffinity(0, cpus)
+    except AttributeError:
+        _pinning = Pinning(reason="sched_setaffinity is not available on this system")
+        return _pinning
+    except OSError as exc:
+        _pinning = Pinning(reason=f"sched_setaffinity refused: {exc.strerror or exc}")
+        return _pinning
+    if len(cpus) < 2:
+        _pinning = Pinning(reason=f"only CPU {_cpu_list(cpus)} is available")
+        return _pinning
+    half = len(cpus) // 2
+    _pinning = Pinning(server=cpus[:half], client=cpus[half:], reason="")
+    return _pinning
+
+
+def pin(pid: int | None, side: Side | None, name: str) -> None:
+    """Pin process ``pid`` to ``side``'s CPUs, if pinning is on; a refusal is only recorded
+    (the process runs unpinned), so that a measurement never fails for it. The process must
+    not have started any thread yet: a thread keeps the mask it was created with."""
+    cpus = _pinning.cpus(side) if side is not None else None
+    if cpus is None or pid is None:
+        return
+    try:
+        os.sched_setaffinity(pid, cpus)
+    except OSError as exc:
+        _refused.append(f"{name}: {exc.strerror or exc}")
+
+
+def pinning_report() -> dict[str, Any]:
+    """The plan and what came of it, for the results: CPUs per side (None: unpinned), the
+    reason when unpinned, and the children whose pinning was refused."""
+    return {
+        "server_cpus": list(_pinning.server) if _pinning.server is not None else None,
+        "client_cpus": list(_pinning.client) if _pinning.client is not None else None,
+        "description": _pinning.describe(),
+        "refused": list(_refused),
+    }
 
 
 class ChildError(RuntimeError):
@@ -137,13 +232,18 @@ class Processes:
     def __enter__(self) -> Processes:
         return self
 
-    def spawn(self, name: str, target: Callable[..., None], *args: Any) -> Child:
-        """Start ``target(link, *args)`` in a new (spawned) process."""
+    def spawn(
+        self, name: str, target: Callable[..., None], *args: Any, side: Side | None = None
+    ) -> Child:
+        """Start ``target(link, *args)`` in a new (spawned) process, pinned to ``side``'s
+        CPUs when pinning is on (see ``configure_pinning``)."""
         parent_conn, child_conn = _CTX.Pipe()
         process = _CTX.Process(
             target=_child_entry, args=(child_conn, target, args), name=name, daemon=True
         )
         process.start()
+        # Right after the start the child is still in interpreter start-up: no thread yet.
+        pin(process.pid, side, name)
         child_conn.close()  # so that the parent sees EOF when the child exits
         child = Child(name, process, parent_conn)
         self._children.append(child)

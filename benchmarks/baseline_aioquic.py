@@ -129,9 +129,16 @@ def _run_pair(
             key_pem,
             server_mode,
             timeout + STARTUP_TIMEOUT,
+            side="server",
         )
         client = procs.spawn(
-            f"aioquic {measurement} client", _client_main, cert_pem, measurement, params, timeout
+            f"aioquic {measurement} client",
+            _client_main,
+            cert_pem,
+            measurement,
+            params,
+            timeout,
+            side="client",
         )
         port = server.recv(STARTUP_TIMEOUT)
         client.send(port)

@@ -13,6 +13,10 @@ issue's "at least 50,000 messages/s", "at most 100 KB per client"), with no rati
 may carry such a value target (``target_value``) besides or instead of a ratio target. Several
 cases may take their values from one measurement that yields many numbers at once (a
 ``Metric`` subject: one run per round, each case reading its own key of the result).
+
+A case is *noisy* when one side's samples spread more than ``SPREAD_LIMIT`` (max/min): on a
+busy machine a run can fall into two modes, and a median taken across them means little.
+The table flags such cases and the runner names them at the end.
 """
 
 from __future__ import annotations
@@ -126,6 +130,26 @@ def register(case: Case) -> Case:
     return case
 
 
+# A side whose largest sample is more than this many times its smallest makes a case noisy.
+SPREAD_LIMIT = 1.5
+
+
+def spread(samples: Sequence[float]) -> float | None:
+    """max/min of ``samples``: 1 when they agree, 2 when the largest is twice the smallest.
+
+    None with fewer than two samples, or when the smallest is zero or below and the samples
+    differ (counts that may be 0, such as messages lost: no ratio says how far apart they
+    are)."""
+    if len(samples) < 2:
+        return None
+    low, high = min(samples), max(samples)
+    if low == high:
+        return 1.0
+    if low <= 0:
+        return None
+    return high / low
+
+
 # Raised by a subject whose library code is not there yet: reported, not an error.
 SUBJECT_MISSING: tuple[type[BaseException], ...] = (NotImplementedError, ImportError)
 
@@ -150,6 +174,18 @@ class CaseResult:
         if self.case.higher_is_better:
             return s / b if b else None
         return b / s if s else None
+
+    @property
+    def noisy_sides(self) -> dict[str, float]:
+        """The sides (``baseline``, ``subject``) whose spread exceeds ``SPREAD_LIMIT``, with
+        their spread. An absolute case's baseline is not its own and is left out."""
+        sides = {"baseline": [] if self.case.absolute else self.baseline, "subject": self.subject}
+        found: dict[str, float] = {}
+        for side, samples in sides.items():
+            s = spread(samples)
+            if s is not None and s > SPREAD_LIMIT:
+                found[side] = s
+        return found
 
     @property
     def value(self) -> float | None:
@@ -330,10 +366,37 @@ def fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _spread(samples: Sequence[float]) -> str:
+def _median_range(samples: Sequence[float]) -> str:
     if not samples:
         return ""
     return f"{fmt(statistics.median(samples))} ({fmt(min(samples))}-{fmt(max(samples))})"
+
+
+def _format_spread(result: CaseResult) -> str:
+    """``1.04 / 2.31 NOISY``: baseline / subject max/min, ``-`` where there is none."""
+
+    def one(samples: Sequence[float]) -> str:
+        s = spread(samples)
+        return "-" if s is None else f"{s:.2f}"
+
+    baseline = "-" if result.case.absolute else one(result.baseline)
+    flag = " NOISY" if result.noisy_sides else ""
+    return f"{baseline} / {one(result.subject)}{flag}"
+
+
+def noisy_summary(results: Sequence[CaseResult]) -> str:
+    """One line naming the cases with a side spread over ``SPREAD_LIMIT``, or saying none."""
+    noisy = [
+        f"{r.case.name} ({', '.join(f'{side} {s:.2f}x' for side, s in r.noisy_sides.items())})"
+        for r in results
+        if r.noisy_sides
+    ]
+    if not noisy:
+        return f"spread: no case has a side whose max/min exceeds {SPREAD_LIMIT:g}x"
+    return (
+        f"NOISY: {len(noisy)} case(s) with a side whose max/min exceeds {SPREAD_LIMIT:g}x "
+        f"(maybe two modes; run again before trusting the median): {'; '.join(noisy)}"
+    )
 
 
 def format_value_target(case: Case) -> str:
@@ -348,12 +411,12 @@ def format_value_target(case: Case) -> str:
 def format_table(results: Sequence[CaseResult]) -> str:
     """Plain-text table: one row per case."""
     header = ("case", "unit", "baseline median (min-max)", "subject median (min-max)",
-              "ratio", "target ratio", "target value", "result")  # fmt: skip
+              "spread b / s", "ratio", "target ratio", "target value", "result")  # fmt: skip
     rows: list[tuple[str, ...]] = []
     for r in results:
         unit = r.case.unit + ("" if r.case.higher_is_better else " (lower better)")
         if r.subject:
-            subject = _spread(r.subject)
+            subject = _median_range(r.subject)
         elif r.subject_status == "not available":
             subject = "subject not available"
         elif r.subject_status == "error":
@@ -363,11 +426,12 @@ def format_table(results: Sequence[CaseResult]) -> str:
         if r.case.absolute:
             baseline = "(absolute)"
         else:
-            baseline = _spread(r.baseline) if r.baseline else "baseline FAILED"
+            baseline = _median_range(r.baseline) if r.baseline else "baseline FAILED"
         ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
         target = f"{r.case.target:.2f}" if r.case.target is not None else "-"
         value_target = format_value_target(r.case)
-        rows.append((r.case.name, unit, baseline, subject, ratio, target, value_target, r.verdict))
+        rows.append((r.case.name, unit, baseline, subject, _format_spread(r), ratio, target,
+                     value_target, r.verdict))  # fmt: skip
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
@@ -414,11 +478,17 @@ def _stats(samples: Sequence[float]) -> dict[str, Any] | None:
         "median": statistics.median(samples),
         "min": min(samples),
         "max": max(samples),
+        "spread": spread(samples),
     }
 
 
 def results_json(
-    results: Sequence[CaseResult], *, quick: bool, repeats: int, wall_time: float
+    results: Sequence[CaseResult],
+    *,
+    quick: bool,
+    repeats: int,
+    wall_time: float,
+    pinning: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -426,6 +496,8 @@ def results_json(
         "repeats": repeats,
         "wall_time_s": round(wall_time, 2),
         "machine": machine_info(),
+        "pinning": dict(pinning) if pinning is not None else None,
+        "spread_limit": SPREAD_LIMIT,
         "cases": [
             {
                 "name": r.case.name,
@@ -444,6 +516,7 @@ def results_json(
                 "subject_note": r.subject_note,
                 "ratio": r.ratio,
                 "result": r.verdict,
+                "noisy": r.noisy_sides or None,
                 "errors": r.errors,
                 **({"runs": r.runs} if r.runs else {}),
             }

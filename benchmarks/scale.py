@@ -136,7 +136,9 @@ def measure(
     cert_pem, key_pem = self_signed_cert()
     result: dict[str, Any] = {"clients": clients, "client_processes": nprocs}
     with Processes() as procs:
-        coord = procs.spawn("scale coordinator", _coord_main, cert_pem, key_pem, lifetime)
+        coord = procs.spawn(
+            "scale coordinator", _coord_main, cert_pem, key_pem, lifetime, side="server"
+        )
         workers = [
             procs.spawn(
                 f"scale clients {p + 1}/{nprocs}",
@@ -147,6 +149,7 @@ def measure(
                 batch,
                 relay_nice,
                 lifetime,
+                side="client",
             )
             for p, ids in enumerate(groups)
         ]

@@ -40,7 +40,7 @@ import conec_trio
 
 from ._certs import self_signed_cert
 from ._child import from_parent, usage
-from ._procs import Child, Link, Processes
+from ._procs import Child, Link, Processes, Side
 
 HOST = "127.0.0.1"
 CHUNK = 64 * 1024  # bulk message size
@@ -93,7 +93,7 @@ def direct_bulk(nbytes: int) -> float:
     (the coordinator process only brokers; the channel is open before the clock starts)."""
     _check_positive(nbytes, "nbytes")
     params = {"target": "bench-b", "nbytes": nbytes, "direct": True}
-    value, stats = _run("plain", "bulk", params, "sink", _bulk_timeout(nbytes))
+    value, stats = _run("plain", "bulk", params, "sink", _bulk_timeout(nbytes), "server")
     _check_received("direct_bulk", stats["b"], nbytes)
     return value
 
@@ -111,7 +111,7 @@ def pingpong_direct(duration: float) -> float:
     """Round trips/s: as ``pingpong_proxied`` on a direct stream over a direct channel A-B
     (opened, with its stream, before the clock starts; the coordinator only brokers)."""
     params = {"target": "bench-b", "duration": duration, "direct": True}
-    value, _ = _run("plain", "pingpong", params, "echo", duration + 30.0)
+    value, _ = _run("plain", "pingpong", params, "echo", duration + 30.0, "server")
     return value
 
 
@@ -146,6 +146,7 @@ def _oneway_small_case(what: str, count: int, direct: bool) -> float:
         {"target": "bench-b", "count": count, "direct": direct},
         "sink",
         60.0 + count / 1000,
+        "server" if direct else "client",
     )
     _check_received(what, stats["b"], count * SMALL_MESSAGE)
     return value
@@ -171,9 +172,8 @@ def channel_open(opens: int = 10) -> float:
     three processes, both clients connected before the clock starts. A closes the channel
     (``close_channel``, not timed) before each next open."""
     _check_positive(opens, "opens")
-    value, _ = _run(
-        "plain", "channel_open", {"target": "bench-b", "opens": opens}, "sink", 30.0 + opens * 5.0
-    )
+    params = {"target": "bench-b", "opens": opens}
+    value, _ = _run("plain", "channel_open", params, "sink", 30.0 + opens * 5.0, "server")
     return value
 
 
@@ -203,7 +203,9 @@ def broadcast_fanout(nbytes: int, receivers: int) -> float:
             key_pem,
             "plain",
             timeout + 2 * STARTUP_TIMEOUT,
+            side="server",
         )
+        # The coordinator relays: its endpoints, sender and receivers, are the client side.
         sender = procs.spawn(
             "conec broadcast sender",
             _client_main,
@@ -211,6 +213,7 @@ def broadcast_fanout(nbytes: int, receivers: int) -> float:
             "broadcast_sender",
             {"receivers": receivers, "nbytes": nbytes},
             timeout + STARTUP_TIMEOUT,
+            side="client",
         )
         recv_procs = [
             procs.spawn(
@@ -220,6 +223,7 @@ def broadcast_fanout(nbytes: int, receivers: int) -> float:
                 "broadcast_receivers",
                 {"ids": ids},
                 timeout + 2 * STARTUP_TIMEOUT,
+                side="client",
             )
             for p, ids in enumerate(groups)
         ]
@@ -288,9 +292,15 @@ def _run(
     params: dict[str, Any],
     peer_mode: str | None,
     timeout: float,
+    peer_side: Side = "client",
 ) -> tuple[float, dict[str, Any]]:
     """Coordinator, client A running ``measurement``, and (with ``peer_mode``) client B
-    serving A's streams: ``(A's value, {"coord": stats, "b": stats})``."""
+    serving A's streams: ``(A's value, {"coord": stats, "b": stats})``.
+
+    With CPU pinning on, the coordinator is on the server side and A on the client side; B
+    on ``peer_side``: the client side when the coordinator relays between A and B (the relay
+    on one side, both its ends on the other), the server side when A talks to B directly
+    (B serves, the coordinator only brokers)."""
     cert_pem, key_pem = self_signed_cert()
     stats: dict[str, Any] = {}
     with Processes() as procs:
@@ -301,6 +311,7 @@ def _run(
             key_pem,
             coord_mode,
             timeout + 2 * STARTUP_TIMEOUT,
+            side="server",
         )
         peer = None
         if peer_mode is not None:
@@ -311,6 +322,7 @@ def _run(
                 "peer",
                 {"id": "bench-b", "mode": peer_mode},
                 timeout + 2 * STARTUP_TIMEOUT,
+                side=peer_side,
             )
         client = procs.spawn(
             f"conec {measurement} client A",
@@ -319,6 +331,7 @@ def _run(
             measurement,
             params,
             timeout + STARTUP_TIMEOUT,
+            side="client",
         )
         port = coord.recv(STARTUP_TIMEOUT)
         if peer is not None:

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from ._procs import Link, Processes
+from ._procs import Link, Processes, Side, pin
 
 HOST = "127.0.0.1"
 CHUNK = 64 * 1024
@@ -68,13 +68,13 @@ def _bulk_timeout(nbytes: int) -> float:
 
 def _measure(nbytes: int, tunnel: str | None) -> float:
     with Processes() as procs, ExitStack() as stack:
-        sink = procs.spawn("sink", _sink_main)
+        sink = procs.spawn("sink", _sink_main, side="server")
         sink_port = sink.recv(timeout=STARTUP_TIMEOUT)
         if tunnel is None:
             port = sink_port
         else:
             port = stack.enter_context(_tunnel(sink_port, proxied=tunnel == "proxied"))
-        source = procs.spawn("source", _source_main, port, nbytes)
+        source = procs.spawn("source", _source_main, port, nbytes, side="client")
         seconds = source.recv(timeout=STARTUP_TIMEOUT + _bulk_timeout(nbytes))
         received = sink.recv(timeout=10.0)
     if received != nbytes:
@@ -87,13 +87,14 @@ def _measure(nbytes: int, tunnel: str | None) -> float:
 
 
 class _Program:
-    def __init__(self, name: str, argv: list[str], workdir: Path) -> None:
+    def __init__(self, name: str, argv: list[str], workdir: Path, side: Side) -> None:
         self.name = name
         self.log_path = workdir / f"{name}.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True
             )
+        pin(self.proc.pid, side, name)
 
     def wait_for(self, pattern: re.Pattern[str]) -> re.Match[str]:
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -124,22 +125,29 @@ def _tunnel(sink_port: int, *, proxied: bool) -> Iterator[int]:
     with tempfile.TemporaryDirectory(prefix="conec-tunnel-bench-") as tmp:
         workdir = Path(tmp)
 
-        def start(name: str, *args: str) -> _Program:
-            program = _Program(name, [*CLI, *args], workdir)
+        # With CPU pinning on: the source's end (forward) on the client side, the rest of the
+        # path (coordinator, expose, and the sink) on the server side.
+        def start(name: str, side: Side, *args: str) -> _Program:
+            program = _Program(name, [*CLI, *args], workdir, side)
             programs.append(program)
             return program
 
         try:
-            coord = start("coord", "coord", "--host", HOST, "--port", "0", "--state-dir", "state")
+            coord = start(
+                "coord", "server", "coord", "--host", HOST, "--port", "0", "--state-dir", "state"
+            )
             coord_port = int(coord.wait_for(_READY).group(1))
             ca = coord.wait_for(_CA).group(1)
             client = ["--coord", f"{HOST}:{coord_port}", "--ca", ca]
             target = f"{HOST}:{sink_port}"
             expose = start(
-                "expose", "expose", "--id", "exp", *client, "--allow", target, "--peer", "fwd",
+                "expose", "server",
+                "expose", "--id", "exp", *client, "--allow", target, "--peer", "fwd",
                 *(["--no-listen"] if proxied else []),
             )  # fmt: skip
-            forward = start("forward", "forward", "--id", "fwd", *client, f"0:exp:{target}")
+            forward = start(
+                "forward", "client", "forward", "--id", "fwd", *client, f"0:exp:{target}"
+            )
             port = int(forward.wait_for(_FORWARDING).group(1))
             expose.wait_for(_CONNECTED)
             forward.wait_for(_CONNECTED)
