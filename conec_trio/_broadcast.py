@@ -26,7 +26,7 @@ from ._streams import (
 )
 from ._types import BroadcastMessage, StreamId
 from ._wire import control
-from ._wire.codes import StreamCode
+from ._wire.codes import Reason, StreamCode
 from ._wire.framing import FrameDecoder, decode_tagged, encode_tagged, frame_header
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class BroadcastHub:
             limit = self._coord.config.max_broadcasts
             if len(self._channels) >= limit:
                 message = f"the coordinator holds its maximum of {limit} broadcast channels"
-                write_message(st, control.encode(control.StreamRefused("limit", message)))
+                write_message(st, control.encode(control.StreamRefused(Reason.LIMIT, message)))
                 st.finish_send()
                 st.stop_receiving(StreamCode.REFUSED)
                 return

@@ -52,7 +52,7 @@ from ._streams import (
 from ._types import BroadcastMessage, IncomingStream, StreamId
 from ._util import system_ca_location, unwrap_single_exception, wait_any
 from ._wire import control
-from ._wire.codes import CloseCode, StreamCode
+from ._wire.codes import CloseCode, Reason, StreamCode
 
 log = logging.getLogger("conec_trio.client")
 
@@ -356,8 +356,6 @@ class Client:
             if not conn.is_open:
                 raise _close_error(conn, host, port) from None
             raise
-        if isinstance(reply, control.Refused):
-            raise ConecError(f"coordinator refused this client: {reply.message}")
         if not isinstance(reply, control.Welcome):
             raise ProtocolError(f"the coordinator answered the hello with {type(reply).__name__}")
         if reply.version != control.PROTOCOL_VERSION:
@@ -510,7 +508,7 @@ class Client:
             raise
         if isinstance(reply, control.StreamRefused):
             st.fail(ConecError(reply.message), StreamCode.REFUSED)
-            if reply.reason == "no-peer":
+            if reply.reason == Reason.NO_PEER:
                 raise PeerNotFoundError(reply.message)
             raise RefusedError(reply.message)
         if not isinstance(reply, expected):

@@ -27,7 +27,7 @@ from ._streams import (
 from ._types import IncomingStream, StreamId
 from ._util import unwrap_single_exception, wait_any
 from ._wire import control
-from ._wire.codes import CloseCode, StreamCode
+from ._wire.codes import CloseCode, Reason, StreamCode
 
 log = logging.getLogger("conec_trio.coordinator")
 
@@ -348,7 +348,7 @@ class Coordinator:
             reply: Any
             if counts is None:
                 reply = control.ErrorReply(
-                    msg.rid, "no-broadcast", f"no broadcast channel named {_shown(msg.name)}"
+                    msg.rid, Reason.NO_BROADCAST, f"no broadcast channel named {_shown(msg.name)}"
                 )
             else:
                 reply = control.BroadcastCountReply(msg.rid, *counts)
@@ -360,7 +360,9 @@ class Coordinator:
                 # Both ends asked at once: the peer's opening goes on (this client got or
                 # gets its offer) and gives this client its channel too: one per pair.
                 busy = control.ErrorReply(
-                    msg.rid, "peer-opening", f"peer {_shown(msg.peer)} is opening a channel to it"
+                    msg.rid,
+                    Reason.PEER_OPENING,
+                    f"peer {_shown(msg.peer)} is opening a channel to it",
                 )
                 write_message(st, control.encode(busy))
                 return
@@ -381,13 +383,15 @@ class Coordinator:
         target = self._clients.get(msg.peer)
         reply: Any
         if msg.peer == requester:
-            reply = control.ErrorReply(msg.rid, "self", "cannot open a direct channel to itself")
+            reply = control.ErrorReply(
+                msg.rid, Reason.SELF, "cannot open a direct channel to itself"
+            )
         elif target is None or target.control is None:
-            reply = control.ErrorReply(msg.rid, "no-peer", f"peer {peer} is not connected")
+            reply = control.ErrorReply(msg.rid, Reason.NO_PEER, f"peer {peer} is not connected")
         elif not target.listen:
             reply = control.ErrorReply(
                 msg.rid,
-                "not-listening",
+                Reason.NOT_LISTENING,
                 f"peer {peer} does not accept direct channels (it runs with listen=False)",
             )
         else:
@@ -403,13 +407,13 @@ class Coordinator:
             if answer is None:
                 reply = control.ErrorReply(
                     msg.rid,
-                    "no-answer",
+                    Reason.NO_ANSWER,
                     f"peer {peer} did not answer the channel offer",
                 )
             elif not answer.accept:
                 reply = control.ErrorReply(
                     msg.rid,
-                    "refused",
+                    Reason.REFUSED,
                     _clip(f"peer {peer} refused the channel: {answer.message}"),
                 )
             else:
@@ -440,7 +444,9 @@ class Coordinator:
             write_message(
                 st,
                 control.encode(
-                    control.StreamRefused("no-peer", f"peer {_shown(msg.peer)} is not connected")
+                    control.StreamRefused(
+                        Reason.NO_PEER, f"peer {_shown(msg.peer)} is not connected"
+                    )
                 ),
             )
             st.finish_send()
