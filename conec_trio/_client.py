@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from . import _tls
+from ._broadcast import join_broadcast
 from ._config import (
     DEFAULT_IDLE_TIMEOUT,
     KEEPALIVE_FRACTION,
@@ -623,8 +624,6 @@ class Client:
         self, name: str
     ) -> tuple[trio.abc.SendChannel[bytes], trio.abc.ReceiveChannel[BroadcastMessage[bytes]]]:
         """Join broadcast channel ``name`` (created on first use): ``(send, recv)``."""
-        from ._broadcast import join_broadcast
-
         self._check_alive()
         assert self._table is not None
         return await join_broadcast(self, self._table, name)

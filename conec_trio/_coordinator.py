@@ -1,4 +1,4 @@
-"""The coordinator: registry of clients, relay of proxied streams, broker and broadcast hub."""
+"""The coordinator: registry of clients, relay of proxied streams, channel broker, broadcast hub."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from . import _tls
 from ._config import DEFAULT_IDLE_TIMEOUT, CoordConfig, check_client_id, load_pem
 from ._exceptions import CertificateError, ConecError, InvalidIdError, ProtocolError
+from ._hub import BroadcastHub
 from ._quic import QuicConn, QuicEndpoint, make_udp_socket
 from ._streams import (
     StreamState,
@@ -141,9 +142,7 @@ class Coordinator:
         self._private_key = _tls.load_private_key(key_pem)
         self._client_ca = load_pem(config.client_ca)
         self._idle_timeout = config.idle_timeout or DEFAULT_IDLE_TIMEOUT
-        from ._broadcast import BroadcastHub
-
-        self.broadcasts = BroadcastHub(self)
+        self.broadcasts = BroadcastHub(max_channels=config.max_broadcasts)
 
     # -- public, non-blocking queries -------------------------------------------------------------
 
