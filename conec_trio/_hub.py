@@ -1,4 +1,4 @@
-"""The coordinator's broadcast channels: membership, counting and fan-out.
+"""The coordinator's broadcast channels: membership, counting, quotas and fan-out.
 
 Each member has one QUIC stream to the coordinator. Messages the member sends up it are
 tagged with the member's authenticated id and written down every receiving member's stream.
@@ -9,13 +9,14 @@ Flow control: one task per member forwards that member's messages in order and w
 each receiver's send window, so the slowest receiver paces the senders. The hub holds at
 most one stream window (plus one message) per receiver and one window per sender.
 
-The hub knows a member as a client (:class:`HubClient`: its id) and the stream it joined on,
-which is also how the hub sends to it. It knows nothing of the coordinator, which owns one
-hub and hands it each join.
+The hub knows a member as a client (:class:`HubClient`: its id, and who to count it against)
+and the stream it joined on, which is also how the hub sends to it. It knows nothing of the
+coordinator, which owns one hub and hands it each join.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Protocol
 
 from ._exceptions import ProtocolError
@@ -26,7 +27,8 @@ from ._wire.framing import END_OF_CHANNEL, encode_tagged, frame_header
 
 
 class HubClient(Protocol):
-    """What the hub needs of a member's client: the authenticated id its messages carry."""
+    """What the hub needs of a member's client: the authenticated id its messages carry.
+    The object itself is what the per-client quota counts against."""
 
     @property
     def id(self) -> str | None: ...
@@ -63,11 +65,18 @@ class _Channel:
 
 
 class BroadcastHub:
-    """All broadcast channels of one coordinator; at most ``max_channels`` alive at once."""
+    """All broadcast channels of one coordinator.
 
-    def __init__(self, *, max_channels: int) -> None:
+    ``max_channels`` bounds the channels alive at once; ``max_per_client`` bounds one
+    client's memberships (a join of a channel it is already in counts again), so that one
+    client cannot take the channels, or the memory, meant for all.
+    """
+
+    def __init__(self, *, max_channels: int, max_per_client: int) -> None:
         self.max_channels = max_channels
+        self.max_per_client = max_per_client
         self._channels: dict[str, _Channel] = {}
+        self._joined: Counter[HubClient] = Counter()
 
     @property
     def count(self) -> int:
@@ -77,25 +86,39 @@ class BroadcastHub:
         chan = self._channels.get(name)
         return None if chan is None else chan.counts()
 
+    def _refusal(self, client: HubClient, name: str) -> str | None:
+        """Why ``client`` may not join ``name`` now, or None if it may."""
+        if self._joined[client] >= self.max_per_client:
+            return (
+                f"client {client.id!r} is a member of {self.max_per_client} broadcast channels, "
+                "its quota (CoordConfig.max_broadcasts_per_client): leave one to join another"
+            )
+        if name not in self._channels and len(self._channels) >= self.max_channels:
+            return f"the coordinator holds its maximum of {self.max_channels} broadcast channels"
+        return None
+
     async def join(self, client: HubClient, st: StreamState, name: str) -> None:
         """Serve ``client``'s membership of ``name`` on stream ``st`` until it ends."""
+        refusal = self._refusal(client, name)
+        if refusal is not None:
+            write_message(st, control.encode(control.StreamRefused(Reason.LIMIT, refusal)))
+            st.finish_send()
+            st.stop_receiving(StreamCode.REFUSED)
+            return
         chan = self._channels.get(name)
         if chan is None:
-            limit = self.max_channels
-            if len(self._channels) >= limit:
-                message = f"the coordinator holds its maximum of {limit} broadcast channels"
-                write_message(st, control.encode(control.StreamRefused(Reason.LIMIT, message)))
-                st.finish_send()
-                st.stop_receiving(StreamCode.REFUSED)
-                return
             chan = self._channels[name] = _Channel(name)
         member = _Member(client, st)
         chan.members.append(member)
+        self._joined[client] += 1
         write_message(st, control.encode(control.BroadcastJoined(*chan.counts())))
         try:
             await self._forward(chan, member)
             await self._linger(member)
         finally:
+            self._joined[client] -= 1
+            if not self._joined[client]:
+                del self._joined[client]
             chan.members.remove(member)
             if not chan.members and self._channels.get(name) is chan:
                 del self._channels[name]
