@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from . import _tls
+from ._broadcast import join_broadcast
 from ._config import (
     DEFAULT_IDLE_TIMEOUT,
     KEEPALIVE_FRACTION,
@@ -52,7 +53,7 @@ from ._streams import (
 from ._types import BroadcastMessage, IncomingStream, StreamId
 from ._util import system_ca_location, unwrap_single_exception
 from ._wire import control
-from ._wire.codes import CloseCode, StreamCode
+from ._wire.codes import CloseCode, Reason, StreamCode
 
 log = logging.getLogger("conec_trio.client")
 
@@ -299,7 +300,7 @@ class Client:
             raise
         if isinstance(reply, control.StreamRefused):
             st.fail(ConecError(reply.message), StreamCode.REFUSED)
-            if reply.reason == "no-peer":
+            if reply.reason == Reason.NO_PEER:
                 raise PeerNotFoundError(reply.message)
             raise RefusedError(reply.message)
         if not isinstance(reply, expected):
@@ -414,8 +415,6 @@ class Client:
         self, name: str
     ) -> tuple[trio.abc.SendChannel[bytes], trio.abc.ReceiveChannel[BroadcastMessage[bytes]]]:
         """Join broadcast channel ``name`` (created on first use): ``(send, recv)``."""
-        from ._broadcast import join_broadcast
-
         return await join_broadcast(self, self._check_alive().table, name)
 
     async def broadcast_count(self, name: str) -> tuple[int, int]:

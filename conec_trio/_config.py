@@ -75,10 +75,27 @@ class CoordConfig:
     stateless_retry: bool = False
     idle_timeout: float | None = None
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    # Limits on the whole coordinator. A client beyond max_clients is refused; opens beyond
+    # max_streams_per_client (QUIC stream credit, the control stream included) wait for one
+    # of the client's streams to end; a broadcast channel beyond max_broadcasts is refused;
+    # streams to the coordinator beyond the max_pending_opens that incoming_streams holds
+    # wait in line for the application to take them.
     max_clients: int = 10_000
     max_streams_per_client: int = 10_000
     max_broadcasts: int = 10_000
     max_pending_opens: int = 1_000
+    # Quotas of each client, below the limits above, so that one client cannot take what is
+    # meant for all (the others keep working). Beyond one, the client's next open is refused
+    # (RefusedError, naming the quota) until one of its own ends.
+    # Broadcast channels a client is a member of at once, created or joined (joining the
+    # same channel twice counts twice).
+    max_broadcasts_per_client: int = 100
+    # Streams a client has open through the coordinator at once: relayed to a client and to
+    # the coordinator itself (broadcast streams count under max_broadcasts_per_client).
+    max_open_streams_per_client: int = 1_000
+    # Streams a client opened to the coordinator that the application has not yet taken from
+    # incoming_streams (so one client cannot fill its queue and keep others waiting).
+    max_pending_opens_per_client: int = 100
     stream_window: int = DEFAULT_STREAM_WINDOW
     connection_window: int = DEFAULT_CONNECTION_WINDOW
     max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE

@@ -273,8 +273,6 @@ class Dialer:
             if not conn.is_open:
                 raise close_error(conn, host, port) from None
             raise
-        if isinstance(reply, control.Refused):
-            raise ConecError(f"coordinator refused this client: {reply.message}")
         if not isinstance(reply, control.Welcome):
             raise ProtocolError(f"the coordinator answered the hello with {type(reply).__name__}")
         if reply.version != control.PROTOCOL_VERSION:

@@ -1,4 +1,4 @@
-"""The coordinator: registry of clients, relay of proxied streams, broker and broadcast hub."""
+"""The coordinator: registry of clients, relay of proxied streams, channel broker, broadcast hub."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, TypeAlias
 
 import trio
 
 from . import _tls
 from ._config import DEFAULT_IDLE_TIMEOUT, CoordConfig, check_client_id, load_pem
 from ._exceptions import CertificateError, ConecError, InvalidIdError, ProtocolError
+from ._hub import BroadcastHub
 from ._quic import ConnectionSettings, Identity, QuicConn, QuicEndpoint, make_udp_socket
 from ._streams import (
     StreamState,
@@ -26,7 +27,7 @@ from ._streams import (
 from ._types import IncomingStream, StreamId
 from ._util import unwrap_single_exception, wait_any
 from ._wire import control
-from ._wire.codes import CloseCode, StreamCode
+from ._wire.codes import CloseCode, Reason, StreamCode
 
 log = logging.getLogger("conec_trio.coordinator")
 
@@ -46,6 +47,13 @@ def _clip(text: str) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _refuse_stream(st: StreamState, reason: Reason, message: str) -> None:
+    """Answer a stream's header with a refusal and end the stream both ways."""
+    write_message(st, control.encode(control.StreamRefused(reason, message)))
+    st.finish_send()
+    st.stop_receiving(StreamCode.REFUSED)
+
+
 class ClientSession:
     """One connected (or connecting) client, as the coordinator sees it."""
 
@@ -58,6 +66,11 @@ class ClientSession:
         self.control: StreamState | None = None
         self.hello_seen = trio.Event()
         self.offers: dict[int, trio.MemorySendChannel[control.ChannelOfferReply]] = {}
+        # Counted against its quotas: streams it opened through the coordinator that have
+        # not ended both ways, and those of them to the coordinator not yet taken by the
+        # application (see _IncomingStreams).
+        self.open_streams = 0
+        self.pending_opens = 0
         self.table = StreamTable(
             conn,
             window=coord.config.stream_window,
@@ -105,6 +118,40 @@ class ClientSession:
         self.conn.close(int(code), message)
 
 
+_Pending: TypeAlias = tuple[ClientSession, IncomingStream]
+
+
+class _IncomingStreams(trio.abc.ReceiveChannel[IncomingStream]):
+    """``coord.incoming_streams``: the streams clients opened to the coordinator, in the
+    order they came. Taking one frees a place in its client's quota of pending opens."""
+
+    def __init__(self, recv: trio.MemoryReceiveChannel[_Pending]) -> None:
+        self._recv = recv
+
+    async def receive(self) -> IncomingStream:
+        """The next stream; ``trio.EndOfChannel`` once the coordinator has shut down."""
+        return self._taken(await self._recv.receive())
+
+    def receive_nowait(self) -> IncomingStream:
+        """The next stream if one is waiting, else ``trio.WouldBlock``."""
+        return self._taken(self._recv.receive_nowait())
+
+    @staticmethod
+    def _taken(pending: _Pending) -> IncomingStream:
+        session, incoming = pending
+        session.pending_opens -= 1
+        return incoming
+
+    def statistics(self) -> trio.MemoryChannelStatistics:
+        """Of the queue: ``current_buffer_used`` streams wait in it (at most
+        ``max_pending_opens``; more wait to get in)."""
+        return self._recv.statistics()
+
+    async def aclose(self) -> None:
+        """Take no more streams: clients' later streams to the coordinator break at once."""
+        await self._recv.aclose()
+
+
 @contextmanager
 def _serving(session: ClientSession) -> Iterator[None]:
     """Work on behalf of one client: a failure in it (a bug, or input we did not foresee)
@@ -128,9 +175,10 @@ class Coordinator:
         self._offer_ids = itertools.count(1)
         # Pairs of clients with a channel negotiation in progress -> the requester.
         self._negotiating: dict[frozenset[str], str] = {}
-        self._incoming_send, self.incoming_streams = trio.open_memory_channel[IncomingStream](
+        self._incoming_send, incoming_recv = trio.open_memory_channel[_Pending](
             config.max_pending_opens
         )
+        self.incoming_streams = _IncomingStreams(incoming_recv)
         cert_pem = load_pem(config.cert_chain)
         key_pem = load_pem(config.private_key)
         assert cert_pem is not None and key_pem is not None
@@ -145,9 +193,9 @@ class Coordinator:
             max_datagram_size=config.max_datagram_size,
             identity=Identity(chain[0], tuple(chain[1:]), _tls.load_private_key(key_pem)),
         )
-        from ._broadcast import BroadcastHub
-
-        self.broadcasts = BroadcastHub(self)
+        self.broadcasts = BroadcastHub(
+            max_channels=config.max_broadcasts, max_per_client=config.max_broadcasts_per_client
+        )
 
     # -- public, non-blocking queries -------------------------------------------------------------
 
@@ -335,7 +383,7 @@ class Coordinator:
             reply: Any
             if counts is None:
                 reply = control.ErrorReply(
-                    msg.rid, "no-broadcast", f"no broadcast channel named {_shown(msg.name)}"
+                    msg.rid, Reason.NO_BROADCAST, f"no broadcast channel named {_shown(msg.name)}"
                 )
             else:
                 reply = control.BroadcastCountReply(msg.rid, *counts)
@@ -347,7 +395,9 @@ class Coordinator:
                 # Both ends asked at once: the peer's opening goes on (this client got or
                 # gets its offer) and gives this client its channel too: one per pair.
                 busy = control.ErrorReply(
-                    msg.rid, "peer-opening", f"peer {_shown(msg.peer)} is opening a channel to it"
+                    msg.rid,
+                    Reason.PEER_OPENING,
+                    f"peer {_shown(msg.peer)} is opening a channel to it",
                 )
                 write_message(st, control.encode(busy))
                 return
@@ -368,13 +418,15 @@ class Coordinator:
         target = self._clients.get(msg.peer)
         reply: Any
         if msg.peer == requester:
-            reply = control.ErrorReply(msg.rid, "self", "cannot open a direct channel to itself")
+            reply = control.ErrorReply(
+                msg.rid, Reason.SELF, "cannot open a direct channel to itself"
+            )
         elif target is None or target.control is None:
-            reply = control.ErrorReply(msg.rid, "no-peer", f"peer {peer} is not connected")
+            reply = control.ErrorReply(msg.rid, Reason.NO_PEER, f"peer {peer} is not connected")
         elif not target.listen:
             reply = control.ErrorReply(
                 msg.rid,
-                "not-listening",
+                Reason.NOT_LISTENING,
                 f"peer {peer} does not accept direct channels (it runs with listen=False)",
             )
         else:
@@ -390,13 +442,13 @@ class Coordinator:
             if answer is None:
                 reply = control.ErrorReply(
                     msg.rid,
-                    "no-answer",
+                    Reason.NO_ANSWER,
                     f"peer {peer} did not answer the channel offer",
                 )
             elif not answer.accept:
                 reply = control.ErrorReply(
                     msg.rid,
-                    "refused",
+                    Reason.REFUSED,
                     _clip(f"peer {peer} refused the channel: {answer.message}"),
                 )
             else:
@@ -412,27 +464,23 @@ class Coordinator:
     ) -> None:
         opener = session.id
         assert opener is not None
+        quota = self.config.max_open_streams_per_client
+        if session.open_streams >= quota:
+            _refuse_stream(
+                st,
+                Reason.LIMIT,
+                f"client {opener!r} has {quota} streams open through the coordinator, its "
+                "quota (CoordConfig.max_open_streams_per_client): close one to open another",
+            )
+            return
         if msg.peer is None:
-            write_message(st, control.encode(control.StreamAccepted()))
-            send, recv = message_channels(st, opener, StreamId.proxied(msg.sid))
-            try:
-                await self._incoming_send.send(
-                    IncomingStream(opener, StreamId.proxied(msg.sid), send, recv)
-                )
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                st.fail(ConecError("the coordinator no longer accepts streams"), StreamCode.REFUSED)
+            await self._open_to_coordinator(session, st, msg.sid)
             return
         target = self._clients.get(msg.peer)
         if target is None or not target.conn.is_open:
-            write_message(
-                st,
-                control.encode(
-                    control.StreamRefused("no-peer", f"peer {_shown(msg.peer)} is not connected")
-                ),
-            )
-            st.finish_send()
-            st.stop_receiving(StreamCode.REFUSED)
+            _refuse_stream(st, Reason.NO_PEER, f"peer {_shown(msg.peer)} is not connected")
             return
+        self._count_open(session, st)
         out = target.table.open_stream()
         write_message(out, control.encode(control.IncomingProxied(msg.sid, opener)))
         write_message(st, control.encode(control.StreamAccepted()))
@@ -442,6 +490,45 @@ class Coordinator:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relay, st, out)
             nursery.start_soon(relay, out, st)
+
+    async def _open_to_coordinator(self, session: ClientSession, st: StreamState, n: int) -> None:
+        """Accept a stream to the coordinator and queue it for ``incoming_streams``."""
+        opener = session.id
+        assert opener is not None
+        quota = self.config.max_pending_opens_per_client
+        if session.pending_opens >= quota:
+            _refuse_stream(
+                st,
+                Reason.LIMIT,
+                f"client {opener!r} has {quota} streams waiting for the coordinator to take "
+                "them, its quota (CoordConfig.max_pending_opens_per_client)",
+            )
+            return
+        write_message(st, control.encode(control.StreamAccepted()))
+        self._count_open(session, st)
+        send, recv = message_channels(st, opener, StreamId.proxied(n))
+        session.pending_opens += 1
+        queued = False
+        try:
+            await self._incoming_send.send(
+                (session, IncomingStream(opener, StreamId.proxied(n), send, recv))
+            )
+            queued = True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            st.fail(ConecError("the coordinator no longer accepts streams"), StreamCode.REFUSED)
+        finally:
+            if not queued:
+                session.pending_opens -= 1
+
+    @staticmethod
+    def _count_open(session: ClientSession, st: StreamState) -> None:
+        """Count ``st`` against its opener's quota until it has ended both ways."""
+        session.open_streams += 1
+
+        def ended() -> None:
+            session.open_streams -= 1
+
+        st.on_done = ended
 
 
 @asynccontextmanager

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import _tls
-from ._exceptions import CertificateError, ChannelError, ConecError, ProtocolError
+from ._exceptions import (
+    CertificateError,
+    ChannelError,
+    ConecError,
+    PeerNotFoundError,
+    ProtocolError,
+)
 from ._quic import ConnectionSettings, QuicConn
 from ._streams import (
     MessageReceiveChannel,
@@ -33,7 +39,7 @@ from ._streams import (
 from ._types import IncomingStream, StreamId
 from ._util import wait_any
 from ._wire import control
-from ._wire.codes import CloseCode, StreamCode
+from ._wire.codes import CloseCode, Reason, StreamCode
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -196,12 +202,10 @@ class DirectManager:
         failure: ChannelError | None = None
         try:
             reply = await client._request(lambda rid: control.ChannelRequest(rid, peer))
-            if isinstance(reply, control.ErrorReply) and reply.reason == "peer-opening":
+            if isinstance(reply, control.ErrorReply) and reply.reason == Reason.PEER_OPENING:
                 return await self._join(peer)
             if isinstance(reply, control.ErrorReply):
-                if reply.reason == "no-peer":
-                    from ._exceptions import PeerNotFoundError
-
+                if reply.reason == Reason.NO_PEER:
                     raise PeerNotFoundError(reply.message)
                 raise ChannelError(reply.message)
             if not isinstance(reply, control.ChannelGrant):

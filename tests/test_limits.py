@@ -370,3 +370,102 @@ async def test_a_stream_flooder_does_not_starve_other_clients(coord, open_client
     assert len(loaded) >= 20
     p99 = sorted(loaded)[int(0.99 * (len(loaded) - 1))]
     assert p99 < 0.5, summary(loaded)
+
+
+# --- per-client quotas (hostile input, row 15) ---------------------------------------------------
+# The limits above are the coordinator's; without a share per client, one client held 9,999 of
+# the 10,000 broadcast channels and everyone else was refused. Each quota refuses only the
+# client that reached it, names itself, and frees up as that client's own things end.
+
+
+async def test_row15_a_client_at_its_broadcast_quota_leaves_channels_to_others(
+    coord_config: CoordConfigFactory, open_client: ClientFactory
+):
+    async with (
+        conec_trio.open_coordinator(
+            coord_config(max_broadcasts=3, max_broadcasts_per_client=2)
+        ) as coord,
+        open_client(coord, "mallory") as mallory,
+        open_client(coord, "alice") as alice,
+    ):
+        with trio.fail_after(DEADLINE):
+            m0_send, _ = await mallory.new_broadcast("m0")
+            m1_send, m1_recv = await mallory.new_broadcast("m1")
+            with pytest.raises(RefusedError, match="max_broadcasts_per_client") as info:
+                await mallory.new_broadcast("m2")
+            assert "'mallory'" in str(info.value)
+            # Joining an existing channel is a membership too.
+            with pytest.raises(RefusedError, match="max_broadcasts_per_client"):
+                await mallory.new_broadcast("m0")
+            # The last channel the coordinator allows is alice's to create, and she joins
+            # mallory's channel as well.
+            a_send, a_recv = await alice.new_broadcast("a0")
+            _, a_m0 = await alice.new_broadcast("m0")
+            assert coord.num_broadcasts == 3
+            await m0_send.send(b"from mallory")
+            assert (await a_m0.receive()).data == b"from mallory"
+            await a_send.send(b"from alice")
+            assert (await a_recv.receive()).data == b"from alice"
+            # Once mallory leaves a channel she may join another.
+            await m1_send.aclose()
+            await m1_recv.aclose()
+        await wait_for(lambda: coord.num_broadcasts == 2, DEADLINE)
+        with trio.fail_after(DEADLINE):
+            await mallory.new_broadcast("m2")
+
+
+async def test_row15_a_client_at_its_open_stream_quota_does_not_stop_others(
+    coord_config: CoordConfigFactory, open_client: ClientFactory
+):
+    async with (
+        conec_trio.open_coordinator(coord_config(max_open_streams_per_client=3)) as coord,
+        open_client(coord, "mallory") as mallory,
+        open_client(coord, "alice") as alice,
+        open_client(coord, "bob") as bob,
+    ):
+        relayed = await streams_setup_open(mallory, bob, 2)
+        with trio.fail_after(DEADLINE):
+            await mallory.new_proxied_stream(None)
+            await coord.incoming_streams.receive()
+            for peer in ("bob", None):  # relayed and to the coordinator count alike
+                with pytest.raises(RefusedError, match="max_open_streams_per_client") as info:
+                    await mallory.new_proxied_stream(peer)
+                assert "'mallory'" in str(info.value)
+            # Others open streams as before, to clients and to the coordinator.
+            await roundtrip(alice, bob)
+            await roundtrip(bob, alice)
+            send, _ = await alice.new_proxied_stream(None)
+            await send.send(b"from alice")
+            incoming = await coord.incoming_streams.receive()
+            assert incoming.peer == "alice"
+            assert await incoming.recv.receive() == b"from alice"
+        # One of mallory's streams ends both ways: she may open one again.
+        await close_both_ways(*relayed[0])
+        await roundtrip(mallory, bob)
+
+
+async def test_row15_a_client_at_its_pending_open_quota_does_not_keep_others_waiting(
+    coord_config: CoordConfigFactory, open_client: ClientFactory
+):
+    """Nobody reads ``coord.incoming_streams`` at first: mallory's opens to the coordinator
+    beyond her quota are refused, so alice's stream waits behind at most that many."""
+    async with (
+        conec_trio.open_coordinator(coord_config(max_pending_opens_per_client=2)) as coord,
+        open_client(coord, "mallory") as mallory,
+        open_client(coord, "alice") as alice,
+    ):
+        with trio.fail_after(DEADLINE):
+            for _ in range(2):
+                await mallory.new_proxied_stream(None)
+            with pytest.raises(RefusedError, match="max_pending_opens_per_client") as info:
+                await mallory.new_proxied_stream(None)
+            assert "'mallory'" in str(info.value)
+            send, _ = await alice.new_proxied_stream(None)
+            await send.send(b"from alice")
+            taken = [await coord.incoming_streams.receive() for _ in range(3)]
+            assert sorted(s.peer for s in taken) == ["alice", "mallory", "mallory"]
+            from_alice = next(s for s in taken if s.peer == "alice")
+            assert await from_alice.recv.receive() == b"from alice"
+            # The coordinator took mallory's streams: her quota is free again.
+            await mallory.new_proxied_stream(None)
+            assert (await coord.incoming_streams.receive()).peer == "mallory"

@@ -44,18 +44,6 @@ MAX_PORT = 65535
 MAX_NAME_LEN = 1024  # characters in ids, names, reasons and hosts
 MAX_MESSAGE_LEN = 4096  # characters in human-readable explanations
 
-# Refused.reason
-REASON_VERSION = "version"
-REASON_ID_TAKEN = "id-taken"
-REASON_BAD_ID = "bad-id"
-REASON_CERTIFICATE = "certificate"
-# Refused.reason and StreamRefused.reason
-REASON_LIMIT = "limit"
-REASON_PROTOCOL = "protocol"
-# StreamRefused.reason
-REASON_NO_PEER = "no-peer"
-REASON_ID_IN_USE = "id-in-use"
-
 
 @dataclass(frozen=True)
 class _MaxLen:
@@ -219,13 +207,8 @@ class Welcome(Message):
     observed_addr: Addr
 
 
-@_message(3)
-@dataclass(frozen=True)
-class Refused(Message):
-    """Coordinator -> client before closing; ``reason`` is one of the REASON_* constants."""
-
-    reason: str
-    message: Text
+# Type code 3 is retired: it was a refusal of the hello that was never sent. The coordinator
+# refuses a client by closing the connection with a CloseCode. Do not reuse the code.
 
 
 @_message(10)
@@ -246,7 +229,7 @@ class StreamAccepted(Message):
 @_message(12)
 @dataclass(frozen=True)
 class StreamRefused(Message):
-    """Reply on a newly opened stream: refused (REASON_NO_PEER, _ID_IN_USE, _LIMIT, _PROTOCOL)."""
+    """Reply on a newly opened stream: refused; ``reason`` is a ``codes.Reason`` value."""
 
     reason: str
     message: Text
@@ -315,7 +298,7 @@ class BroadcastCountReply(Message):
 @_message(32)
 @dataclass(frozen=True)
 class ErrorReply(Message):
-    """Request ``rid`` failed."""
+    """Request ``rid`` failed; ``reason`` is a ``codes.Reason`` value."""
 
     rid: int
     reason: str

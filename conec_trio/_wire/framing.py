@@ -185,6 +185,12 @@ def encode_tagged(sender: str, data: BytesLike) -> bytes:
     return b"".join((encode_varint(len(name)), name, data))
 
 
+# Sender ids are never empty, so an empty tag can mark the end of a broadcast channel. The
+# stream itself stays open after it: the receiver's later close (STOP_SENDING) is how the
+# coordinator learns that the member no longer receives.
+END_OF_CHANNEL = encode_tagged("", b"")
+
+
 def decode_tagged(payload: BytesLike) -> tuple[str, bytes]:
     """Split a payload made by :func:`encode_tagged` into ``(sender, data)``."""
     parsed = decode_varint(payload, 0)

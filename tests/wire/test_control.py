@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conec_trio._exceptions import ProtocolError
-from conec_trio._wire import control
+from conec_trio._wire.codes import Reason
 from conec_trio._wire.control import (
     ALPN,
     MAX_MESSAGE_LEN,
@@ -32,7 +32,6 @@ from conec_trio._wire.control import (
     Message,
     OpenDirect,
     OpenProxied,
-    Refused,
     StreamAccepted,
     StreamRefused,
     Welcome,
@@ -47,11 +46,10 @@ SAMPLES: list[Message] = [
     Hello(PROTOCOL_VERSION, "alice", True, [("192.0.2.1", 4433), ("::1", 0)]),
     Hello(PROTOCOL_VERSION, "bob", False, []),
     Welcome(PROTOCOL_VERSION, ("198.51.100.7", 65535)),
-    Refused(control.REASON_ID_TAKEN, "client id 'alice' is already connected"),
     OpenProxied(7, "bob"),
     OpenProxied(0, None),
     StreamAccepted(),
-    StreamRefused(control.REASON_NO_PEER, "no client 'carol' is connected"),
+    StreamRefused(Reason.NO_PEER, "no client 'carol' is connected"),
     IncomingProxied(2**62 - 1, "alice"),
     OpenDirect(3),
     DirectClose(),
@@ -70,7 +68,6 @@ SAMPLES: list[Message] = [
 TYPE_CODES: dict[type[Message], int] = {
     Hello: 1,
     Welcome: 2,
-    Refused: 3,
     OpenProxied: 10,
     StreamAccepted: 11,
     StreamRefused: 12,
@@ -97,17 +94,31 @@ def raw(*items: Any) -> bytes:
 def test_constants() -> None:
     assert PROTOCOL_VERSION == 1
     assert ALPN == "conec-trio"
-    reasons = {
-        control.REASON_VERSION: "version",
-        control.REASON_ID_TAKEN: "id-taken",
-        control.REASON_BAD_ID: "bad-id",
-        control.REASON_CERTIFICATE: "certificate",
-        control.REASON_LIMIT: "limit",
-        control.REASON_PROTOCOL: "protocol",
-        control.REASON_NO_PEER: "no-peer",
-        control.REASON_ID_IN_USE: "id-in-use",
+
+
+def test_reasons_are_the_wire_strings() -> None:
+    # The wire format: changing a value breaks every peer of another release.
+    assert {r.name: r.value for r in Reason} == {
+        "NO_PEER": "no-peer",
+        "LIMIT": "limit",
+        "NO_BROADCAST": "no-broadcast",
+        "SELF": "self",
+        "NOT_LISTENING": "not-listening",
+        "PEER_OPENING": "peer-opening",
+        "NO_ANSWER": "no-answer",
+        "REFUSED": "refused",
     }
-    assert all(constant == value for constant, value in reasons.items())
+    sent = encode(StreamRefused(Reason.LIMIT, "full"))
+    assert sent == raw(12, "limit", "full")
+    received = decode(sent)
+    assert isinstance(received, StreamRefused)
+    assert received.reason == Reason.LIMIT
+
+
+def test_retired_type_code_3_is_unknown() -> None:
+    # Once a hello refusal that was never sent; refusals are connection close codes.
+    with pytest.raises(ProtocolError, match=r"unknown control message type code 3"):
+        decode(raw(3, "limit", "full"))
 
 
 def test_type_codes() -> None:
@@ -216,11 +227,11 @@ def test_string_lengths() -> None:
     with pytest.raises(ProtocolError, match=r"JoinBroadcast.name has 1025 characters"):
         decode(raw(20, "n" * (MAX_NAME_LEN + 1)))
     text = "m" * MAX_MESSAGE_LEN
-    assert decode(raw(3, "limit", text)) == Refused("limit", text)
-    with pytest.raises(ProtocolError, match=r"Refused.message has 4097 characters"):
-        decode(raw(3, "limit", text + "m"))
-    with pytest.raises(ProtocolError, match=r"Refused.reason has 1025 characters"):
-        decode(raw(3, "r" * (MAX_NAME_LEN + 1), ""))
+    assert decode(raw(12, "limit", text)) == StreamRefused("limit", text)
+    with pytest.raises(ProtocolError, match=r"StreamRefused.message has 4097 characters"):
+        decode(raw(12, "limit", text + "m"))
+    with pytest.raises(ProtocolError, match=r"StreamRefused.reason has 1025 characters"):
+        decode(raw(12, "r" * (MAX_NAME_LEN + 1), ""))
 
 
 def test_missing_fields() -> None:
@@ -357,7 +368,7 @@ def test_decode_arbitrary_fields(code: int, fields: list[Any]) -> None:
     "msg",
     [
         JoinBroadcast("n" * (MAX_NAME_LEN + 1)),
-        Refused("limit", "m" * (MAX_MESSAGE_LEN + 1)),
+        StreamRefused(Reason.LIMIT, "m" * (MAX_MESSAGE_LEN + 1)),
         OpenDirect(-1),
         OpenDirect(2**62),
         Welcome(1, ("h", 70000)),
