@@ -1,0 +1,158 @@
+"""``conec-trio expose``: the server side of port forwarding (PTTH's server proxy).
+
+Each stream another client opens carries one forwarding request; ``expose`` admits only its
+listed peers and targets, connects to the target, answers, and splices the stream to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections.abc import Sequence
+from typing import Any, cast
+
+import trio
+
+from .. import (
+    CborReceiveChannel,
+    CborSendChannel,
+    ClientConfig,
+    IncomingStream,
+    MessageReceiveChannel,
+    MessageSendChannel,
+    ProtocolError,
+)
+from .addresses import Target
+from .link import CoordinatorLink, Session
+from .splice import close_all, close_quietly, splice, summary, why
+
+__all__ = ["REQUEST_TIMEOUT", "TARGET_CONNECT_TIMEOUT", "Exposer"]
+
+log = logging.getLogger(__name__)
+
+# How long a new stream may take to send its request, and a target to accept.
+REQUEST_TIMEOUT = 10.0
+TARGET_CONNECT_TIMEOUT = 10.0
+
+
+class Exposer:
+    """``conec-trio expose``: connects streams from allowed peers to allowed TCP targets."""
+
+    def __init__(
+        self, config: ClientConfig, allow: Sequence[Target], peers: Sequence[str] = ()
+    ) -> None:
+        self.config = config
+        self.allowed = {target.key for target in allow}
+        self.peers = frozenset(peers)
+        self.link = CoordinatorLink(config, self._incoming)
+        self._ids = itertools.count(1)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled."""
+        task_status.started()
+        await self.link.run()
+
+    def _incoming(self, session: Session, incoming: IncomingStream) -> None:
+        how = "direct" if incoming.stream_id.is_direct else "through the coordinator"
+        label = f"#{next(self._ids)} from {incoming.peer} ({how})"
+        session.nursery.start_soon(self._serve, incoming, label)
+
+    async def _serve(self, incoming: IncomingStream, label: str) -> None:
+        # IncomingStream types its ends as trio's channel ABCs; a client's are always the
+        # library's stream ends, whose abort() a broken connection needs.
+        send = cast(MessageSendChannel, incoming.send)
+        recv = cast(MessageReceiveChannel, incoming.recv)
+        try:
+            await self._serve_stream(incoming.peer, send, recv, label)
+        except Exception:
+            log.exception("%s: unexpected error", label)
+            await send.abort()
+            await close_quietly(send, recv)
+
+    async def _serve_stream(
+        self,
+        peer: str | None,
+        send: MessageSendChannel,
+        recv: MessageReceiveChannel,
+        label: str,
+    ) -> None:
+        started = trio.current_time()
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                request = await CborReceiveChannel(recv).receive()
+        except (trio.EndOfChannel, trio.BrokenResourceError):
+            log.info("%s: the stream ended before its request", label)
+            await close_quietly(send, recv)
+            return
+        except ProtocolError as exc:
+            await _refuse(send, recv, label, f"bad request: {exc}")
+            return
+        except trio.TooSlowError:
+            await _refuse(send, recv, label, f"no request within {REQUEST_TIMEOUT:g} s")
+            return
+        target = _parse_request(request)
+        if target is None:
+            await _refuse(send, recv, label, f"bad request {request!r:.100}")
+            return
+        label = f"{label} -> {target}"
+        if self.peers and peer not in self.peers:
+            await _refuse(send, recv, label, f"peer {peer!r} may not use this exposer")
+            return
+        if target.key not in self.allowed:
+            await _refuse(send, recv, label, f"target {target} is not allowed")
+            return
+        try:
+            with trio.fail_after(TARGET_CONNECT_TIMEOUT):
+                tcp = await trio.open_tcp_stream(target.host, target.port)
+        except OSError as exc:
+            await _refuse(send, recv, label, f"cannot connect to {target}: {_connect_error(exc)}")
+            return
+        except trio.TooSlowError:
+            await _refuse(
+                send,
+                recv,
+                label,
+                f"cannot connect to {target}: no answer within {TARGET_CONNECT_TIMEOUT:g} s",
+            )
+            return
+        try:
+            await CborSendChannel(send).send({"ok": True})
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("%s: the stream broke before the answer: %s", label, why(exc))
+            await close_all(tcp, send, recv, "stream broke")
+            return
+        log.info("%s: connected", label)
+        result = await splice(tcp, send, recv)
+        log.info("%s: %s", label, summary(result, trio.current_time() - started))
+
+
+def _connect_error(exc: OSError) -> str:
+    """Why ``trio.open_tcp_stream`` failed, in the OS's words ("Connection refused"): it
+    raises one OSError for all its attempts, with each attempt's error in a group."""
+    group = exc.__cause__
+    if isinstance(group, BaseExceptionGroup):
+        reasons = [e.strerror for e in group.exceptions if isinstance(e, OSError) and e.strerror]
+        if reasons:
+            return "; ".join(dict.fromkeys(reasons))
+    return exc.strerror or str(exc)
+
+
+def _parse_request(request: Any) -> Target | None:
+    if not isinstance(request, dict):
+        return None
+    host, port = request.get("host"), request.get("port")
+    if not isinstance(host, str) or not 0 < len(host) <= 255:
+        return None
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port <= 65535:
+        return None
+    return Target(host, port)
+
+
+async def _refuse(
+    send: MessageSendChannel, recv: MessageReceiveChannel, label: str, reason: str
+) -> None:
+    log.warning("%s: refused: %s", label, reason)
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await CborSendChannel(send).send({"ok": False, "reason": reason})
+    await close_quietly(send, recv)
