@@ -10,13 +10,11 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import cast
 
 import trio
 
 from .. import (
-    CborReceiveChannel,
-    CborSendChannel,
     ClientConfig,
     IncomingStream,
     MessageReceiveChannel,
@@ -25,15 +23,19 @@ from .. import (
 )
 from .addresses import Target
 from .link import CoordinatorLink, Session
+from .protocol import (
+    LOG_LIMIT,
+    REQUEST_TIMEOUT,
+    TARGET_CONNECT_TIMEOUT,
+    clip,
+    encode_answer,
+    parse_request,
+)
 from .splice import close_all, close_quietly, splice, summary, why
 
-__all__ = ["REQUEST_TIMEOUT", "TARGET_CONNECT_TIMEOUT", "Exposer"]
+__all__ = ["Exposer"]
 
 log = logging.getLogger(__name__)
-
-# How long a new stream may take to send its request, and a target to accept.
-REQUEST_TIMEOUT = 10.0
-TARGET_CONNECT_TIMEOUT = 10.0
 
 
 class Exposer:
@@ -55,7 +57,7 @@ class Exposer:
 
     def _incoming(self, session: Session, incoming: IncomingStream) -> None:
         how = "direct" if incoming.stream_id.is_direct else "through the coordinator"
-        label = f"#{next(self._ids)} from {incoming.peer} ({how})"
+        label = f"#{next(self._ids)} from {clip(str(incoming.peer))} ({how})"
         session.nursery.start_soon(self._serve, incoming, label)
 
     async def _serve(self, incoming: IncomingStream, label: str) -> None:
@@ -78,9 +80,15 @@ class Exposer:
         label: str,
     ) -> None:
         started = trio.current_time()
+        # Who asks comes before what they ask: the request of a peer that may not use this
+        # exposer is never received, let alone decoded or logged.
+        if self.peers and peer not in self.peers:
+            await _refuse(send, recv, label, f"peer {clip(repr(peer))} may not use this exposer")
+            return
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
-                request = await CborReceiveChannel(recv).receive()
+                data = await recv.receive()
+            target = parse_request(data)
         except (trio.EndOfChannel, trio.BrokenResourceError):
             log.info("%s: the stream ended before its request", label)
             await close_quietly(send, recv)
@@ -91,33 +99,27 @@ class Exposer:
         except trio.TooSlowError:
             await _refuse(send, recv, label, f"no request within {REQUEST_TIMEOUT:g} s")
             return
-        target = _parse_request(request)
-        if target is None:
-            await _refuse(send, recv, label, f"bad request {request!r:.100}")
-            return
-        label = f"{label} -> {target}"
-        if self.peers and peer not in self.peers:
-            await _refuse(send, recv, label, f"peer {peer!r} may not use this exposer")
-            return
+        shown = clip(str(target))
+        label = f"{label} -> {shown}"
         if target.key not in self.allowed:
-            await _refuse(send, recv, label, f"target {target} is not allowed")
+            await _refuse(send, recv, label, f"target {shown} is not allowed")
             return
         try:
             with trio.fail_after(TARGET_CONNECT_TIMEOUT):
                 tcp = await trio.open_tcp_stream(target.host, target.port)
         except OSError as exc:
-            await _refuse(send, recv, label, f"cannot connect to {target}: {_connect_error(exc)}")
+            await _refuse(send, recv, label, f"cannot connect to {shown}: {_connect_error(exc)}")
             return
         except trio.TooSlowError:
             await _refuse(
                 send,
                 recv,
                 label,
-                f"cannot connect to {target}: no answer within {TARGET_CONNECT_TIMEOUT:g} s",
+                f"cannot connect to {shown}: no answer within {TARGET_CONNECT_TIMEOUT:g} s",
             )
             return
         try:
-            await CborSendChannel(send).send({"ok": True})
+            await send.send(encode_answer(None))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("%s: the stream broke before the answer: %s", label, why(exc))
             await close_all(tcp, send, recv, "stream broke")
@@ -138,21 +140,13 @@ def _connect_error(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _parse_request(request: Any) -> Target | None:
-    if not isinstance(request, dict):
-        return None
-    host, port = request.get("host"), request.get("port")
-    if not isinstance(host, str) or not 0 < len(host) <= 255:
-        return None
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port <= 65535:
-        return None
-    return Target(host, port)
-
-
 async def _refuse(
     send: MessageSendChannel, recv: MessageReceiveChannel, label: str, reason: str
 ) -> None:
+    """Log why, answer with the reason, and close the stream. Every part of ``reason`` that
+    came from the peer was clipped already; this bounds the whole as well."""
+    reason = clip(reason, 4 * LOG_LIMIT)
     log.warning("%s: refused: %s", label, reason)
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        await CborSendChannel(send).send({"ok": False, "reason": reason})
+        await send.send(encode_answer(reason))
     await close_quietly(send, recv)

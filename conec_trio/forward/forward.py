@@ -8,6 +8,7 @@ new TCP connections are closed at once, and the log says why.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -16,8 +17,6 @@ from collections.abc import Sequence
 import trio
 
 from .. import (
-    CborReceiveChannel,
-    CborSendChannel,
     ClientConfig,
     ConecError,
     DisconnectedError,
@@ -28,18 +27,14 @@ from .. import (
     ProtocolError,
 )
 from .addresses import Mapping
-from .expose import TARGET_CONNECT_TIMEOUT
 from .link import CoordinatorLink, Session
+from .protocol import OPEN_TIMEOUT, REPLY_TIMEOUT, clip, encode_request, parse_reply
 from .splice import close_quietly, splice, summary, tcp_peer, why
 
-__all__ = ["OPEN_TIMEOUT", "REPLY_TIMEOUT", "Forwarder"]
+__all__ = ["Forwarder"]
 
 log = logging.getLogger(__name__)
 
-# How long opening a stream may take (a direct channel needs up to 10 s to fail), and how
-# long the answer may take (it waits for expose's connection to the target).
-OPEN_TIMEOUT = 15.0
-REPLY_TIMEOUT = TARGET_CONNECT_TIMEOUT + 10.0
 # accept() errors that mean "out of resources for now": wait a moment and go on accepting.
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -85,7 +80,8 @@ class Forwarder:
                     await listener.aclose()
 
     def _refuse_incoming(self, session: Session, incoming: IncomingStream) -> None:
-        log.warning("refusing a stream from %r: this program only forwards", incoming.peer)
+        peer = clip(repr(incoming.peer))
+        log.warning("refusing a stream from %s: this program only forwards", peer)
         session.nursery.start_soon(close_quietly, incoming.send, incoming.recv)
 
     async def _accept_loop(
@@ -138,7 +134,7 @@ class Forwarder:
     ) -> tuple[MessageSendChannel, MessageReceiveChannel] | None:
         """A stream to ``mapping.peer`` that accepted our request, or None (said why)."""
         peer = mapping.peer
-        request = {"host": mapping.target.host, "port": mapping.target.port}
+        request = encode_request(mapping.target)
         proxied = False
         for attempt in (1, 2):
             try:
@@ -160,10 +156,13 @@ class Forwarder:
             except trio.TooSlowError:
                 log.warning("%s: refused: no stream to %r within %g s", label, peer, OPEN_TIMEOUT)
                 return None
+            with contextlib.suppress(trio.BrokenResourceError):
+                # expose may refuse a peer (and stop reading) before the request arrives: its
+                # answer says why. A broken stream breaks the receive below as well.
+                await send.send(request)
             try:
-                await CborSendChannel(send).send(request)
                 with trio.fail_after(REPLY_TIMEOUT):
-                    reply = await CborReceiveChannel(recv).receive()
+                    refusal = parse_reply(await recv.receive())
             except trio.BrokenResourceError as exc:
                 await send.abort()
                 await close_quietly(send, recv)
@@ -189,12 +188,9 @@ class Forwarder:
                 }.get(type(exc), f"bad answer from {peer!r}: {exc}")
                 log.warning("%s: refused: %s", label, problem)
                 return None
-            if isinstance(reply, dict) and reply.get("ok") is True:
+            if refusal is None:
                 return send, recv
-            reason = reply.get("reason") if isinstance(reply, dict) else None
-            if not isinstance(reason, str):
-                reason = f"unexpected answer {reply!r:.100}"
-            log.warning("%s: refused by %r: %s", label, peer, reason)
+            log.warning("%s: refused by %r: %s", label, peer, refusal)
             await close_quietly(send, recv)
             return None
         return None  # pragma: no cover (the second attempt always returns)
