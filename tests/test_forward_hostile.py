@@ -22,17 +22,20 @@ import cbor2
 import pytest
 import trio
 from forward_helpers import (
+    CLI,
     WAIT,
     Program,
     Programs,
     cpu_seconds,
     echo_exchange,
     forwarded_ports,
+    free_port,
     poll_until,
     try_echo,
 )
 
 import conec_trio
+from conec_trio import certs
 
 T = TypeVar("T")
 
@@ -206,3 +209,44 @@ async def test_every_log_line_about_peer_input_is_clipped(
     for line in lines:
         assert len(line) < 1200, line
         assert "\x1b" not in line
+
+
+# --- row 12: what --peer does not do without a client CA ------------------------------------
+
+
+def expose_argv(coord_port: int, ca: Path, *options: str) -> list[str]:
+    """``conec-trio expose`` at default verbosity (no -v), for a coordinator that is not
+    there: it starts, says so and keeps retrying."""
+    return [*CLI, "expose", "--id", "exp", "--coord", f"127.0.0.1:{coord_port}",
+            "--ca", str(ca), "--allow", "127.0.0.1:1", *options]  # fmt: skip
+
+
+EXPOSING = re.compile(r"^exposing 127\.0\.0\.1:1 to ", re.M)
+SELF_ASSERTED = "self-asserted"
+
+
+@pytest.mark.parametrize(
+    ("options", "warns"),
+    [
+        pytest.param(("--peer", "fwd"), True, id="peer-without-client-ca"),
+        pytest.param(("--peer", "fwd", "--client-ca", "CA"), False, id="peer-with-client-ca"),
+        pytest.param((), False, id="any-peer"),
+    ],
+)
+def test_expose_warns_that_peer_ids_are_self_asserted_without_a_client_ca(
+    tmp_path: Path, options: tuple[str, ...], warns: bool
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(certs.make_ca()[0])
+    argv = expose_argv(free_port(), ca, *(str(ca) if o == "CA" else o for o in options))
+    with Programs(tmp_path) as programs:
+        expose = programs.start("expose", argv)
+        expose.wait_line(EXPOSING)
+        output = expose.output()
+    # The warning comes before the "exposing" line, so it is in the output by now.
+    assert (SELF_ASSERTED in output) == warns, output
+    if warns:
+        warning = next(line for line in output.splitlines() if SELF_ASSERTED in line)
+        assert "WARNING" in warning
+        assert "'fwd'" in warning
+        assert "--client-ca" in warning

@@ -50,8 +50,30 @@ class Exposer:
         self.link = CoordinatorLink(config, self._incoming)
         self._ids = itertools.count(1)
 
+    @property
+    def trust_warning(self) -> str | None:
+        """What ``--peer`` does not guarantee here, or None when it holds.
+
+        A peer's id is whatever its certificate names, and by default certificates are
+        self-signed: only a coordinator that demands CA-signed certificates makes ids mean
+        something. This side cannot see whether the coordinator does, only whether it was
+        given the client CA such a deployment needs for direct channels.
+        """
+        if not self.peers or self.config.client_ca is not None:
+            return None
+        names = ", ".join(repr(peer) for peer in sorted(self.peers))
+        return (
+            f"--peer {names} trusts client ids, and they are self-asserted unless the "
+            "coordinator demands CA-signed certificates (coord --client-ca): without that, "
+            "any client can connect under one of these ids. No --client-ca is set here (give "
+            "expose the coordinator's)"
+        )
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled."""
+        """Serve until cancelled (first saying :attr:`trust_warning`, if any)."""
+        warning = self.trust_warning
+        if warning is not None:
+            log.warning("%s", warning)
         task_status.started()
         await self.link.run()
 
