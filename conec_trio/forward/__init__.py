@@ -11,13 +11,16 @@ made, otherwise relayed by the coordinator). On that stream:
 
 1. forward -> expose: one CBOR message ``{"host": str, "port": int}``, the target;
 2. expose -> forward: one CBOR message, ``{"ok": True}``, or ``{"ok": False, "reason": str}``
-   followed by the end of the stream (``expose`` admits only its listed peers and targets);
+   followed by the end of the stream. ``expose`` admits only its listed peers (checked on
+   the stream's peer id before the request is read) and targets;
 3. then the TCP bytes both ways (:mod:`.splice`).
 
 Both programs keep a client connected to the coordinator and reconnect with backoff whenever it
 is lost (:mod:`.link`). The modules:
 
 - :mod:`.addresses`: what users type (targets, mappings, client ids);
+- :mod:`.protocol`: the request and the answer, decoded strictly and bounded, and
+  :func:`~.protocol.clip` for whatever a peer sent that reaches a log;
 - :mod:`.link`: the coordinator connection, its sessions and the reconnection backoff;
 - :mod:`.splice`: TCP <-> stream copying, ends and resets;
 - :mod:`.expose` and :mod:`.forward`: the two programs' logic (:class:`Exposer`,
