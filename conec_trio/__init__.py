@@ -25,6 +25,7 @@ from ._exceptions import (
     StreamIdInUseError,
     VersionMismatchError,
 )
+from ._streams import MessageReceiveChannel, MessageSendChannel
 from ._types import BroadcastMessage, IncomingStream, StreamId
 from .adapters import CborReceiveChannel, CborSendChannel, open_nonblocking, untagged
 
@@ -48,6 +49,8 @@ __all__ = [
     "IncomingStream",
     "InvalidIdError",
     "Lagged",
+    "MessageReceiveChannel",
+    "MessageSendChannel",
     "MessageTooLargeError",
     "PeerNotFoundError",
     "ProtocolError",

@@ -325,7 +325,18 @@ def _broken(cause: ConecError) -> trio.BrokenResourceError:
 
 
 class MessageSendChannel(trio.abc.SendChannel[bytes]):
-    """Sends whole messages on a stream. ``.peer`` and ``.stream_id`` say which."""
+    """The sending end of a conec stream: sends whole messages. Public as
+    ``conec_trio.MessageSendChannel``.
+
+    Every stream end the library hands out for sending is one: those of ``new_stream``,
+    ``new_proxied_stream``, ``new_direct_stream``, ``new_stream_with_id`` and of the
+    ``IncomingStream`` items of ``incoming_streams`` (typed there as trio's
+    ``SendChannel[bytes]``). ``.peer`` is the other party's id (None for the coordinator) and
+    ``.stream_id`` the stream's :class:`~conec_trio.StreamId`.
+
+    Beyond trio's ``SendChannel``, :meth:`abort` ends the stream abruptly both ways, so that
+    the peer sees a break rather than the clean end :meth:`aclose` gives.
+    """
 
     def __init__(self, state: StreamState, peer: str | None, stream_id: StreamId) -> None:
         self._st = state
@@ -370,9 +381,17 @@ class MessageSendChannel(trio.abc.SendChannel[bytes]):
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def abort(self) -> None:
-        """End the stream abruptly, both ways: the peer's reads and sends raise
-        ``trio.BrokenResourceError`` (not ``EndOfChannel``); what was not yet delivered
-        may be lost. Later use of either end here raises ``trio.ClosedResourceError``."""
+        """End the stream abruptly, both ways (a QUIC reset and stop-sending).
+
+        The peer's reads and sends raise ``trio.BrokenResourceError`` (not
+        ``trio.EndOfChannel``), so it cannot mistake a cut-off stream for a complete one;
+        what was not yet delivered may be lost. Use it where a clean end would lie, say when
+        relaying a connection that broke. Later sends on this end raise
+        ``trio.ClosedResourceError``, and the receiving end of the same stream raises
+        ``trio.BrokenResourceError`` (aborted by this side); closing either end afterwards is
+        fine. Calling it again, or after :meth:`aclose`, does nothing. Raises nothing itself,
+        and is a checkpoint.
+        """
         if not self._closed:
             self._closed = True
             self._st.fail(ConecError("the stream was aborted by this side"), StreamCode.ABORTED)
@@ -388,7 +407,14 @@ class MessageSendChannel(trio.abc.SendChannel[bytes]):
 
 
 class MessageReceiveChannel(trio.abc.ReceiveChannel[bytes]):
-    """Receives whole messages from a stream, in order."""
+    """The receiving end of a conec stream: whole messages, in order. Public as
+    ``conec_trio.MessageReceiveChannel``.
+
+    Every stream end the library hands out for receiving on a stream is one (see
+    :class:`MessageSendChannel`); it carries the same ``.peer`` and ``.stream_id`` as its
+    sending end. To break the stream both ways, call the sending end's
+    :meth:`MessageSendChannel.abort`.
+    """
 
     def __init__(self, state: StreamState, peer: str | None, stream_id: StreamId) -> None:
         self._st = state

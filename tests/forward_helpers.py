@@ -30,6 +30,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 CLI = [sys.executable, "-m", "conec_trio"]
+# ``conec-trio`` with its address space limited to the bytes given as the first argument: a
+# program under attack may then fail, but cannot take the machine's memory with it.
+_LIMITED = (
+    "import resource, sys; limit = int(sys.argv.pop(1)); "
+    "resource.setrlimit(resource.RLIMIT_AS, (limit, limit)); "
+    "from conec_trio.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def limited_cli(memory_limit: int) -> list[str]:
+    """Like :data:`CLI`, for a program that may use at most ``memory_limit`` bytes of
+    address space."""
+    return [sys.executable, "-c", _LIMITED, str(memory_limit)]
+
+
 HERE = Path(__file__).resolve()
 READY = re.compile(r"^ready on (?P<host>\S+):(?P<port>\d+)$", re.M)
 CA_LINE = re.compile(r"^clients pass --ca (?P<path>.+)$", re.M)
@@ -226,8 +241,10 @@ class Programs:
         peers: tuple[str, ...] = (),
         extra: tuple[str, ...] = (),
         name: str = "expose",
+        memory_limit: int | None = None,
     ) -> Program:
-        argv = [*CLI, "expose", *self.client_args(client_id, coord_port, ca), *extra]
+        cli = CLI if memory_limit is None else limited_cli(memory_limit)
+        argv = [*cli, "expose", *self.client_args(client_id, coord_port, ca), *extra]
         for target in allow:
             argv += ["--allow", target]
         for peer in peers:
@@ -315,6 +332,13 @@ def download_sha256(url: str, timeout: float = 30.0) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time process ``pid`` has used so far, user and system (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_bytes(pid: int) -> int:

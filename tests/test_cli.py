@@ -7,6 +7,7 @@ test ends is killed.
 
 from __future__ import annotations
 
+import ast
 import re
 import signal
 import socket
@@ -337,3 +338,44 @@ async def test_silent_coordinator_is_a_connect_error_not_a_version_mismatch() ->
         with trio.fail_after(5), pytest.raises(conec_trio.ConnectError, match="no answer"):
             async with conec_trio.open_client(config):
                 pass  # pragma: no cover
+
+
+# --- what the programs build on ----------------------------------------------------------------
+
+
+def _private_imports(path: Path) -> list[str]:
+    """The private modules of conec_trio (or private names from it) that ``path`` imports."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names if alias.name.startswith("conec_trio")]
+            found += [m for m in modules if any(p.startswith("_") for p in m.split("."))]
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            module = node.module or ""
+            if node.level == 0 and not module.startswith("conec_trio"):
+                continue  # another package
+            names = [alias.name for alias in node.names if alias.name != "__version__"]
+            parts = module.split(".") + names if module else names
+            found += [f"{'.' * node.level}{module} {p}" for p in parts if p.startswith("_")]
+    return found
+
+
+def test_the_command_line_uses_only_the_public_api() -> None:
+    package = Path(conec_trio.__file__).parent / "cli"
+    sources = sorted(package.glob("*.py"))
+    assert len(sources) >= 5
+    assert {path.name: _private_imports(path) for path in sources} == {
+        path.name: [] for path in sources
+    }
+
+
+def test_the_stream_end_types_and_the_certs_helpers_are_public() -> None:
+    assert {"MessageSendChannel", "MessageReceiveChannel"} <= set(conec_trio.__all__)
+    assert conec_trio.MessageSendChannel.abort.__doc__
+    defined_here = {
+        name
+        for name, value in vars(certs).items()
+        if not name.startswith("_") and getattr(value, "__module__", None) == certs.__name__
+    }
+    assert defined_here <= set(certs.__all__)
+    assert all(hasattr(certs, name) for name in certs.__all__)

@@ -1,9 +1,11 @@
-"""Console output shared by the command-line programs (``cli`` and ``forward``)."""
+"""Console output of the command-line programs (``conec_trio.cli`` and this package)."""
 
 from __future__ import annotations
 
 import logging
 import sys
+
+__all__ = ["error", "format_address", "say", "setup_logging"]
 
 
 def setup_logging(verbosity: int) -> None:

@@ -1,0 +1,196 @@
+"""``conec-trio forward``: the client side of port forwarding (PTTH's client proxy).
+
+Listens on ``127.0.0.1:LOCAL_PORT`` for each mapping; each TCP connection it accepts becomes
+one stream to the mapping's ``expose`` peer, opened with ``client.new_stream`` (direct when a
+channel can be made, otherwise relayed by the coordinator). While there is no coordinator,
+new TCP connections are closed at once, and the log says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+from collections.abc import Sequence
+
+import trio
+
+from .. import (
+    ClientConfig,
+    ConecError,
+    DisconnectedError,
+    IncomingStream,
+    MessageReceiveChannel,
+    MessageSendChannel,
+    PeerNotFoundError,
+    ProtocolError,
+)
+from .addresses import Mapping
+from .link import CoordinatorLink, Session
+from .protocol import OPEN_TIMEOUT, REPLY_TIMEOUT, clip, encode_request, parse_reply
+from .splice import close_quietly, splice, summary, tcp_peer, why
+
+__all__ = ["Forwarder"]
+
+log = logging.getLogger(__name__)
+
+# accept() errors that mean "out of resources for now": wait a moment and go on accepting.
+_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+class Forwarder:
+    """``conec-trio forward``: local TCP listeners whose connections go to peers' targets."""
+
+    def __init__(self, config: ClientConfig, mappings: Sequence[Mapping]) -> None:
+        self.config = config
+        self.mappings = list(mappings)
+        self.link = CoordinatorLink(config, self._refuse_incoming)
+        self._ids = itertools.count(1)
+
+    async def run(
+        self,
+        *,
+        task_status: trio.TaskStatus[list[tuple[Mapping, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen (raising ``OSError`` if a port cannot be bound), report ``(mapping,
+        bound port)`` pairs to ``task_status``, then serve until cancelled."""
+        bound: list[tuple[Mapping, trio.SocketListener]] = []
+        try:
+            for mapping in self.mappings:
+                try:
+                    listeners = await trio.open_tcp_listeners(mapping.local_port, host="127.0.0.1")
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno,
+                        f"cannot listen on 127.0.0.1:{mapping.local_port}: {exc.strerror or exc}",
+                    ) from exc
+                for listener in listeners:
+                    assert isinstance(listener, trio.SocketListener)
+                    bound.append((mapping, listener))
+            async with trio.open_nursery() as nursery:
+                for mapping, listener in bound:
+                    nursery.start_soon(self._accept_loop, listener, mapping, nursery)
+                ports = [int(listener.socket.getsockname()[1]) for _, listener in bound]
+                task_status.started([(m, p) for (m, _), p in zip(bound, ports, strict=True)])
+                await self.link.run()
+        finally:
+            for _, listener in bound:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+
+    def _refuse_incoming(self, session: Session, incoming: IncomingStream) -> None:
+        peer = clip(repr(incoming.peer))
+        log.warning("refusing a stream from %s: this program only forwards", peer)
+        session.nursery.start_soon(close_quietly, incoming.send, incoming.recv)
+
+    async def _accept_loop(
+        self, listener: trio.SocketListener, mapping: Mapping, nursery: trio.Nursery
+    ) -> None:
+        while True:
+            try:
+                tcp = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_RETRY_ERRNOS:
+                    raise
+                log.error("cannot accept on port %d: %s; retrying", mapping.local_port, exc)
+                await trio.sleep(0.1)
+                continue
+            cid = next(self._ids)
+            label = f"#{cid} {tcp_peer(tcp)} -> {mapping.peer} -> {mapping.target}"
+            session = self.link.current
+            if session is None:
+                log.warning(
+                    "%s: refused: not connected to the coordinator at %s (reconnecting)",
+                    label,
+                    self.link.where,
+                )
+                nursery.start_soon(close_quietly, tcp)
+                continue
+            session.nursery.start_soon(self._connection, session, tcp, mapping, label)
+
+    async def _connection(
+        self, session: Session, tcp: trio.SocketStream, mapping: Mapping, label: str
+    ) -> None:
+        started = trio.current_time()
+        log.info("%s: new connection", label)
+        try:
+            opened = await self._open(session, mapping, label)
+            if opened is None:
+                return
+            send, recv = opened
+            how = "direct" if send.stream_id.is_direct else "through the coordinator"
+            log.info("%s: connected (%s)", label, how)
+            result = await splice(tcp, send, recv)
+            log.info("%s: %s", label, summary(result, trio.current_time() - started))
+        except Exception:
+            log.exception("%s: unexpected error", label)
+        finally:
+            with trio.CancelScope(shield=True):
+                await tcp.aclose()
+
+    async def _open(
+        self, session: Session, mapping: Mapping, label: str
+    ) -> tuple[MessageSendChannel, MessageReceiveChannel] | None:
+        """A stream to ``mapping.peer`` that accepted our request, or None (said why)."""
+        peer = mapping.peer
+        request = encode_request(mapping.target)
+        proxied = False
+        for attempt in (1, 2):
+            try:
+                with trio.fail_after(OPEN_TIMEOUT):
+                    async with session.lock(peer):
+                        if proxied:
+                            send, recv = await session.client.new_proxied_stream(peer)
+                        else:
+                            send, recv = await session.client.new_stream(peer)
+            except PeerNotFoundError:
+                log.warning("%s: refused: peer %r is not connected to the coordinator", label, peer)
+                return None
+            except DisconnectedError:
+                log.warning("%s: refused: lost the coordinator", label)
+                return None
+            except ConecError as exc:
+                log.warning("%s: refused: cannot open a stream to %r: %s", label, peer, exc)
+                return None
+            except trio.TooSlowError:
+                log.warning("%s: refused: no stream to %r within %g s", label, peer, OPEN_TIMEOUT)
+                return None
+            with contextlib.suppress(trio.BrokenResourceError):
+                # expose may refuse a peer (and stop reading) before the request arrives: its
+                # answer says why. A broken stream breaks the receive below as well.
+                await send.send(request)
+            try:
+                with trio.fail_after(REPLY_TIMEOUT):
+                    refusal = parse_reply(await recv.receive())
+            except trio.BrokenResourceError as exc:
+                await send.abort()
+                await close_quietly(send, recv)
+                if attempt == 1 and send.stream_id.is_direct:
+                    # A direct channel to a peer that restarted breaks only now: try again
+                    # through the coordinator, which knows the peer's current connection.
+                    log.info(
+                        "%s: the direct channel broke before the answer (%s); "
+                        "retrying through the coordinator",
+                        label,
+                        why(exc),
+                    )
+                    proxied = True
+                    continue
+                log.warning("%s: refused: the stream broke before the answer: %s", label, why(exc))
+                return None
+            except (trio.EndOfChannel, trio.TooSlowError, ProtocolError) as exc:
+                await send.abort()
+                await close_quietly(send, recv)
+                problem = {
+                    trio.EndOfChannel: f"{peer!r} ended the stream without an answer",
+                    trio.TooSlowError: f"no answer from {peer!r} within {REPLY_TIMEOUT:g} s",
+                }.get(type(exc), f"bad answer from {peer!r}: {exc}")
+                log.warning("%s: refused: %s", label, problem)
+                return None
+            if refusal is None:
+                return send, recv
+            log.warning("%s: refused by %r: %s", label, peer, refusal)
+            await close_quietly(send, recv)
+            return None
+        return None  # pragma: no cover (the second attempt always returns)
