@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-import trio
+from helpers import ClientFactory
 
 import conec_trio
 from conec_trio import certs
@@ -37,9 +37,6 @@ async def coord(
     """A running coordinator with default settings."""
     async with conec_trio.open_coordinator(coord_config()) as c:
         yield c
-
-
-ClientFactory = Callable[..., AbstractAsyncContextManager[conec_trio.Client]]
 
 
 @pytest.fixture
@@ -74,33 +71,3 @@ def open_client(client_config: Callable[..., conec_trio.ClientConfig]) -> Client
             yield c
 
     return make
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until ``predicate()`` is true, checking after every scheduling round, with a deadline.
-
-    For conditions that change without an event to wait on (counters in another task).
-    """
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)
-
-
-@asynccontextmanager
-async def coordinator_echo(
-    client: conec_trio.Client, coord: conec_trio.Coordinator
-) -> AsyncIterator[tuple[trio.abc.SendChannel[bytes], trio.abc.ReceiveChannel[bytes]]]:
-    """A stream from ``client`` to ``coord`` whose coordinator end echoes every message."""
-    send, recv = await client.new_proxied_stream(None)
-    await send.send(b"hello")
-    incoming = await coord.incoming_streams.receive()
-    assert await incoming.recv.receive() == b"hello"
-
-    async def echo() -> None:
-        async for message in incoming.recv:
-            await incoming.send.send(message)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(echo)
-        yield send, recv
-        nursery.cancel_scope.cancel()

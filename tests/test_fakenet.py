@@ -19,7 +19,6 @@ import trio.testing
 from aioquic import tls
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnectionState
-from conftest import coordinator_echo, wait_for
 from fakenet import (
     BLOCKED,
     FILTERED,
@@ -34,6 +33,7 @@ from fakenet import (
     fake_network,
     spin_guard,
 )
+from helpers import coordinator_echo, wait_for
 
 import conec_trio
 from conec_trio import _quic, certs

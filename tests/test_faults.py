@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import ClientFactory, wait_for
 from fakenet import LOST, Datagram, FakeNetwork, fake_network
+from helpers import ClientFactory, wait_for
 
 import conec_trio
 from conec_trio import IncomingStream, certs

@@ -8,7 +8,7 @@ from typing import Any
 import cbor2
 import pytest
 import trio
-from conftest import wait_for
+from helpers import wait_for
 
 import conec_trio
 from conec_trio import (
