@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from helpers import wait_until_stalled
 
 import conec_trio
 from conec_trio import (
@@ -47,15 +48,6 @@ async def small_max_setup(coord_config, open_client) -> AsyncIterator[tuple[Any,
         yield coord, alice, bob
 
 
-async def wait_until_stalled(progress: Any, quiet: float = 0.2) -> None:
-    """Wait until ``progress()`` has not changed for ``quiet`` seconds (the caller bounds it)."""
-    last, since = progress(), trio.current_time()
-    while trio.current_time() - since < quiet:
-        await trio.sleep(0.005)
-        if progress() != last:
-            last, since = progress(), trio.current_time()
-
-
 FLOW = {"stream_window": 32 * KIB, "connection_window": 256 * KIB}  # senders block soon
 
 
@@ -85,7 +77,7 @@ async def start_flood_until_blocked(
     """Start a Flood in ``nursery``; return once it is stuck on backpressure."""
     flood = Flood(send)
     nursery.start_soon(flood.run)
-    await wait_until_stalled(lambda: flood.sent)
+    await wait_until_stalled()
     assert not flood.finished.is_set()
     assert flood.sent < 1000, "the sender was never held back"
     return flood
@@ -580,7 +572,7 @@ async def test_sender_cancelled_on_backpressure_leaves_a_clean_stream(coord_conf
                         sent += 1
 
                 nursery.start_soon(flood)
-                await wait_until_stalled(lambda: sent)  # stuck on backpressure...
+                await wait_until_stalled()  # stuck on backpressure...
                 nursery.cancel_scope.cancel()  # ...and cancelled there
             assert sent < 1000, "the sender was never held back"
             await send.aclose()
