@@ -3,7 +3,7 @@
 Every test runs on trio's ``MockClock(autojump_threshold=0)``: QUIC timers, hole punching,
 the 10 s channel timeout and idle timeouts all run on simulated time, so the timing
 assertions are exact and the file takes no more wall time than the CPU work. See
-``fakenet.py`` for the network model (cone / symmetric NATs with port-restricted filtering).
+``conec_trio.testing`` for the network model (cone / symmetric NATs, filtering, impairments).
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ import trio.testing
 from aioquic import tls
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnectionState
-from fakenet import (
+from helpers import coordinator_echo, wait_for
+
+import conec_trio
+from conec_trio import _quic, certs
+from conec_trio._config import DEFAULT_IDLE_TIMEOUT
+from conec_trio._direct import CHANNEL_TIMEOUT
+from conec_trio.testing import (
     BLOCKED,
     FILTERED,
     LOST,
@@ -30,15 +36,9 @@ from fakenet import (
     FakeNetwork,
     NatKind,
     SpinError,
-    fake_network,
+    open_fake_network,
     spin_guard,
 )
-from helpers import coordinator_echo, wait_for
-
-import conec_trio
-from conec_trio import _quic, certs
-from conec_trio._config import DEFAULT_IDLE_TIMEOUT
-from conec_trio._direct import CHANNEL_TIMEOUT
 
 COORD_IP = "192.0.2.1"
 COORD_PORT = 1719
@@ -134,7 +134,7 @@ def initials(by: str, to: str) -> Callable[[Datagram], bool]:
 
 
 async def test_cone_nat_maps_endpoint_independently_and_filters_unsolicited() -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         net.add_host("192.0.2.10")
         net.add_host("192.0.2.20")
         nat = net.add_nat(NAT_A, kind="cone")
@@ -175,7 +175,7 @@ async def test_cone_nat_maps_endpoint_independently_and_filters_unsolicited() ->
 
 
 async def test_symmetric_nat_uses_a_fresh_port_per_destination() -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         net.add_host("192.0.2.10")
         nat = net.add_nat(NAT_B, kind="symmetric")
         net.add_host(BOB_IP, behind=nat)
@@ -196,7 +196,7 @@ async def test_symmetric_nat_uses_a_fresh_port_per_destination() -> None:
 
 
 async def test_datagrams_over_the_mtu_are_dropped() -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         net.add_host("192.0.2.10")
         net.add_host("192.0.2.20")
         tx = net.socket_factory(socket.AF_INET, "192.0.2.10", 0)
@@ -213,7 +213,7 @@ async def test_delay_loss_and_order_follow_the_seed_and_the_trio_clock(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async def run(seed: int, reorder: float) -> tuple[list[bytes], list[float], int]:
-        async with fake_network(seed, loss=0.3, delay=(0.010, 0.020), reorder=reorder) as net:
+        async with open_fake_network(seed, loss=0.3, delay=(0.010, 0.020), reorder=reorder) as net:
             net.add_host("192.0.2.10")
             net.add_host("192.0.2.20")
             tx = net.socket_factory(socket.AF_INET, "192.0.2.10", 0)
@@ -253,7 +253,7 @@ async def test_fake_network_installs_and_restores_the_socket_factory() -> None:
     before = current_socket_factory()
 
     async def failing_block() -> None:
-        async with fake_network(0) as net:
+        async with open_fake_network(0) as net:
             assert current_socket_factory() == net.socket_factory
             net.add_host("192.0.2.10")
             sock = _quic.make_udp_socket(socket.AF_INET, "192.0.2.10", 0)
@@ -290,7 +290,7 @@ async def test_spin_guard_turns_a_busy_loop_into_an_error(
 async def test_proxied_stream_on_the_fake_network(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
 ) -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         build(net, None, None)
         async with open_lab(net, identity) as (coord, alice, bob):
             assert coord.address == (COORD_IP, COORD_PORT)
@@ -311,7 +311,7 @@ async def test_proxied_stream_on_the_fake_network(
 async def test_leaving_the_blocks_closes_every_socket(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
 ) -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         build(net, "cone", "cone")
         async with open_lab(net, identity):
             assert {s.host.ip for s in net.open_sockets()} == {COORD_IP, ALICE_IP, BOB_IP}
@@ -323,7 +323,7 @@ async def test_leaving_the_blocks_closes_every_socket(
 async def test_cone_nats_direct_channel_is_opened_by_hole_punching(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
 ) -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         build(net, "cone", "cone")
         async with open_lab(net, identity) as (_, alice, bob):
             with trio.fail_after(CHANNEL_TIMEOUT):
@@ -349,7 +349,7 @@ async def test_cone_nats_direct_channel_is_opened_by_hole_punching(
 async def test_cone_nats_without_hole_punching_cannot_connect(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
 ) -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         build(net, "cone", "cone")
         async with open_lab(
             net, identity, alice={"holepunch": False}, bob={"holepunch": False}
@@ -369,7 +369,7 @@ async def test_cone_nats_without_hole_punching_cannot_connect(
 async def test_symmetric_nat_falls_back_to_proxied(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes], symmetric: str
 ) -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         if symmetric == "opener":
             build(net, "symmetric", "cone")
         else:
@@ -410,7 +410,7 @@ async def test_cone_nats_connect_through_loss_delay_and_reordering(
 
     async def run(seed: int, **impairments: Any) -> int:
         """Open a channel and check a direct stream; return alice's Initial datagrams."""
-        async with fake_network(seed, **impairments) as net:
+        async with open_fake_network(seed, **impairments) as net:
             build(net, "cone", "cone")
             async with open_lab(net, identity, alice=patient, bob=patient, coord=patient) as (
                 _,
@@ -443,7 +443,7 @@ async def test_cone_nats_connect_through_loss_delay_and_reordering(
 async def test_unreachable_peer_fails_after_the_channel_timeout(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
 ) -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         build(net, "cone", "cone")
         net.block(NAT_A, NAT_B)
         async with open_lab(net, identity) as (_, alice, _bob):
@@ -462,7 +462,7 @@ async def test_silent_client_is_dropped_after_its_idle_timeout(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
 ) -> None:
     idle = 2.0
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         build(net, None, None)
         async with open_lab(
             net, identity, alice={"idle_timeout": idle}, bob={"idle_timeout": idle}
@@ -499,7 +499,7 @@ ONE_WAY = 0.01  # link delay in these tests
 async def test_idle_client_costs_one_datagram_each_way_per_keepalive(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
 ) -> None:
-    async with fake_network(0, delay=(ONE_WAY, ONE_WAY)) as net:
+    async with open_fake_network(0, delay=(ONE_WAY, ONE_WAY)) as net:
         build(net, None, None)
         async with open_lab(net, identity) as (coord, _alice, _bob):
             await trio.sleep(30)  # handshake, path MTU probing and the hellos are long over
@@ -524,7 +524,7 @@ async def test_idle_client_costs_one_datagram_each_way_per_keepalive(
 async def test_idle_connections_keep_no_growing_state(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
 ) -> None:
-    async with fake_network(0, delay=(ONE_WAY, ONE_WAY)) as net:
+    async with open_fake_network(0, delay=(ONE_WAY, ONE_WAY)) as net:
         build(net, None, None)
         async with open_lab(net, identity) as (coord, alice, bob):
             await trio.sleep(30)
@@ -634,7 +634,7 @@ async def test_a_lost_request_sent_from_the_writers_task_is_retransmitted_prompt
     # A request and its reply leave from the tasks that write them, while the connections'
     # drivers stay parked; the driver must still wake for the loss timer of what was sent,
     # not only at its next keepalive.
-    async with fake_network(0, delay=(ONE_WAY, ONE_WAY)) as net:
+    async with open_fake_network(0, delay=(ONE_WAY, ONE_WAY)) as net:
         build(net, None, None)
         async with open_lab(net, identity) as (coord, alice, _bob):
             with trio.fail_after(PATIENCE):
