@@ -34,6 +34,8 @@ from conec_trio.testing import (
     UNROUTED,
     Datagram,
     FakeNetwork,
+    FakeSocket,
+    Filtering,
     NatKind,
     SpinError,
     open_fake_network,
@@ -193,6 +195,129 @@ async def test_symmetric_nat_uses_a_fresh_port_per_destination() -> None:
         assert p1 == p1_again
         assert p1 != p2
         assert p1[0] == p2[0] == NAT_B
+
+
+async def receive_all(sock: FakeSocket) -> list[tuple[bytes, Any]]:
+    """Every datagram that reaches ``sock`` (bounded on trio's clock: use the mock clock)."""
+    got: list[tuple[bytes, Any]] = []
+    with trio.move_on_after(1):
+        while True:
+            await sock.wait_readable()
+            while (datagram := sock.recvfrom_nowait()) is not None:
+                got.append(datagram)
+    return got
+
+
+@pytest.mark.parametrize(
+    ("filtering", "same_ip_other_port", "other_ip"),
+    [
+        ("port-restricted", FILTERED, FILTERED),
+        ("address-restricted", "in", FILTERED),
+        ("open", "in", "in"),
+    ],
+)
+async def test_nat_filtering_decides_who_gets_in_through_a_mapping(
+    autojump_clock: trio.testing.MockClock,
+    filtering: Filtering,
+    same_ip_other_port: str,
+    other_ip: str,
+) -> None:
+    async with open_fake_network(0) as net:
+        net.add_host("192.0.2.10")
+        net.add_host("192.0.2.20")
+        nat = net.add_nat(NAT_A, kind="cone", filtering=filtering)
+        net.add_host(ALICE_IP, behind=nat)
+        contacted = net.socket_factory(socket.AF_INET, "192.0.2.10", 7000)
+        other_port = net.socket_factory(socket.AF_INET, "192.0.2.10", 7001)
+        stranger = net.socket_factory(socket.AF_INET, "192.0.2.20", 7000)
+        alice = net.socket_factory(socket.AF_INET, ALICE_IP, 4000)
+        alice.sendto_nowait(b"hello", ("192.0.2.10", 7000))
+        (_, public), *_ = await receive_all(contacted)
+        assert public == (NAT_A, 4000)
+
+        contacted.sendto_nowait(b"reply", public)
+        other_port.sendto_nowait(b"same ip, other port", public)
+        stranger.sendto_nowait(b"other ip", public)
+        stranger.sendto_nowait(b"unmapped port", (NAT_A, 4001))
+        got = {data for data, _ in await receive_all(alice)}
+        expected = {b"reply"}
+        expected |= {b"same ip, other port"} if same_ip_other_port == "in" else set()
+        expected |= {b"other ip"} if other_ip == "in" else set()
+        assert got == expected
+        # Even an open NAT drops what arrives at a port it never mapped.
+        refused = [same_ip_other_port, other_ip].count(FILTERED)
+        assert net.dropped == {NO_MAPPING: 1, **({FILTERED: refused} if refused else {})}
+        assert nat.filtering == filtering
+
+
+async def test_hosts_behind_one_nat_reach_each_other_without_translation(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_fake_network(0) as net:
+        nat = net.add_nat(NAT_B, kind="symmetric")
+        net.add_host(ALICE_IP, behind=nat)
+        net.add_host("10.0.1.3", behind=nat)
+        a = net.socket_factory(socket.AF_INET, ALICE_IP, 5000)
+        b = net.socket_factory(socket.AF_INET, "10.0.1.3", 5000)
+        a.sendto_nowait(b"next door", ("10.0.1.3", 5000))
+        assert await receive_all(b) == [(b"next door", (ALICE_IP, 5000))]
+        assert nat.mappings == {}
+
+
+async def test_duplication_follows_the_seed_and_is_counted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def run(seed: int) -> list[bytes]:
+        async with open_fake_network(seed, duplicate=0.25) as net:
+            net.add_host("192.0.2.10")
+            net.add_host("192.0.2.20")
+            tx = net.socket_factory(socket.AF_INET, "192.0.2.10", 0)
+            rx = net.socket_factory(socket.AF_INET, "192.0.2.20", 9)
+            for i in range(200):
+                tx.sendto_nowait(b"%d" % i, ("192.0.2.20", 9))
+            arrived = [data for data, _ in await receive_all(rx)]
+            duplicated = net.stats["duplicated"]
+            assert 20 < duplicated < 80  # about a quarter
+            assert net.stats == {
+                "sent": 200,
+                "delivered": 200 + duplicated,
+                "duplicated": duplicated,
+            }
+            assert net.host("192.0.2.20").stats["received"] == 200 + duplicated
+            assert rx.stats["received"] == len(arrived) == 200 + duplicated
+            assert sorted(set(arrived), key=int) == [b"%d" % i for i in range(200)]
+            return arrived
+
+    arrived = await run(3)
+    assert await run(3) == arrived
+    assert await run(4) != arrived
+
+
+async def test_bad_settings_are_refused_saying_what_is_wrong() -> None:
+    for options, match in [
+        ({"loss": 1.5}, "loss is a probability"),
+        ({"duplicate": -0.1}, "duplicate is a probability"),
+        ({"delay": (0.2, 0.1)}, "delay must be"),
+        ({"mtu": -1}, "mtu"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            async with open_fake_network(0, **options):
+                pytest.fail("a bad setting was accepted")  # pragma: no cover
+    async with open_fake_network(0) as net:
+        nat = net.add_nat(NAT_A)
+        with pytest.raises(ValueError, match="unknown NAT kind 'full'"):
+            net.add_nat(NAT_B, kind="full")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="unknown NAT filtering"):
+            net.add_nat(NAT_B, filtering="strict")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="already on the network"):
+            net.add_host(NAT_A)
+        with pytest.raises(ValueError, match="not an IPv4 address"):
+            net.add_host("::1")
+        with pytest.raises(KeyError, match=r"no host 10\.9\.9\.9"), net.on_host("10.9.9.9"):
+            pytest.fail("on_host accepted a host that does not exist")  # pragma: no cover
+        net.add_host(ALICE_IP, behind=nat)
+        with pytest.raises(OSError, match="IPv4 only"):
+            net.socket_factory(socket.AF_INET6, "::", 0)
 
 
 async def test_datagrams_over_the_mtu_are_dropped() -> None:
