@@ -1,4 +1,9 @@
-"""Shared fixtures: a coordinator on 127.0.0.1 port 0 and clients that trust its cert."""
+"""Shared fixtures: coordinators on 127.0.0.1 port 0 and clients that trust their cert.
+
+The plain cases are conec_trio.testing's pytest plugin's fixtures (``conec_coordinator``,
+``conec_client``); these add coordinators with other settings (``coord_config(**overrides)``)
+and clients as ``async with`` blocks, for tests that watch what leaving one does.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,12 @@ import pytest
 from helpers import ClientFactory
 
 import conec_trio
-from conec_trio import certs
 
 
 @pytest.fixture(scope="session")
-def coord_identity() -> tuple[bytes, bytes]:
-    """A self-signed coordinator cert valid for localhost, 127.0.0.1 and ::1."""
-    return certs.self_signed_cert(["localhost", "127.0.0.1", "::1"])
+def coord_identity(conec_coordinator_identity: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
+    """The plugin's self-signed coordinator cert, valid for localhost, 127.0.0.1 and ::1."""
+    return conec_coordinator_identity
 
 
 @pytest.fixture
@@ -31,12 +35,9 @@ def coord_config(coord_identity: tuple[bytes, bytes]) -> Callable[..., conec_tri
 
 
 @pytest.fixture
-async def coord(
-    coord_config: Callable[..., conec_trio.CoordConfig],
-) -> AsyncIterator[conec_trio.Coordinator]:
-    """A running coordinator with default settings."""
-    async with conec_trio.open_coordinator(coord_config()) as c:
-        yield c
+def coord(conec_coordinator: conec_trio.Coordinator) -> conec_trio.Coordinator:
+    """A running coordinator with default settings: the plugin's ``conec_coordinator``."""
+    return conec_coordinator
 
 
 @pytest.fixture
