@@ -21,9 +21,9 @@ import conec_trio
 ClientFactory = Callable[..., AbstractAsyncContextManager[conec_trio.Client]]
 
 # How long every task must have been blocked, with nothing arriving and no timer due, before
-# wait_until_stalled believes it. Longer than what a moving transfer can wait on without a
-# timer set (nothing) and than the protocol timers that keep it moving: the delayed ACK
-# (25 ms) and a loss probe on loopback, which backs off from a few tens of milliseconds.
+# wait_until_stalled believes it. A transfer that is still moving always has a timer due
+# within this: the delayed ACK (25 ms), or a loss probe, which on loopback starts at a few
+# tens of milliseconds.
 STALL_CUSHION = 0.25
 
 
