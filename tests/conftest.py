@@ -1,22 +1,26 @@
-"""Shared fixtures: a coordinator on 127.0.0.1 port 0 and clients that trust its cert."""
+"""Shared fixtures: coordinators on 127.0.0.1 port 0 and clients that trust their cert.
+
+The plain cases are conec_trio.testing's pytest plugin's fixtures (``conec_coordinator``,
+``conec_client``); these add coordinators with other settings (``coord_config(**overrides)``)
+and clients as ``async with`` blocks, for tests that watch what leaving one does.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-import trio
+from helpers import ClientFactory
 
 import conec_trio
-from conec_trio import certs
 
 
 @pytest.fixture(scope="session")
-def coord_identity() -> tuple[bytes, bytes]:
-    """A self-signed coordinator cert valid for localhost, 127.0.0.1 and ::1."""
-    return certs.self_signed_cert(["localhost", "127.0.0.1", "::1"])
+def coord_identity(conec_coordinator_identity: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
+    """The plugin's self-signed coordinator cert, valid for localhost, 127.0.0.1 and ::1."""
+    return conec_coordinator_identity
 
 
 @pytest.fixture
@@ -31,15 +35,9 @@ def coord_config(coord_identity: tuple[bytes, bytes]) -> Callable[..., conec_tri
 
 
 @pytest.fixture
-async def coord(
-    coord_config: Callable[..., conec_trio.CoordConfig],
-) -> AsyncIterator[conec_trio.Coordinator]:
-    """A running coordinator with default settings."""
-    async with conec_trio.open_coordinator(coord_config()) as c:
-        yield c
-
-
-ClientFactory = Callable[..., AbstractAsyncContextManager[conec_trio.Client]]
+def coord(conec_coordinator: conec_trio.Coordinator) -> conec_trio.Coordinator:
+    """A running coordinator with default settings: the plugin's ``conec_coordinator``."""
+    return conec_coordinator
 
 
 @pytest.fixture
@@ -74,33 +72,3 @@ def open_client(client_config: Callable[..., conec_trio.ClientConfig]) -> Client
             yield c
 
     return make
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until ``predicate()`` is true, checking after every scheduling round, with a deadline.
-
-    For conditions that change without an event to wait on (counters in another task).
-    """
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)
-
-
-@asynccontextmanager
-async def coordinator_echo(
-    client: conec_trio.Client, coord: conec_trio.Coordinator
-) -> AsyncIterator[tuple[trio.abc.SendChannel[bytes], trio.abc.ReceiveChannel[bytes]]]:
-    """A stream from ``client`` to ``coord`` whose coordinator end echoes every message."""
-    send, recv = await client.new_proxied_stream(None)
-    await send.send(b"hello")
-    incoming = await coord.incoming_streams.receive()
-    assert await incoming.recv.receive() == b"hello"
-
-    async def echo() -> None:
-        async for message in incoming.recv:
-            await incoming.send.send(message)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(echo)
-        yield send, recv
-        nursery.cancel_scope.cancel()

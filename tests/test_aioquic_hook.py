@@ -18,9 +18,9 @@ import pytest
 import trio
 from aioquic import tls
 from aioquic.quic.connection import QuicConnection
-from conftest import ClientFactory, coordinator_echo, wait_for
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from helpers import ClientFactory, coordinator_echo, wait_for
 
 import conec_trio
 from conec_trio import _quic, certs

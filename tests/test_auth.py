@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import trio
 import trustme
-from conftest import ClientFactory
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import ClientFactory
 
 import conec_trio
 from conec_trio import certs

@@ -3,11 +3,11 @@ relay holds a bounded amount per stream meanwhile, and other streams keep flowin
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import trio
+from helpers import wait_until_stalled
 
 import conec_trio
 from conec_trio import IncomingStream
@@ -30,15 +30,6 @@ async def open_pair(opener: Any, acceptor: Any) -> tuple[Any, Any, IncomingStrea
         send, recv = await opener.new_proxied_stream(acceptor.id)
         incoming: IncomingStream = await acceptor.incoming_streams.receive()
     return send, recv, incoming
-
-
-async def wait_until_stalled(progress: Callable[[], Any], quiet: float = 0.3) -> None:
-    """Wait until ``progress()`` has not changed for ``quiet`` seconds (the caller bounds it)."""
-    last, since = progress(), trio.current_time()
-    while trio.current_time() - since < quiet:
-        await trio.sleep(0.005)
-        if progress() != last:
-            last, since = progress(), trio.current_time()
 
 
 def relayed_pair(coord: conec_trio.Coordinator, opener: str, acceptor: str) -> tuple[Any, Any]:
@@ -108,7 +99,7 @@ async def test_stalled_reader_blocks_sender_and_relay_memory_stays_bounded(coord
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sender.run)
                 # bob does not read: the sender must get stuck, well short of everything.
-                await wait_until_stalled(lambda: sender.sent)
+                await wait_until_stalled()
                 assert not sender.done.is_set()
                 assert sender.sent_bytes <= sender_limit, sender.sent_bytes
                 stalled_at = sender.sent_bytes
@@ -166,7 +157,7 @@ async def test_small_windows_bound_sender_and_relay(coord_config, open_client, s
         with trio.fail_after(DEADLINE):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sender.run)
-                await wait_until_stalled(lambda: sender.sent)
+                await wait_until_stalled()
                 assert not sender.done.is_set()
                 assert sender.sent_bytes <= sender_limit, sender.sent_bytes
                 for _ in range(10):  # the sender is still trying all along
@@ -196,7 +187,7 @@ async def test_stalled_coordinator_reader_blocks_the_client(coord_config, open_c
             sender = Sender(send, count, size)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sender.run)
-                await wait_until_stalled(lambda: sender.sent)
+                await wait_until_stalled()
                 assert not sender.done.is_set()
                 assert sender.sent_bytes <= sender_limit, sender.sent_bytes
                 await read_all(incoming.recv, count, size)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import ClientFactory, wait_for
+from helpers import ClientFactory, wait_for, wait_until_stalled
 
 import conec_trio
 from conec_trio import (
@@ -517,20 +517,6 @@ async def test_channel_gone_when_every_member_closed_both_ends(
 # --- flow control ---------------------------------------------------------------------------
 
 
-def stalled(progress: Callable[[], int], quiet: float = 0.3) -> Callable[[], bool]:
-    """A predicate for wait_for: true once ``progress()`` has not changed for ``quiet`` s."""
-    last = [progress(), trio.current_time()]
-
-    def check() -> bool:
-        now, value = trio.current_time(), progress()
-        if value != last[0]:
-            last[:] = [value, now]
-            return False
-        return now - last[1] >= quiet
-
-    return check
-
-
 async def test_a_member_that_stops_reading_holds_senders_back_until_it_closes(
     coord_config: Callable[..., conec_trio.CoordConfig], open_client: ClientFactory
 ) -> None:
@@ -563,7 +549,8 @@ async def test_a_member_that_stops_reading_holds_senders_back_until_it_closes(
                 nursery.start_soon(read_all, cid, recv)
             # "stuck" never reads: the senders stall. What got through is bounded by the
             # windows between them and it (a few per sender), far below what they want to send.
-            await wait_for(stalled(lambda: sum(sent.values())), DEADLINE)
+            with trio.fail_after(DEADLINE):
+                await wait_until_stalled()
             blocked_at = sum(sent.values())
             assert blocked_at * size <= 16 * SMALL_WINDOW, sent
             assert blocked_at < total

@@ -3,7 +3,7 @@
 Every test runs on trio's ``MockClock(autojump_threshold=0)``: QUIC timers, hole punching,
 the 10 s channel timeout and idle timeouts all run on simulated time, so the timing
 assertions are exact and the file takes no more wall time than the CPU work. See
-``fakenet.py`` for the network model (cone / symmetric NATs with port-restricted filtering).
+``conec_trio.testing`` for the network model (cone / symmetric NATs, filtering, impairments).
 """
 
 from __future__ import annotations
@@ -19,8 +19,13 @@ import trio.testing
 from aioquic import tls
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnectionState
-from conftest import coordinator_echo, wait_for
-from fakenet import (
+from helpers import coordinator_echo, wait_for
+
+import conec_trio
+from conec_trio import _quic, certs
+from conec_trio._config import DEFAULT_IDLE_TIMEOUT
+from conec_trio._direct import CHANNEL_TIMEOUT
+from conec_trio.testing import (
     BLOCKED,
     FILTERED,
     LOST,
@@ -29,16 +34,13 @@ from fakenet import (
     UNROUTED,
     Datagram,
     FakeNetwork,
+    FakeSocket,
+    Filtering,
     NatKind,
     SpinError,
-    fake_network,
+    open_fake_network,
     spin_guard,
 )
-
-import conec_trio
-from conec_trio import _quic, certs
-from conec_trio._config import DEFAULT_IDLE_TIMEOUT
-from conec_trio._direct import CHANNEL_TIMEOUT
 
 COORD_IP = "192.0.2.1"
 COORD_PORT = 1719
@@ -134,7 +136,7 @@ def initials(by: str, to: str) -> Callable[[Datagram], bool]:
 
 
 async def test_cone_nat_maps_endpoint_independently_and_filters_unsolicited() -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         net.add_host("192.0.2.10")
         net.add_host("192.0.2.20")
         nat = net.add_nat(NAT_A, kind="cone")
@@ -175,7 +177,7 @@ async def test_cone_nat_maps_endpoint_independently_and_filters_unsolicited() ->
 
 
 async def test_symmetric_nat_uses_a_fresh_port_per_destination() -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         net.add_host("192.0.2.10")
         nat = net.add_nat(NAT_B, kind="symmetric")
         net.add_host(BOB_IP, behind=nat)
@@ -195,8 +197,131 @@ async def test_symmetric_nat_uses_a_fresh_port_per_destination() -> None:
         assert p1[0] == p2[0] == NAT_B
 
 
+async def receive_all(sock: FakeSocket) -> list[tuple[bytes, Any]]:
+    """Every datagram that reaches ``sock`` (bounded on trio's clock: use the mock clock)."""
+    got: list[tuple[bytes, Any]] = []
+    with trio.move_on_after(1):
+        while True:
+            await sock.wait_readable()
+            while (datagram := sock.recvfrom_nowait()) is not None:
+                got.append(datagram)
+    return got
+
+
+@pytest.mark.parametrize(
+    ("filtering", "same_ip_other_port", "other_ip"),
+    [
+        ("port-restricted", FILTERED, FILTERED),
+        ("address-restricted", "in", FILTERED),
+        ("open", "in", "in"),
+    ],
+)
+async def test_nat_filtering_decides_who_gets_in_through_a_mapping(
+    autojump_clock: trio.testing.MockClock,
+    filtering: Filtering,
+    same_ip_other_port: str,
+    other_ip: str,
+) -> None:
+    async with open_fake_network(0) as net:
+        net.add_host("192.0.2.10")
+        net.add_host("192.0.2.20")
+        nat = net.add_nat(NAT_A, kind="cone", filtering=filtering)
+        net.add_host(ALICE_IP, behind=nat)
+        contacted = net.socket_factory(socket.AF_INET, "192.0.2.10", 7000)
+        other_port = net.socket_factory(socket.AF_INET, "192.0.2.10", 7001)
+        stranger = net.socket_factory(socket.AF_INET, "192.0.2.20", 7000)
+        alice = net.socket_factory(socket.AF_INET, ALICE_IP, 4000)
+        alice.sendto_nowait(b"hello", ("192.0.2.10", 7000))
+        (_, public), *_ = await receive_all(contacted)
+        assert public == (NAT_A, 4000)
+
+        contacted.sendto_nowait(b"reply", public)
+        other_port.sendto_nowait(b"same ip, other port", public)
+        stranger.sendto_nowait(b"other ip", public)
+        stranger.sendto_nowait(b"unmapped port", (NAT_A, 4001))
+        got = {data for data, _ in await receive_all(alice)}
+        expected = {b"reply"}
+        expected |= {b"same ip, other port"} if same_ip_other_port == "in" else set()
+        expected |= {b"other ip"} if other_ip == "in" else set()
+        assert got == expected
+        # Even an open NAT drops what arrives at a port it never mapped.
+        refused = [same_ip_other_port, other_ip].count(FILTERED)
+        assert net.dropped == {NO_MAPPING: 1, **({FILTERED: refused} if refused else {})}
+        assert nat.filtering == filtering
+
+
+async def test_hosts_behind_one_nat_reach_each_other_without_translation(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_fake_network(0) as net:
+        nat = net.add_nat(NAT_B, kind="symmetric")
+        net.add_host(ALICE_IP, behind=nat)
+        net.add_host("10.0.1.3", behind=nat)
+        a = net.socket_factory(socket.AF_INET, ALICE_IP, 5000)
+        b = net.socket_factory(socket.AF_INET, "10.0.1.3", 5000)
+        a.sendto_nowait(b"next door", ("10.0.1.3", 5000))
+        assert await receive_all(b) == [(b"next door", (ALICE_IP, 5000))]
+        assert nat.mappings == {}
+
+
+async def test_duplication_follows_the_seed_and_is_counted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def run(seed: int) -> list[bytes]:
+        async with open_fake_network(seed, duplicate=0.25) as net:
+            net.add_host("192.0.2.10")
+            net.add_host("192.0.2.20")
+            tx = net.socket_factory(socket.AF_INET, "192.0.2.10", 0)
+            rx = net.socket_factory(socket.AF_INET, "192.0.2.20", 9)
+            for i in range(200):
+                tx.sendto_nowait(b"%d" % i, ("192.0.2.20", 9))
+            arrived = [data for data, _ in await receive_all(rx)]
+            duplicated = net.stats["duplicated"]
+            assert 20 < duplicated < 80  # about a quarter
+            assert net.stats == {
+                "sent": 200,
+                "delivered": 200 + duplicated,
+                "duplicated": duplicated,
+            }
+            assert net.host("192.0.2.20").stats["received"] == 200 + duplicated
+            assert rx.stats["received"] == len(arrived) == 200 + duplicated
+            assert sorted(set(arrived), key=int) == [b"%d" % i for i in range(200)]
+            return arrived
+
+    arrived = await run(3)
+    assert await run(3) == arrived
+    assert await run(4) != arrived
+
+
+async def test_bad_settings_are_refused_saying_what_is_wrong() -> None:
+    for options, match in [
+        ({"loss": 1.5}, "loss is a probability"),
+        ({"duplicate": -0.1}, "duplicate is a probability"),
+        ({"delay": (0.2, 0.1)}, "delay must be"),
+        ({"mtu": -1}, "mtu"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            async with open_fake_network(0, **options):
+                pytest.fail("a bad setting was accepted")  # pragma: no cover
+    async with open_fake_network(0) as net:
+        nat = net.add_nat(NAT_A)
+        with pytest.raises(ValueError, match="unknown NAT kind 'full'"):
+            net.add_nat(NAT_B, kind="full")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="unknown NAT filtering"):
+            net.add_nat(NAT_B, filtering="strict")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="already on the network"):
+            net.add_host(NAT_A)
+        with pytest.raises(ValueError, match="not an IPv4 address"):
+            net.add_host("::1")
+        with pytest.raises(KeyError, match=r"no host 10\.9\.9\.9"), net.on_host("10.9.9.9"):
+            pytest.fail("on_host accepted a host that does not exist")  # pragma: no cover
+        net.add_host(ALICE_IP, behind=nat)
+        with pytest.raises(OSError, match="IPv4 only"):
+            net.socket_factory(socket.AF_INET6, "::", 0)
+
+
 async def test_datagrams_over_the_mtu_are_dropped() -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         net.add_host("192.0.2.10")
         net.add_host("192.0.2.20")
         tx = net.socket_factory(socket.AF_INET, "192.0.2.10", 0)
@@ -213,7 +338,7 @@ async def test_delay_loss_and_order_follow_the_seed_and_the_trio_clock(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async def run(seed: int, reorder: float) -> tuple[list[bytes], list[float], int]:
-        async with fake_network(seed, loss=0.3, delay=(0.010, 0.020), reorder=reorder) as net:
+        async with open_fake_network(seed, loss=0.3, delay=(0.010, 0.020), reorder=reorder) as net:
             net.add_host("192.0.2.10")
             net.add_host("192.0.2.20")
             tx = net.socket_factory(socket.AF_INET, "192.0.2.10", 0)
@@ -253,7 +378,7 @@ async def test_fake_network_installs_and_restores_the_socket_factory() -> None:
     before = current_socket_factory()
 
     async def failing_block() -> None:
-        async with fake_network(0) as net:
+        async with open_fake_network(0) as net:
             assert current_socket_factory() == net.socket_factory
             net.add_host("192.0.2.10")
             sock = _quic.make_udp_socket(socket.AF_INET, "192.0.2.10", 0)
@@ -290,7 +415,7 @@ async def test_spin_guard_turns_a_busy_loop_into_an_error(
 async def test_proxied_stream_on_the_fake_network(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
 ) -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         build(net, None, None)
         async with open_lab(net, identity) as (coord, alice, bob):
             assert coord.address == (COORD_IP, COORD_PORT)
@@ -311,7 +436,7 @@ async def test_proxied_stream_on_the_fake_network(
 async def test_leaving_the_blocks_closes_every_socket(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
 ) -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         build(net, "cone", "cone")
         async with open_lab(net, identity):
             assert {s.host.ip for s in net.open_sockets()} == {COORD_IP, ALICE_IP, BOB_IP}
@@ -323,7 +448,7 @@ async def test_leaving_the_blocks_closes_every_socket(
 async def test_cone_nats_direct_channel_is_opened_by_hole_punching(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
 ) -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         build(net, "cone", "cone")
         async with open_lab(net, identity) as (_, alice, bob):
             with trio.fail_after(CHANNEL_TIMEOUT):
@@ -349,7 +474,7 @@ async def test_cone_nats_direct_channel_is_opened_by_hole_punching(
 async def test_cone_nats_without_hole_punching_cannot_connect(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
 ) -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         build(net, "cone", "cone")
         async with open_lab(
             net, identity, alice={"holepunch": False}, bob={"holepunch": False}
@@ -369,7 +494,7 @@ async def test_cone_nats_without_hole_punching_cannot_connect(
 async def test_symmetric_nat_falls_back_to_proxied(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes], symmetric: str
 ) -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         if symmetric == "opener":
             build(net, "symmetric", "cone")
         else:
@@ -410,7 +535,7 @@ async def test_cone_nats_connect_through_loss_delay_and_reordering(
 
     async def run(seed: int, **impairments: Any) -> int:
         """Open a channel and check a direct stream; return alice's Initial datagrams."""
-        async with fake_network(seed, **impairments) as net:
+        async with open_fake_network(seed, **impairments) as net:
             build(net, "cone", "cone")
             async with open_lab(net, identity, alice=patient, bob=patient, coord=patient) as (
                 _,
@@ -443,7 +568,7 @@ async def test_cone_nats_connect_through_loss_delay_and_reordering(
 async def test_unreachable_peer_fails_after_the_channel_timeout(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
 ) -> None:
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         build(net, "cone", "cone")
         net.block(NAT_A, NAT_B)
         async with open_lab(net, identity) as (_, alice, _bob):
@@ -462,7 +587,7 @@ async def test_silent_client_is_dropped_after_its_idle_timeout(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
 ) -> None:
     idle = 2.0
-    async with fake_network(0) as net:
+    async with open_fake_network(0) as net:
         build(net, None, None)
         async with open_lab(
             net, identity, alice={"idle_timeout": idle}, bob={"idle_timeout": idle}
@@ -499,7 +624,7 @@ ONE_WAY = 0.01  # link delay in these tests
 async def test_idle_client_costs_one_datagram_each_way_per_keepalive(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
 ) -> None:
-    async with fake_network(0, delay=(ONE_WAY, ONE_WAY)) as net:
+    async with open_fake_network(0, delay=(ONE_WAY, ONE_WAY)) as net:
         build(net, None, None)
         async with open_lab(net, identity) as (coord, _alice, _bob):
             await trio.sleep(30)  # handshake, path MTU probing and the hellos are long over
@@ -524,7 +649,7 @@ async def test_idle_client_costs_one_datagram_each_way_per_keepalive(
 async def test_idle_connections_keep_no_growing_state(
     autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
 ) -> None:
-    async with fake_network(0, delay=(ONE_WAY, ONE_WAY)) as net:
+    async with open_fake_network(0, delay=(ONE_WAY, ONE_WAY)) as net:
         build(net, None, None)
         async with open_lab(net, identity) as (coord, alice, bob):
             await trio.sleep(30)
@@ -637,7 +762,7 @@ async def test_a_lost_request_sent_from_the_writers_task_is_retransmitted_prompt
     # A request and its reply leave from the tasks that write them, while the connections'
     # drivers stay parked; the driver must still wake for the loss timer of what was sent,
     # not only at its next keepalive.
-    async with fake_network(0, delay=(ONE_WAY, ONE_WAY)) as net:
+    async with open_fake_network(0, delay=(ONE_WAY, ONE_WAY)) as net:
         build(net, None, None)
         async with open_lab(net, identity) as (coord, alice, _bob):
             with trio.fail_after(PATIENCE):

@@ -10,7 +10,7 @@ What a user depends on when something dies or the network is bad:
 
 Killed processes get SIGKILL (no goodbye, no QUIC CONNECTION_CLOSE): the others only learn
 of it by the idle timeout, so it is short here. The loss tests run on the simulated network
-of ``fakenet.py`` under trio's ``MockClock`` (seeded loss, minutes of network time in little
+of ``conec_trio.testing`` under trio's ``MockClock`` (seeded loss, minutes of network time in little
 wall time), and once across the real NATs of the NAT lab (root only).
 """
 
@@ -27,11 +27,11 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import ClientFactory, wait_for
-from fakenet import LOST, Datagram, FakeNetwork, fake_network
+from helpers import ClientFactory, wait_for
 
 import conec_trio
 from conec_trio import IncomingStream, certs
+from conec_trio.testing import LOST, Datagram, FakeNetwork, open_fake_network
 
 DEADLINE = 10.0  # seconds: every wait is bounded by it unless told otherwise
 # Idle timeout of the coordinator and the clients in the tests with killed processes: a dead
@@ -574,7 +574,7 @@ async def test_lossy_network_delivers_every_message_once_in_order(
     loss: float,
 ) -> None:
     async with (
-        fake_network(seed, delay=(0.005, 0.040)) as net,
+        open_fake_network(seed, delay=(0.005, 0.040)) as net,
         open_fake_lab(
             net, fake_identity, idle_timeout=LOSSY_IDLE, loss=loss, reorder=0.1, duplicate=0.02
         ) as (_, clients),
@@ -597,7 +597,7 @@ async def test_vanished_peer_breaks_its_streams_while_others_lose_nothing(
 ) -> None:
     idle = 4.0
     async with (
-        fake_network(seed, delay=(0.005, 0.030)) as net,
+        open_fake_network(seed, delay=(0.005, 0.030)) as net,
         open_fake_lab(net, fake_identity, idle_timeout=idle, loss=0.1, reorder=0.05) as (
             coord,
             clients,

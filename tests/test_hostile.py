@@ -18,7 +18,7 @@ from typing import Any
 import cbor2
 import pytest
 import trio
-from conftest import wait_for
+from helpers import wait_for
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from rawquic import RawClient, open_raw_client

@@ -5,7 +5,7 @@ never sends a probe, and ``max_datagram_size`` caps the growth."""
 from __future__ import annotations
 
 import trio
-from conftest import ClientFactory, wait_for
+from helpers import ClientFactory, wait_for
 
 import conec_trio
 from conec_trio import _quic

@@ -8,7 +8,7 @@ from typing import Any
 import cbor2
 import pytest
 import trio
-from conftest import wait_for
+from helpers import wait_for
 
 import conec_trio
 from conec_trio import (
@@ -55,86 +55,88 @@ async def exchange(
 # --- opening proxied streams ------------------------------------------------------------------
 
 
-async def test_proxied_stream_to_another_client(coord, open_client):
-    async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
-        with trio.fail_after(DEADLINE):
-            send, recv = await alice.new_proxied_stream("bob")
-        incoming = await accept(bob)
+async def test_proxied_stream_to_another_client(conec_client):
+    alice = await conec_client("alice")
+    bob = await conec_client("bob")
+    with trio.fail_after(DEADLINE):
+        send, recv = await alice.new_proxied_stream("bob")
+    incoming = await accept(bob)
 
-        assert isinstance(incoming, IncomingStream)
-        assert incoming.peer == "alice"
-        assert incoming.stream_id == send.stream_id == recv.stream_id
-        assert incoming.stream_id.is_proxied
-        assert not incoming.stream_id.is_direct
-        assert send.peer == recv.peer == "bob"
-        assert incoming.send.peer == incoming.recv.peer == "alice"
-        assert incoming.send.stream_id == incoming.recv.stream_id == incoming.stream_id
-        peer, stream_id, in_send, in_recv = incoming  # a NamedTuple, unpacks in field order
-        assert (peer, stream_id) == ("alice", send.stream_id)
+    assert isinstance(incoming, IncomingStream)
+    assert incoming.peer == "alice"
+    assert incoming.stream_id == send.stream_id == recv.stream_id
+    assert incoming.stream_id.is_proxied
+    assert not incoming.stream_id.is_direct
+    assert send.peer == recv.peer == "bob"
+    assert incoming.send.peer == incoming.recv.peer == "alice"
+    assert incoming.send.stream_id == incoming.recv.stream_id == incoming.stream_id
+    peer, stream_id, in_send, in_recv = incoming  # a NamedTuple, unpacks in field order
+    assert (peer, stream_id) == ("alice", send.stream_id)
 
-        await exchange(send, recv, in_send, in_recv)
-
-
-async def test_proxied_stream_to_itself(coord, open_client):
-    async with open_client(coord, "alice") as alice:
-        with trio.fail_after(DEADLINE):
-            send, recv = await alice.new_proxied_stream("alice")
-        incoming = await accept(alice)
-
-        assert incoming.peer == "alice"
-        assert send.peer == "alice"
-        assert incoming.stream_id == send.stream_id
-        assert incoming.stream_id.is_proxied
-        assert not incoming.stream_id.is_direct
-        await exchange(send, recv, incoming.send, incoming.recv)
+    await exchange(send, recv, in_send, in_recv)
 
 
-async def test_proxied_stream_to_the_coordinator(coord, open_client):
-    async with open_client(coord, "alice") as alice:
-        with trio.fail_after(DEADLINE):
-            send, recv = await alice.new_proxied_stream(None)
-            incoming = await coord.incoming_streams.receive()
+async def test_proxied_stream_to_itself(conec_client):
+    alice = await conec_client("alice")
+    with trio.fail_after(DEADLINE):
+        send, recv = await alice.new_proxied_stream("alice")
+    incoming = await accept(alice)
 
-        assert incoming.peer == "alice"  # always the opener's id at the coordinator
-        # The coordinator, as the client sees it:
-        assert send.peer is None
-        assert recv.peer is None
-        assert incoming.send.peer == incoming.recv.peer == "alice"
-        assert incoming.stream_id == send.stream_id == recv.stream_id
-        assert incoming.stream_id.is_proxied
-        assert not incoming.stream_id.is_direct
-        await exchange(send, recv, incoming.send, incoming.recv)
+    assert incoming.peer == "alice"
+    assert send.peer == "alice"
+    assert incoming.stream_id == send.stream_id
+    assert incoming.stream_id.is_proxied
+    assert not incoming.stream_id.is_direct
+    await exchange(send, recv, incoming.send, incoming.recv)
 
 
-async def test_streams_to_self_and_other_are_told_apart(coord, open_client):
+async def test_proxied_stream_to_the_coordinator(conec_coordinator, conec_client):
+    alice = await conec_client("alice")
+    with trio.fail_after(DEADLINE):
+        send, recv = await alice.new_proxied_stream(None)
+        incoming = await conec_coordinator.incoming_streams.receive()
+
+    assert incoming.peer == "alice"  # always the opener's id at the coordinator
+    # The coordinator, as the client sees it:
+    assert send.peer is None
+    assert recv.peer is None
+    assert incoming.send.peer == incoming.recv.peer == "alice"
+    assert incoming.stream_id == send.stream_id == recv.stream_id
+    assert incoming.stream_id.is_proxied
+    assert not incoming.stream_id.is_direct
+    await exchange(send, recv, incoming.send, incoming.recv)
+
+
+async def test_streams_to_self_and_other_are_told_apart(conec_client):
     """Every opened stream arrives once, at the right client, with its own id."""
-    async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
-        with trio.fail_after(DEADLINE):
-            to_bob = [await alice.new_proxied_stream("bob") for _ in range(3)]
-            to_self = [await alice.new_proxied_stream("alice") for _ in range(2)]
-        ids = [s.stream_id for s, _ in to_bob + to_self]
-        assert len(set(ids)) == 5, "a client's streams must carry distinct ids"
+    alice = await conec_client("alice")
+    bob = await conec_client("bob")
+    with trio.fail_after(DEADLINE):
+        to_bob = [await alice.new_proxied_stream("bob") for _ in range(3)]
+        to_self = [await alice.new_proxied_stream("alice") for _ in range(2)]
+    ids = [s.stream_id for s, _ in to_bob + to_self]
+    assert len(set(ids)) == 5, "a client's streams must carry distinct ids"
 
-        at_bob = {(await accept(bob)).stream_id for _ in to_bob}
-        at_alice = {(await accept(alice)).stream_id for _ in to_self}
-        assert at_bob == {s.stream_id for s, _ in to_bob}
-        assert at_alice == {s.stream_id for s, _ in to_self}
+    at_bob = {(await accept(bob)).stream_id for _ in to_bob}
+    at_alice = {(await accept(alice)).stream_id for _ in to_self}
+    assert at_bob == {s.stream_id for s, _ in to_bob}
+    assert at_alice == {s.stream_id for s, _ in to_self}
 
 
 # --- errors when opening -------------------------------------------------------------------------
 
 
-async def test_unknown_peer_is_refused(coord, open_client):
-    async with open_client(coord, "alice") as alice:
-        with trio.fail_after(DEADLINE), pytest.raises(PeerNotFoundError) as info:
-            await alice.new_proxied_stream("nobody")
-        assert isinstance(info.value, ConecError)
-        assert "nobody" in str(info.value)
-        # The client is not harmed: the next open works.
-        with trio.fail_after(DEADLINE):
-            send, recv = await alice.new_proxied_stream("alice")
-        incoming = await accept(alice)
-        await exchange(send, recv, incoming.send, incoming.recv)
+async def test_unknown_peer_is_refused(conec_client):
+    alice = await conec_client("alice")
+    with trio.fail_after(DEADLINE), pytest.raises(PeerNotFoundError) as info:
+        await alice.new_proxied_stream("nobody")
+    assert isinstance(info.value, ConecError)
+    assert "nobody" in str(info.value)
+    # The client is not harmed: the next open works.
+    with trio.fail_after(DEADLINE):
+        send, recv = await alice.new_proxied_stream("alice")
+    incoming = await accept(alice)
+    await exchange(send, recv, incoming.send, incoming.recv)
 
 
 async def test_peer_that_left_is_refused(coord, open_client):
@@ -146,62 +148,64 @@ async def test_peer_that_left_is_refused(coord, open_client):
             await alice.new_proxied_stream("bob")
 
 
-async def test_stream_id_in_use_is_refused(coord, open_client):
-    async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
-        wanted = StreamId.proxied(1234)
-        with trio.fail_after(DEADLINE):
-            send, recv = await alice.new_stream_with_id("bob", wanted)
-        assert send.stream_id == recv.stream_id == wanted
-        incoming = await accept(bob)
-        assert incoming.stream_id == wanted
+async def test_stream_id_in_use_is_refused(conec_client):
+    alice = await conec_client("alice")
+    bob = await conec_client("bob")
+    wanted = StreamId.proxied(1234)
+    with trio.fail_after(DEADLINE):
+        send, recv = await alice.new_stream_with_id("bob", wanted)
+    assert send.stream_id == recv.stream_id == wanted
+    incoming = await accept(bob)
+    assert incoming.stream_id == wanted
 
-        with trio.fail_after(DEADLINE), pytest.raises(StreamIdInUseError) as info:
-            await alice.new_stream_with_id("bob", StreamId.proxied(1234))
-        assert isinstance(info.value, ConecError)
-        # ... also towards a different peer: ids are scoped per opening client.
-        with trio.fail_after(DEADLINE), pytest.raises(StreamIdInUseError):
-            await alice.new_stream_with_id("alice", wanted)
+    with trio.fail_after(DEADLINE), pytest.raises(StreamIdInUseError) as info:
+        await alice.new_stream_with_id("bob", StreamId.proxied(1234))
+    assert isinstance(info.value, ConecError)
+    # ... also towards a different peer: ids are scoped per opening client.
+    with trio.fail_after(DEADLINE), pytest.raises(StreamIdInUseError):
+        await alice.new_stream_with_id("alice", wanted)
 
-        # The refused attempts did not disturb the stream that holds the id.
-        await exchange(send, recv, incoming.send, incoming.recv)
-
-
-async def test_same_stream_id_from_two_clients(coord, open_client):
-    async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
-        sid = StreamId.proxied(7)
-        with trio.fail_after(DEADLINE):
-            a_send, _ = await alice.new_stream_with_id("bob", sid)
-            b_send, _ = await bob.new_stream_with_id("alice", sid)
-        at_bob = await accept(bob)
-        at_alice = await accept(alice)
-        assert at_bob.stream_id == at_alice.stream_id == sid
-        assert (at_bob.peer, at_alice.peer) == ("alice", "bob")
-        # Two different streams despite the equal ids.
-        with trio.fail_after(DEADLINE):
-            await a_send.send(b"from alice")
-            await b_send.send(b"from bob")
-            assert await at_bob.recv.receive() == b"from alice"
-            assert await at_alice.recv.receive() == b"from bob"
+    # The refused attempts did not disturb the stream that holds the id.
+    await exchange(send, recv, incoming.send, incoming.recv)
 
 
-async def test_automatic_ids_skip_chosen_ones(coord, open_client):
-    async with open_client(coord, "alice") as alice:
-        with trio.fail_after(DEADLINE):
-            chosen, _ = await alice.new_stream_with_id("alice", StreamId.proxied(0))
-            auto_send, _ = await alice.new_proxied_stream("alice")
-        assert auto_send.stream_id != chosen.stream_id
-        with trio.fail_after(DEADLINE), pytest.raises(StreamIdInUseError):
-            await alice.new_stream_with_id("alice", auto_send.stream_id)
+async def test_same_stream_id_from_two_clients(conec_client):
+    alice = await conec_client("alice")
+    bob = await conec_client("bob")
+    sid = StreamId.proxied(7)
+    with trio.fail_after(DEADLINE):
+        a_send, _ = await alice.new_stream_with_id("bob", sid)
+        b_send, _ = await bob.new_stream_with_id("alice", sid)
+    at_bob = await accept(bob)
+    at_alice = await accept(alice)
+    assert at_bob.stream_id == at_alice.stream_id == sid
+    assert (at_bob.peer, at_alice.peer) == ("alice", "bob")
+    # Two different streams despite the equal ids.
+    with trio.fail_after(DEADLINE):
+        await a_send.send(b"from alice")
+        await b_send.send(b"from bob")
+        assert await at_bob.recv.receive() == b"from alice"
+        assert await at_alice.recv.receive() == b"from bob"
 
 
-async def test_refused_open_frees_its_id(coord, open_client):
-    async with open_client(coord, "alice") as alice:
-        sid = StreamId.proxied(5)
-        with trio.fail_after(DEADLINE), pytest.raises(PeerNotFoundError):
-            await alice.new_stream_with_id("nobody", sid)
-        with trio.fail_after(DEADLINE):
-            send, _ = await alice.new_stream_with_id("alice", sid)
-        assert send.stream_id == sid
+async def test_automatic_ids_skip_chosen_ones(conec_client):
+    alice = await conec_client("alice")
+    with trio.fail_after(DEADLINE):
+        chosen, _ = await alice.new_stream_with_id("alice", StreamId.proxied(0))
+        auto_send, _ = await alice.new_proxied_stream("alice")
+    assert auto_send.stream_id != chosen.stream_id
+    with trio.fail_after(DEADLINE), pytest.raises(StreamIdInUseError):
+        await alice.new_stream_with_id("alice", auto_send.stream_id)
+
+
+async def test_refused_open_frees_its_id(conec_client):
+    alice = await conec_client("alice")
+    sid = StreamId.proxied(5)
+    with trio.fail_after(DEADLINE), pytest.raises(PeerNotFoundError):
+        await alice.new_stream_with_id("nobody", sid)
+    with trio.fail_after(DEADLINE):
+        send, _ = await alice.new_stream_with_id("alice", sid)
+    assert send.stream_id == sid
 
 
 def test_stream_id_value_semantics():
@@ -326,48 +330,50 @@ async def test_nonblocking_reader_never_holds_the_sender_back(
                     await nb.receive()
 
 
-async def test_cbor_channels_over_a_proxied_stream(coord, open_client):
-    async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
-        with trio.fail_after(DEADLINE):
-            send, recv = await alice.new_proxied_stream("bob")
-        incoming = await accept(bob)
-        values: list[Any] = [
-            {"op": "put", "key": b"\x00\x01", "n": [1, 2.5, None, True]},
-            "text",
-            2**70,
-            [],
-        ]
-        with trio.fail_after(DEADLINE):
-            cbor_send = CborSendChannel(send)
-            for value in values:
-                await cbor_send.send(value)
-            await cbor_send.aclose()
-            got = [value async for value in CborReceiveChannel(incoming.recv)]
-        assert got == values
+async def test_cbor_channels_over_a_proxied_stream(conec_client):
+    alice = await conec_client("alice")
+    bob = await conec_client("bob")
+    with trio.fail_after(DEADLINE):
+        send, recv = await alice.new_proxied_stream("bob")
+    incoming = await accept(bob)
+    values: list[Any] = [
+        {"op": "put", "key": b"\x00\x01", "n": [1, 2.5, None, True]},
+        "text",
+        2**70,
+        [],
+    ]
+    with trio.fail_after(DEADLINE):
+        cbor_send = CborSendChannel(send)
+        for value in values:
+            await cbor_send.send(value)
+        await cbor_send.aclose()
+        got = [value async for value in CborReceiveChannel(incoming.recv)]
+    assert got == values
 
-        # And back the other way on the same stream.
-        with trio.fail_after(DEADLINE):
-            await CborSendChannel(incoming.send).send({"reply": 1})
-            assert await CborReceiveChannel(recv).receive() == {"reply": 1}
+    # And back the other way on the same stream.
+    with trio.fail_after(DEADLINE):
+        await CborSendChannel(incoming.send).send({"reply": 1})
+        assert await CborReceiveChannel(recv).receive() == {"reply": 1}
 
 
-async def test_bad_cbor_from_the_peer_is_an_error_not_a_crash(coord, open_client):
-    async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
-        with trio.fail_after(DEADLINE):
-            send, recv = await alice.new_proxied_stream("bob")
-        incoming = await accept(bob)
-        cbor_recv = CborReceiveChannel(recv)
-        with trio.fail_after(DEADLINE):
-            # bob uses the plain byte channel to send garbage, then a good value.
-            await incoming.send.send(b"\xff\xfe not cbor")
-            await incoming.send.send(cbor2.dumps({"good": True}))
-            with pytest.raises(ProtocolError):
-                await cbor_recv.receive()
-            assert await cbor_recv.receive() == {"good": True}
+async def test_bad_cbor_from_the_peer_is_an_error_not_a_crash(conec_client):
+    alice = await conec_client("alice")
+    bob = await conec_client("bob")
+    with trio.fail_after(DEADLINE):
+        send, recv = await alice.new_proxied_stream("bob")
+    incoming = await accept(bob)
+    cbor_recv = CborReceiveChannel(recv)
+    with trio.fail_after(DEADLINE):
+        # bob uses the plain byte channel to send garbage, then a good value.
+        await incoming.send.send(b"\xff\xfe not cbor")
+        await incoming.send.send(cbor2.dumps({"good": True}))
+        with pytest.raises(ProtocolError):
+            await cbor_recv.receive()
+        assert await cbor_recv.receive() == {"good": True}
 
-            # Both clients keep working.
-            await send.send(b"still here")
-            assert await incoming.recv.receive() == b"still here"
-            send2, recv2 = await alice.new_proxied_stream("bob")
-        incoming2 = await accept(bob)
-        await exchange(send2, recv2, incoming2.send, incoming2.recv)
+        # Both clients keep working.
+        await send.send(b"still here")
+        assert await incoming.recv.receive() == b"still here"
+        send2, recv2 = await alice.new_proxied_stream("bob")
+    incoming2 = await accept(bob)
+    await exchange(send2, recv2, incoming2.send, incoming2.recv)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import ClientFactory, wait_for
+from helpers import ClientFactory, wait_for
 
 import conec_trio
 from conec_trio import certs

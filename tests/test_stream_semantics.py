@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from helpers import wait_until_stalled
 
 import conec_trio
 from conec_trio import (
@@ -47,15 +48,6 @@ async def small_max_setup(coord_config, open_client) -> AsyncIterator[tuple[Any,
         yield coord, alice, bob
 
 
-async def wait_until_stalled(progress: Any, quiet: float = 0.2) -> None:
-    """Wait until ``progress()`` has not changed for ``quiet`` seconds (the caller bounds it)."""
-    last, since = progress(), trio.current_time()
-    while trio.current_time() - since < quiet:
-        await trio.sleep(0.005)
-        if progress() != last:
-            last, since = progress(), trio.current_time()
-
-
 FLOW = {"stream_window": 32 * KIB, "connection_window": 256 * KIB}  # senders block soon
 
 
@@ -85,7 +77,7 @@ async def start_flood_until_blocked(
     """Start a Flood in ``nursery``; return once it is stuck on backpressure."""
     flood = Flood(send)
     nursery.start_soon(flood.run)
-    await wait_until_stalled(lambda: flood.sent)
+    await wait_until_stalled()
     assert not flood.finished.is_set()
     assert flood.sent < 1000, "the sender was never held back"
     return flood
@@ -102,53 +94,56 @@ def pattern(i: int, size: int) -> bytes:
 # --- whole messages, in order ---------------------------------------------------------------------
 
 
-async def test_many_messages_both_ways_in_order(coord, open_client):
+async def test_many_messages_both_ways_in_order(conec_client):
     rng = random.Random(1)
     sizes = [rng.choice([0, 1, 5, 100, 1200, 1500, 5000, 20_000]) for _ in range(300)]
-    async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
-        send, recv, incoming = await open_pair(alice, bob)
+    alice = await conec_client("alice")
+    bob = await conec_client("bob")
+    send, recv, incoming = await open_pair(alice, bob)
 
-        async def send_all(channel: trio.abc.SendChannel[bytes], tag: int) -> None:
-            for i, size in enumerate(sizes):
-                await channel.send(pattern(tag * 10_000 + i, size))
-            await channel.aclose()
+    async def send_all(channel: trio.abc.SendChannel[bytes], tag: int) -> None:
+        for i, size in enumerate(sizes):
+            await channel.send(pattern(tag * 10_000 + i, size))
+        await channel.aclose()
 
-        async def receive_all(channel: trio.abc.ReceiveChannel[bytes], tag: int) -> None:
-            got = [msg async for msg in channel]  # async for ends at the clean end
-            assert len(got) == len(sizes)
-            for i, (msg, size) in enumerate(zip(got, sizes, strict=True)):
-                assert msg == pattern(tag * 10_000 + i, size), f"message {i} differs"
+    async def receive_all(channel: trio.abc.ReceiveChannel[bytes], tag: int) -> None:
+        got = [msg async for msg in channel]  # async for ends at the clean end
+        assert len(got) == len(sizes)
+        for i, (msg, size) in enumerate(zip(got, sizes, strict=True)):
+            assert msg == pattern(tag * 10_000 + i, size), f"message {i} differs"
 
-        with trio.fail_after(DEADLINE):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(send_all, send, 1)
-                nursery.start_soon(send_all, incoming.send, 2)
-                nursery.start_soon(receive_all, incoming.recv, 1)
-                nursery.start_soon(receive_all, recv, 2)
-
-
-async def test_empty_messages_are_messages(coord, open_client):
-    async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
-        send, _, incoming = await open_pair(alice, bob)
-        with trio.fail_after(DEADLINE):
-            await send.send(b"")
-            await send.send(b"")
-            await send.send(b"x")
-            await send.send(bytearray())
-            await send.aclose()
-            got = [msg async for msg in incoming.recv]
-        assert got == [b"", b"", b"x", b""]
-        assert all(isinstance(msg, bytes) for msg in got)
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_all, send, 1)
+            nursery.start_soon(send_all, incoming.send, 2)
+            nursery.start_soon(receive_all, incoming.recv, 1)
+            nursery.start_soon(receive_all, recv, 2)
 
 
-async def test_bytes_like_messages_are_accepted(coord, open_client):
-    async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
-        send, _, incoming = await open_pair(alice, bob)
-        with trio.fail_after(DEADLINE):
-            await send.send(bytearray(b"array"))
-            await send.send(memoryview(b"a view of bytes")[2:6])
-            assert await incoming.recv.receive() == b"array"
-            assert await incoming.recv.receive() == b"view"
+async def test_empty_messages_are_messages(conec_client):
+    alice = await conec_client("alice")
+    bob = await conec_client("bob")
+    send, _, incoming = await open_pair(alice, bob)
+    with trio.fail_after(DEADLINE):
+        await send.send(b"")
+        await send.send(b"")
+        await send.send(b"x")
+        await send.send(bytearray())
+        await send.aclose()
+        got = [msg async for msg in incoming.recv]
+    assert got == [b"", b"", b"x", b""]
+    assert all(isinstance(msg, bytes) for msg in got)
+
+
+async def test_bytes_like_messages_are_accepted(conec_client):
+    alice = await conec_client("alice")
+    bob = await conec_client("bob")
+    send, _, incoming = await open_pair(alice, bob)
+    with trio.fail_after(DEADLINE):
+        await send.send(bytearray(b"array"))
+        await send.send(memoryview(b"a view of bytes")[2:6])
+        assert await incoming.recv.receive() == b"array"
+        assert await incoming.recv.receive() == b"view"
 
 
 async def test_message_of_exactly_the_maximum_arrives_whole(coord_config, open_client):
@@ -203,97 +198,102 @@ async def test_maximum_on_a_stream_to_the_coordinator(coord_config, open_client)
             assert await recv.receive() == pattern(4, SMALL_MAX)
 
 
-async def test_one_message_of_the_default_maximum(coord, open_client):
+async def test_one_message_of_the_default_maximum(conec_client):
     """16 MiB, the default maximum, in one message (larger than every flow-control window)."""
     size = 16 * MIB
-    async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
-        send, _, incoming = await open_pair(alice, bob)
-        with trio.fail_after(DEADLINE):
-            with pytest.raises(MessageTooLargeError):
-                await send.send(bytes(size + 1))
-            message = pattern(5, size)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(send.send, message)
-                got = await incoming.recv.receive()
-            assert len(got) == size
-            assert got == message
+    alice = await conec_client("alice")
+    bob = await conec_client("bob")
+    send, _, incoming = await open_pair(alice, bob)
+    with trio.fail_after(DEADLINE):
+        with pytest.raises(MessageTooLargeError):
+            await send.send(bytes(size + 1))
+        message = pattern(5, size)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send.send, message)
+            got = await incoming.recv.receive()
+        assert len(got) == size
+        assert got == message
 
 
 # --- clean ends and own closes --------------------------------------------------------------------
 
 
-async def test_aclose_delivers_everything_then_end_of_channel(coord, open_client):
-    async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
-        send, recv, incoming = await open_pair(alice, bob)
-        with trio.fail_after(DEADLINE):
-            for i in range(50):
-                await send.send(pattern(i, 3000))
-            await send.aclose()
-            for i in range(50):
-                assert await incoming.recv.receive() == pattern(i, 3000)
-            with pytest.raises(trio.EndOfChannel):
-                await incoming.recv.receive()
-            with pytest.raises(trio.EndOfChannel):  # and again
-                await incoming.recv.receive()
+async def test_aclose_delivers_everything_then_end_of_channel(conec_client):
+    alice = await conec_client("alice")
+    bob = await conec_client("bob")
+    send, recv, incoming = await open_pair(alice, bob)
+    with trio.fail_after(DEADLINE):
+        for i in range(50):
+            await send.send(pattern(i, 3000))
+        await send.aclose()
+        for i in range(50):
+            assert await incoming.recv.receive() == pattern(i, 3000)
+        with pytest.raises(trio.EndOfChannel):
+            await incoming.recv.receive()
+        with pytest.raises(trio.EndOfChannel):  # and again
+            await incoming.recv.receive()
 
-            # Half-close: the other direction still works.
-            await incoming.send.send(b"still open this way")
-            assert await recv.receive() == b"still open this way"
-            await incoming.send.aclose()
-            with pytest.raises(trio.EndOfChannel):
-                await recv.receive()
-
-
-async def test_async_for_reads_until_the_end(coord, open_client):
-    async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
-        _, recv, incoming = await open_pair(alice, bob)
-        with trio.fail_after(DEADLINE):
-            async with trio.open_nursery() as nursery:
-
-                async def write() -> None:
-                    async with incoming.send:  # an async context manager closes it
-                        for i in range(20):
-                            await incoming.send.send(b"%d" % i)
-
-                nursery.start_soon(write)
-                got = [msg async for msg in recv]
-        assert got == [b"%d" % i for i in range(20)]
+        # Half-close: the other direction still works.
+        await incoming.send.send(b"still open this way")
+        assert await recv.receive() == b"still open this way"
+        await incoming.send.aclose()
+        with pytest.raises(trio.EndOfChannel):
+            await recv.receive()
 
 
-async def test_using_an_end_after_its_own_aclose(coord, open_client):
-    async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
-        send, recv, incoming = await open_pair(alice, bob)
-        with trio.fail_after(DEADLINE):
-            await send.aclose()
-            await send.aclose()  # idempotent
-            with pytest.raises(trio.ClosedResourceError):
-                await send.send(b"late")
-            await recv.aclose()
-            await recv.aclose()
-            with pytest.raises(trio.ClosedResourceError):
-                await recv.receive()
-            # Same on the acceptor's ends.
+async def test_async_for_reads_until_the_end(conec_client):
+    alice = await conec_client("alice")
+    bob = await conec_client("bob")
+    _, recv, incoming = await open_pair(alice, bob)
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+
+            async def write() -> None:
+                async with incoming.send:  # an async context manager closes it
+                    for i in range(20):
+                        await incoming.send.send(b"%d" % i)
+
+            nursery.start_soon(write)
+            got = [msg async for msg in recv]
+    assert got == [b"%d" % i for i in range(20)]
+
+
+async def test_using_an_end_after_its_own_aclose(conec_client):
+    alice = await conec_client("alice")
+    bob = await conec_client("bob")
+    send, recv, incoming = await open_pair(alice, bob)
+    with trio.fail_after(DEADLINE):
+        await send.aclose()
+        await send.aclose()  # idempotent
+        with pytest.raises(trio.ClosedResourceError):
+            await send.send(b"late")
+        await recv.aclose()
+        await recv.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await recv.receive()
+        # Same on the acceptor's ends.
+        await incoming.recv.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await incoming.recv.receive()
+        await incoming.send.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await incoming.send.send(b"late")
+
+
+async def test_aclose_wakes_a_receiver_blocked_on_the_same_end(conec_client):
+    alice = await conec_client("alice")
+    bob = await conec_client("bob")
+    _, _, incoming = await open_pair(alice, bob)
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+
+            async def blocked_reader() -> None:
+                with pytest.raises(trio.ClosedResourceError):
+                    await incoming.recv.receive()
+
+            nursery.start_soon(blocked_reader)
+            await trio.testing.wait_all_tasks_blocked()
             await incoming.recv.aclose()
-            with pytest.raises(trio.ClosedResourceError):
-                await incoming.recv.receive()
-            await incoming.send.aclose()
-            with pytest.raises(trio.ClosedResourceError):
-                await incoming.send.send(b"late")
-
-
-async def test_aclose_wakes_a_receiver_blocked_on_the_same_end(coord, open_client):
-    async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
-        _, _, incoming = await open_pair(alice, bob)
-        with trio.fail_after(DEADLINE):
-            async with trio.open_nursery() as nursery:
-
-                async def blocked_reader() -> None:
-                    with pytest.raises(trio.ClosedResourceError):
-                        await incoming.recv.receive()
-
-                nursery.start_soon(blocked_reader)
-                await trio.testing.wait_all_tasks_blocked()
-                await incoming.recv.aclose()
 
 
 async def test_aclose_wakes_a_sender_blocked_on_the_same_end(coord_config, open_client):
@@ -580,7 +580,7 @@ async def test_sender_cancelled_on_backpressure_leaves_a_clean_stream(coord_conf
                         sent += 1
 
                 nursery.start_soon(flood)
-                await wait_until_stalled(lambda: sent)  # stuck on backpressure...
+                await wait_until_stalled()  # stuck on backpressure...
                 nursery.cancel_scope.cancel()  # ...and cancelled there
             assert sent < 1000, "the sender was never held back"
             await send.aclose()
