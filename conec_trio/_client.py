@@ -22,7 +22,7 @@ from ._config import (
     load_pem,
 )
 from ._connect import Dialer, Link
-from ._direct import DirectManager
+from ._direct import DirectContext, DirectManager
 from ._exceptions import (
     BroadcastNotFoundError,
     ChannelError,
@@ -117,8 +117,22 @@ class Client:
         # else: an ephemeral identity, made by _identity() while the first flight is out
         self._ca = load_pem(config.ca)
         self._client_ca = load_pem(config.client_ca)
-        self._direct = DirectManager(self)
         self._direct_ids: set[int] = set()
+        self._direct = DirectManager(
+            DirectContext(
+                id=self.id,
+                config=config,
+                client_ca=self._client_ca,
+                nursery=nursery,
+                endpoint=lambda: self._endpoint,
+                settings=self._settings,
+                request=self._request,
+                send_control=self._send_control,
+                deliver_incoming=self._deliver_incoming,
+                direct_ids=self._direct_ids,
+                id_in_use=self._id_in_use,
+            )
+        )
         self._idle_timeout = config.idle_timeout or DEFAULT_IDLE_TIMEOUT
 
     # -- connecting ------------------------------------------------------------------------------

@@ -11,14 +11,15 @@ only from exactly the certificate the coordinator vouched for.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import socket
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import trio
 
 from . import _tls
+from ._config import ClientConfig
 from ._exceptions import (
     CertificateError,
     ChannelError,
@@ -26,7 +27,8 @@ from ._exceptions import (
     PeerNotFoundError,
     ProtocolError,
 )
-from ._quic import ConnectionSettings, QuicConn
+from ._punch import punch, punch_packet, punch_sender, usable_candidates
+from ._quic import ConnectionSettings, QuicConn, QuicEndpoint
 from ._streams import (
     MessageReceiveChannel,
     MessageSendChannel,
@@ -41,24 +43,13 @@ from ._util import wait_any
 from ._wire import control
 from ._wire.codes import CloseCode, Reason, StreamCode
 
-if TYPE_CHECKING:
-    from ._client import Client
-
 log = logging.getLogger("conec_trio.direct")
 
-# A punch packet: cannot be mistaken for QUIC (no registered connection id) and names its
-# sender, so the receiver knows which pending channel it belongs to.
-PUNCH_MAGIC = b"\x00conec-punch\x00"
-PUNCH_INTERVAL = 0.05
 # How long the opener waits for a punch from the peer before dialling every candidate.
 PUNCH_HEAD_START = 0.3
 CHANNEL_TIMEOUT = 10.0
 # After a failed attempt, new_stream goes proxied without retrying for this long.
 FAILURE_MEMORY = 30.0
-
-
-def punch_packet(sender: str) -> bytes:
-    return PUNCH_MAGIC + sender.encode()
 
 
 class DirectChannel:
@@ -88,11 +79,28 @@ class _Expected:
         self.early: QuicConn | None = None
 
 
+@dataclass(frozen=True)
+class DirectContext:
+    """What direct channels need of their client, and nothing more."""
+
+    id: str
+    config: ClientConfig
+    client_ca: bytes | None  # peers' certificates must chain to it, when set
+    nursery: trio.Nursery
+    endpoint: Callable[[], QuicEndpoint | None]  # the client's one socket, once connected
+    settings: Callable[..., ConnectionSettings]  # settings(server_name=...) for a channel
+    request: Callable[[Callable[[int], Any]], Awaitable[Any]]  # a request to the coordinator
+    send_control: Callable[[Any], None]  # a message on the control stream
+    deliver_incoming: Callable[[IncomingStream, StreamState], None]
+    direct_ids: set[int]  # direct stream ids in use, shared with new_stream_with_id
+    id_in_use: Callable[[StreamId], Exception]
+
+
 class DirectManager:
     """A client's direct channels (both the ones it opened and the ones it accepted)."""
 
-    def __init__(self, client: Client) -> None:
-        self.client = client
+    def __init__(self, ctx: DirectContext) -> None:
+        self.ctx = ctx
         self.channels: dict[str, DirectChannel] = {}
         self._expected: dict[str, _Expected] = {}
         self._failed_at: dict[str, float] = {}
@@ -102,60 +110,31 @@ class DirectManager:
     # -- candidates and punching -----------------------------------------------------------
 
     def _usable(self, addrs: list[tuple[str, int]]) -> list[tuple[Any, ...]]:
-        """Candidates this socket can send to, deduplicated, in the coordinator's order."""
-        endpoint = self.client._endpoint
+        endpoint = self.ctx.endpoint()
         assert endpoint is not None
-        family = endpoint.sock.family
-        out: list[tuple[Any, ...]] = []
-        for host, port in addrs:
-            try:
-                ip = ipaddress.ip_address(host)
-            except ValueError:
-                continue
-            if ip.version == 4 and family == socket.AF_INET6:
-                host = f"::ffff:{ip}"
-            elif ip.version == 6 and family == socket.AF_INET:
-                if ip.ipv4_mapped is None:
-                    continue
-                host = str(ip.ipv4_mapped)
-            if ip.is_unspecified:
-                continue
-            # An AF_INET6 socket names senders (host, port, flowinfo, scope_id).
-            addr: tuple[Any, ...] = (
-                (host, port, 0, 0) if family == socket.AF_INET6 else (host, port)
-            )
-            if addr not in out:
-                out.append(addr)
-        return out
+        return usable_candidates(addrs, endpoint.sock.family)
 
     async def _punch(self, expected: _Expected) -> None:
         """Send punches to every candidate until the channel is up or the time is over."""
-        endpoint = self.client._endpoint
+        endpoint = self.ctx.endpoint()
         assert endpoint is not None
-        packet = punch_packet(self.client.id)
         targets = self._usable(expected.addrs)
         with trio.move_on_after(CHANNEL_TIMEOUT):
-            while not expected.done.is_set():
-                for addr in targets:
-                    await endpoint.send_raw(packet, addr)
-                with trio.move_on_after(PUNCH_INTERVAL):
-                    await expected.done.wait()
+            await punch(endpoint, punch_packet(self.ctx.id), targets, expected.done)
 
     def raw_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """A non-QUIC datagram arrived on the client's socket: maybe a punch."""
-        if not data.startswith(PUNCH_MAGIC):
-            return
-        sender = data[len(PUNCH_MAGIC) :].decode(errors="replace")
-        expected = self._expected.get(sender)
+        sender = punch_sender(data)
+        expected = self._expected.get(sender) if sender is not None else None
         if expected is None or expected.punch_seen.is_set():
             return
         expected.punched_from = addr
         expected.punch_seen.set()
         # Answer at once from this socket: the sender's NAT may only now have a mapping.
-        endpoint = self.client._endpoint
+        endpoint = self.ctx.endpoint()
         if endpoint is not None:
-            endpoint.send_raw_nowait(punch_packet(self.client.id), addr)
-        if expected.awaiting_grant and self.client.config.holepunch:
+            endpoint.send_raw_nowait(punch_packet(self.ctx.id), addr)
+        if expected.awaiting_grant and self.ctx.config.holepunch:
             # The peer punches once it has accepted, while its yes still goes through the
             # coordinator: dial now. The certificate to pin comes with the grant; nothing
             # is sent on the connection and it counts as a channel only once it matches.
@@ -165,8 +144,8 @@ class DirectManager:
     # -- opening (this side dials) ---------------------------------------------------------------
 
     async def open(self, peer: str) -> DirectChannel:
-        client = self.client
-        if peer == client.id:
+        ctx = self.ctx
+        if peer == ctx.id:
             raise ChannelError("cannot open a direct channel to this client itself")
         if peer in self.channels:
             raise ChannelError(f"a direct channel to {peer!r} is already open")
@@ -187,7 +166,7 @@ class DirectManager:
         return self._opening.get(peer)
 
     async def _open(self, peer: str) -> DirectChannel:
-        client = self.client
+        ctx = self.ctx
         pending = self._expected.get(peer)
         if pending is not None and pending.accepting:
             # The peer is opening a channel to this client right now: share it.
@@ -201,7 +180,7 @@ class DirectManager:
         channel: DirectChannel | None = None
         failure: ChannelError | None = None
         try:
-            reply = await client._request(lambda rid: control.ChannelRequest(rid, peer))
+            reply = await ctx.request(lambda rid: control.ChannelRequest(rid, peer))
             if isinstance(reply, control.ErrorReply) and reply.reason == Reason.PEER_OPENING:
                 return await self._join(peer)
             if isinstance(reply, control.ErrorReply):
@@ -215,7 +194,7 @@ class DirectManager:
             expected.addrs = list(reply.addrs)
             expected.awaiting_grant = False
             async with trio.open_nursery() as nursery:
-                if client.config.holepunch:
+                if ctx.config.holepunch:
                     nursery.start_soon(self._punch, expected)
                 with trio.move_on_after(CHANNEL_TIMEOUT):
                     try:
@@ -260,7 +239,7 @@ class DirectManager:
         if expected.early is not None:  # dialling where the punch came from already
             conns.append(expected.early)
         else:
-            if self.client.config.holepunch:
+            if self.ctx.config.holepunch:
                 with trio.move_on_after(PUNCH_HEAD_START):
                     await expected.punch_seen.wait()
             if expected.punched_from is not None:
@@ -305,17 +284,17 @@ class DirectManager:
             done.cancel()
 
     def _connect(self, expected: _Expected, addr: tuple[Any, ...]) -> QuicConn:
-        client = self.client
-        endpoint = client._endpoint
+        ctx = self.ctx
+        endpoint = ctx.endpoint()
         assert endpoint is not None
         # No trust store: the pin check after the handshake replaces it.
-        conn = endpoint.connect(addr, client._settings(server_name=expected.peer))
+        conn = endpoint.connect(addr, ctx.settings(server_name=expected.peer))
         # A listener first, so nothing the peer sends is lost before registration.
         self._make_table(expected.peer, conn)
         return conn
 
     def _check_peer_ca(self, peer: str, cert_der: bytes) -> None:
-        ca = self.client._client_ca
+        ca = self.ctx.client_ca
         if ca is None:
             return
         try:
@@ -329,9 +308,9 @@ class DirectManager:
 
     async def on_offer(self, offer: control.ChannelOffer) -> None:
         """The coordinator says ``offer.peer`` wants a channel: agree (or not) and punch."""
-        client = self.client
+        ctx = self.ctx
         reply: control.ChannelOfferReply
-        if not client.config.listen:
+        if not ctx.config.listen:
             reply = control.ChannelOfferReply(offer.oid, False, "this client does not listen")
         else:
             try:
@@ -341,7 +320,7 @@ class DirectManager:
             else:
                 reply = control.ChannelOfferReply(offer.oid, True, "")
         if not reply.accept:
-            client._send_control(reply)
+            ctx.send_control(reply)
             return
         old = self.channels.pop(offer.peer, None)
         if old is not None:
@@ -352,11 +331,11 @@ class DirectManager:
         self._expected[offer.peer] = expected
         try:
             async with trio.open_nursery() as nursery:
-                if client.config.holepunch:
+                if ctx.config.holepunch:
                     nursery.start_soon(self._punch, expected)
                 # Punch first, then say yes: by the time the opener dials, our NAT knows it.
                 await trio.lowlevel.checkpoint()
-                client._send_control(reply)
+                ctx.send_control(reply)
                 with trio.move_on_after(CHANNEL_TIMEOUT):
                     await expected.done.wait()
                 expected.done.set()
@@ -365,7 +344,7 @@ class DirectManager:
                 del self._expected[offer.peer]
 
     def server_settings(self) -> ConnectionSettings:
-        return self.client._settings()
+        return self.ctx.settings()
 
     def accepted(self, conn: QuicConn) -> None:
         """A peer dials us; who it is shows when its certificate arrives."""
@@ -424,10 +403,10 @@ class DirectManager:
         channel = self.channels.get(peer)
         if channel is None or not channel.conn.is_open:
             raise ChannelError(f"no direct channel to {peer!r} is open (call new_channel first)")
-        ids = self.client._direct_ids
+        ids = self.ctx.direct_ids
         if stream_id is not None:
             if stream_id.n in ids:
-                raise self.client._id_in_use(stream_id)
+                raise self.ctx.id_in_use(stream_id)
             n = stream_id.n
         else:
             while channel.next_sid in ids:
@@ -464,7 +443,7 @@ class DirectManager:
             return
         sid = StreamId.direct(msg.sid)
         send, recv = message_channels(st, peer, sid)
-        self.client._deliver_incoming(IncomingStream(peer, sid, send, recv), st)
+        self.ctx.deliver_incoming(IncomingStream(peer, sid, send, recv), st)
 
     # -- closing -----------------------------------------------------------------------------------
 
@@ -498,14 +477,14 @@ class DirectTable(StreamTable):
     """The stream table of a direct connection; knows its peer once the cert is checked."""
 
     def __init__(self, manager: DirectManager, peer: str | None, conn: QuicConn) -> None:
-        client = manager.client
+        ctx = manager.ctx
         self.manager = manager
         self.peer = peer
         self.vouched = trio.Event()  # the peer's certificate is the one vouched for
         super().__init__(
             conn,
-            window=client.config.stream_window,
-            max_message_size=client.config.max_message_size,
+            window=ctx.config.stream_window,
+            max_message_size=ctx.config.max_message_size,
             on_new_stream=self._new_stream,
             on_terminated=self._gone,
             describe_loss=self._loss,
@@ -515,7 +494,7 @@ class DirectTable(StreamTable):
         return ChannelError(f"the direct channel to {self.peer!r} was closed")
 
     def _new_stream(self, st: StreamState) -> None:
-        self.manager.client._nursery.start_soon(self.manager.accept_stream, self, st)
+        self.manager.ctx.nursery.start_soon(self.manager.accept_stream, self, st)
 
     def _gone(self, conn: QuicConn, error_code: int, reason: str) -> None:
         self.manager.channel_gone(self)
