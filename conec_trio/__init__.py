@@ -25,6 +25,7 @@ from ._exceptions import (
     StreamIdInUseError,
     VersionMismatchError,
 )
+from ._stats import ChannelStatistics, ClientStatistics, CoordinatorStatistics
 from ._streams import MessageReceiveChannel, MessageSendChannel
 from ._types import BroadcastMessage, IncomingStream, StreamId
 from .adapters import CborReceiveChannel, CborSendChannel, open_nonblocking, untagged
@@ -38,12 +39,15 @@ __all__ = [
     "CborSendChannel",
     "CertificateError",
     "ChannelError",
+    "ChannelStatistics",
     "Client",
     "ClientConfig",
+    "ClientStatistics",
     "ConecError",
     "ConnectError",
     "CoordConfig",
     "Coordinator",
+    "CoordinatorStatistics",
     "DisconnectedError",
     "IdInUseError",
     "IncomingStream",

@@ -42,6 +42,7 @@ from ._quic import (
     TrustStore,
 )
 from ._rpc import Requests
+from ._stats import ClientStatistics
 from ._streams import (
     MessageReceiveChannel,
     MessageSendChannel,
@@ -458,6 +459,19 @@ class Client:
         await self._direct.aclose_all()
         if link is not None:
             await link.conn.aclose(int(CloseCode.NORMAL), "client leaving")
+
+    # -- statistics --------------------------------------------------------------------------------
+
+    def statistics(self) -> ClientStatistics:
+        """A snapshot of this client: its public address, its connection to the
+        coordinator, and its direct channels."""
+        link = self._link
+        return ClientStatistics(
+            id=self.id,
+            observed_address=self.observed_address,
+            connected=self._lost is None and link is not None and link.conn.is_open,
+            channels=self._direct.statistics(),
+        )
 
 
 @asynccontextmanager

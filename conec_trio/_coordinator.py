@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeAlias
@@ -16,6 +17,7 @@ from ._config import DEFAULT_IDLE_TIMEOUT, CoordConfig, check_client_id, load_pe
 from ._exceptions import CertificateError, ConecError, InvalidIdError, ProtocolError
 from ._hub import BroadcastHub
 from ._quic import ConnectionSettings, Identity, QuicConn, QuicEndpoint, make_udp_socket
+from ._stats import REFUSAL_CODES, CoordinatorStatistics, refusal_name
 from ._streams import (
     StreamState,
     StreamTable,
@@ -115,6 +117,7 @@ class ClientSession:
 
     def refuse(self, code: CloseCode, message: str) -> None:
         log.info("refusing client %r: %s", self.id, message)
+        self.coord._refusals[code] += 1
         self.conn.close(int(code), message)
 
 
@@ -196,6 +199,9 @@ class Coordinator:
         self.broadcasts = BroadcastHub(
             max_channels=config.max_broadcasts, max_per_client=config.max_broadcasts_per_client
         )
+        # For statistics(): totals since the start.
+        self._relayed_bytes = 0
+        self._refusals: Counter[CloseCode] = Counter()
 
     # -- public, non-blocking queries -------------------------------------------------------------
 
@@ -488,8 +494,8 @@ class Coordinator:
         out.switch_to_raw()
         st.linked, out.linked = out, st
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(relay, st, out)
-            nursery.start_soon(relay, out, st)
+            nursery.start_soon(relay, st, out, self._count_relayed)
+            nursery.start_soon(relay, out, st, self._count_relayed)
 
     async def _open_to_coordinator(self, session: ClientSession, st: StreamState, n: int) -> None:
         """Accept a stream to the coordinator and queue it for ``incoming_streams``."""
@@ -529,6 +535,29 @@ class Coordinator:
             session.open_streams -= 1
 
         st.on_done = ended
+
+    # -- statistics -------------------------------------------------------------------------------
+
+    def _count_relayed(self, nbytes: int) -> None:
+        self._relayed_bytes += nbytes
+
+    def statistics(self) -> CoordinatorStatistics:
+        """A snapshot of what the coordinator serves now, and totals since it started."""
+        # Both halves of every relayed stream that has not ended both ways.
+        halves = [
+            st
+            for session in self._sessions
+            for st in session.table.streams.values()
+            if st.linked is not None
+        ]
+        return CoordinatorStatistics(
+            clients=self.num_clients,
+            broadcasts=self.num_broadcasts,
+            relayed_streams=len({frozenset((st, st.linked)) for st in halves}),
+            relayed_bytes=self._relayed_bytes,
+            held_bytes=sum(st.held + st.conn.send_backlog(st.stream_id) for st in halves),
+            refused={refusal_name(code): self._refusals[code] for code in REFUSAL_CODES},
+        )
 
 
 @asynccontextmanager

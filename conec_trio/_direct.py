@@ -29,6 +29,7 @@ from ._exceptions import (
 )
 from ._punch import punch, punch_packet, punch_sender, usable_candidates
 from ._quic import ConnectionSettings, QuicConn, QuicEndpoint
+from ._stats import ChannelStatistics, channel_statistics
 from ._streams import (
     MessageReceiveChannel,
     MessageSendChannel,
@@ -471,6 +472,14 @@ class DirectManager:
         for channel in list(self.channels.values()):
             await channel.conn.aclose(int(CloseCode.NORMAL), "client leaving")
         self.channels.clear()
+
+    def statistics(self) -> dict[str, ChannelStatistics]:
+        """Snapshots of the open channels, by peer id."""
+        return {
+            peer: channel_statistics(peer, channel.conn)
+            for peer, channel in sorted(self.channels.items())
+            if channel.conn.is_open
+        }
 
 
 class DirectTable(StreamTable):

@@ -479,8 +479,11 @@ def write_message(state: StreamState, payload: bytes) -> None:
     state.conn.send_stream_data(state.stream_id, frame_header(len(payload)) + payload)
 
 
-async def relay(src: StreamState, dst: StreamState) -> None:
-    """Copy raw bytes from ``src`` to ``dst`` until the end, with backpressure.
+async def relay(
+    src: StreamState, dst: StreamState, passed_on: Callable[[int], None] | None = None
+) -> None:
+    """Copy raw bytes from ``src`` to ``dst`` until the end, with backpressure;
+    ``passed_on(n)`` hears of every ``n`` bytes written to ``dst``.
 
     ``src`` counts bytes as consumed only once ``dst`` took them, so the relay holds at most
     one window on each side plus one chunk. Ends and breaks are passed on: FIN as FIN,
@@ -498,6 +501,8 @@ async def relay(src: StreamState, dst: StreamState) -> None:
             chunk = src.take_raw(RELAY_CHUNK)
             dst.write(chunk)
             src.release_raw(len(chunk))
+            if passed_on is not None:
+                passed_on(len(chunk))
             continue
         if src.recv_error is not None or src.recv_finished:
             dst.reset(StreamCode.RELAY_BROKEN)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import trio
-from helpers import wait_until_stalled
+from helpers import wait_for, wait_until_stalled
 
 import conec_trio
 from conec_trio import IncomingStream
@@ -32,23 +32,12 @@ async def open_pair(opener: Any, acceptor: Any) -> tuple[Any, Any, IncomingStrea
     return send, recv, incoming
 
 
-def relayed_pair(coord: conec_trio.Coordinator, opener: str, acceptor: str) -> tuple[Any, Any]:
-    """The coordinator's two halves of THE relayed stream from ``opener`` to ``acceptor``
-    (call it while there is exactly one)."""
-    sessions = coord._clients
-    pairs = [
-        (st, st.linked)
-        for st in sessions[opener].table.streams.values()
-        if st.linked is not None and st.linked.table is sessions[acceptor].table
-    ]
-    assert len(pairs) == 1, f"expected one relayed stream {opener} -> {acceptor}: {pairs}"
-    return pairs[0]
-
-
-def held_bytes(pair: tuple[Any, Any]) -> int:
-    """Bytes the coordinator holds for a relayed stream: received and not passed on
-    (``held``) plus written and not yet acknowledged (QUIC send backlog), both halves."""
-    return sum(half.held + half.conn.quic.send_backlog(half.stream_id) for half in pair)
+def held_bytes(coord: conec_trio.Coordinator, relayed_streams: int = 1) -> int:
+    """Bytes the coordinator holds now for slow readers of its relayed streams, checking
+    that ``relayed_streams`` are open (so the bytes are theirs)."""
+    stats = coord.statistics()
+    assert stats.relayed_streams == relayed_streams, stats
+    return stats.held_bytes
 
 
 class Sender:
@@ -92,9 +81,9 @@ async def test_stalled_reader_blocks_sender_and_relay_memory_stays_bounded(coord
     sender_limit = 4 * DEFAULT_WINDOW + RELAY_CHUNK + 2 * size
     async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
         send, _, stalled = await open_pair(alice, bob)
-        relayed = relayed_pair(coord, "alice", "bob")
         sender = Sender(send, count, size)
         measured: list[int] = []
+        flowing_measured: list[int] = []
         with trio.fail_after(DEADLINE):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sender.run)
@@ -103,7 +92,7 @@ async def test_stalled_reader_blocks_sender_and_relay_memory_stays_bounded(coord
                 assert not sender.done.is_set()
                 assert sender.sent_bytes <= sender_limit, sender.sent_bytes
                 stalled_at = sender.sent_bytes
-                measured.append(held_bytes(relayed))
+                measured.append(held_bytes(coord))
 
                 # Other streams between the same clients keep flowing, both ways, while the
                 # sender keeps trying on the stalled one.
@@ -115,22 +104,29 @@ async def test_stalled_reader_blocks_sender_and_relay_memory_stays_bounded(coord
                         for i in range(16):
                             assert await other.recv.receive() == pattern(i, size)
                             if i % 2 == 0:
-                                measured.append(held_bytes(relayed))
+                                # Two streams now, each held to its own bound.
+                                flowing_measured.append(held_bytes(coord, 2))
                         with pytest.raises(trio.EndOfChannel):
                             await other.recv.receive()
+                        await other.send.aclose()  # the stream ends both ways
                 assert not sender.done.is_set()
                 assert sender.sent_bytes <= sender_limit
-                measured.append(held_bytes(relayed))
+                await wait_for(lambda: coord.statistics().relayed_streams == 1)
+                measured.append(held_bytes(coord))
 
                 # Reading resumes: everything arrives, in order, and the sender finishes.
                 await read_all(stalled.recv, count, size)
                 await sender.done.wait()
+        # Everything was read: the coordinator holds nothing any more.
+        await wait_for(lambda: coord.statistics().held_bytes == 0)
     print(
         f"sender stalled after {stalled_at} bytes; coordinator held at most {max(measured)} "
-        f"bytes for the stalled stream (bound {bound})"
+        f"bytes for the stalled stream (bound {bound}), at most {max(flowing_measured)} with "
+        "another stream flowing"
     )
     assert max(measured) <= bound
     assert max(measured) >= DEFAULT_WINDOW, "the measurement saw nothing held: is it measuring?"
+    assert max(flowing_measured) <= 2 * bound
 
 
 @pytest.mark.parametrize("stalled_reader", ["opener", "acceptor"])
@@ -148,7 +144,6 @@ async def test_small_windows_bound_sender_and_relay(coord_config, open_client, s
         open_client(coord, "bob", **flow) as bob,
     ):
         send, recv, incoming = await open_pair(alice, bob)
-        relayed = relayed_pair(coord, "alice", "bob")
         if stalled_reader == "acceptor":
             sender, reader = Sender(send, count, size), incoming.recv
         else:
@@ -161,7 +156,7 @@ async def test_small_windows_bound_sender_and_relay(coord_config, open_client, s
                 assert not sender.done.is_set()
                 assert sender.sent_bytes <= sender_limit, sender.sent_bytes
                 for _ in range(10):  # the sender is still trying all along
-                    measured.append(held_bytes(relayed))
+                    measured.append(held_bytes(coord))
                     await trio.sleep(0.01)
                 assert sender.sent_bytes <= sender_limit
                 await read_all(reader, count, size)

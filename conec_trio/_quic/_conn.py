@@ -170,6 +170,16 @@ class QuicConn:
         """Seconds; 0.0 before the first measurement."""
         return self.quic.smoothed_rtt
 
+    @property
+    def bytes_sent(self) -> int:
+        """Stream bytes written to this connection so far (QUIC's overhead not counted)."""
+        return self.quic.written_total
+
+    @property
+    def bytes_received(self) -> int:
+        """Stream bytes this connection delivered to its owner so far."""
+        return self.quic.delivered_total
+
     def send_backlog(self, stream_id: int) -> int:
         """Bytes written to a stream and not yet acknowledged by the peer."""
         return self.quic.send_backlog(stream_id)
