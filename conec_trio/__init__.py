@@ -25,7 +25,7 @@ from ._exceptions import (
     StreamIdInUseError,
     VersionMismatchError,
 )
-from ._streams import MessageReceiveChannel, MessageSendChannel
+from ._messages import MessageReceiveChannel, MessageSendChannel
 from ._types import BroadcastMessage, IncomingStream, StreamId
 from .adapters import CborReceiveChannel, CborSendChannel, open_nonblocking, untagged
 

@@ -26,13 +26,11 @@ from ._exceptions import (
     PeerNotFoundError,
     ProtocolError,
 )
+from ._messages import MessageReceiveChannel, MessageSendChannel, message_channels
 from ._quic import ConnectionSettings, QuicConn
 from ._streams import (
-    MessageReceiveChannel,
-    MessageSendChannel,
     StreamState,
     StreamTable,
-    message_channels,
     read_header,
     write_message,
 )
