@@ -25,8 +25,8 @@ from ._exceptions import (
     StreamIdInUseError,
     VersionMismatchError,
 )
+from ._messages import MessageReceiveChannel, MessageSendChannel
 from ._stats import ChannelStatistics, ClientStatistics, CoordinatorStatistics
-from ._streams import MessageReceiveChannel, MessageSendChannel
 from ._types import BroadcastMessage, IncomingStream, StreamId
 from .adapters import CborReceiveChannel, CborSendChannel, open_nonblocking, untagged
 

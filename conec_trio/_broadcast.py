@@ -11,12 +11,8 @@ from typing import Any, Protocol
 import trio
 
 from ._exceptions import ConecError
-from ._streams import (
-    MessageReceiveChannel,
-    MessageSendChannel,
-    StreamState,
-    StreamTable,
-)
+from ._messages import MessageReceiveChannel, MessageSendChannel
+from ._streams import StreamState, StreamTable
 from ._types import BroadcastMessage, StreamId
 from ._wire import control
 from ._wire.framing import END_OF_CHANNEL, FrameDecoder, decode_tagged

@@ -33,6 +33,7 @@ from ._exceptions import (
     RefusedError,
     StreamIdInUseError,
 )
+from ._messages import MessageReceiveChannel, MessageSendChannel, message_channels
 from ._quic import (
     ConnectionSettings,
     DatagramSocket,
@@ -44,10 +45,7 @@ from ._quic import (
 from ._rpc import Requests
 from ._stats import ClientStatistics
 from ._streams import (
-    MessageReceiveChannel,
-    MessageSendChannel,
     StreamState,
-    message_channels,
     read_header,
     write_message,
 )

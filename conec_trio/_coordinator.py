@@ -16,12 +16,12 @@ from . import _tls
 from ._config import DEFAULT_IDLE_TIMEOUT, CoordConfig, check_client_id, load_pem
 from ._exceptions import CertificateError, ConecError, InvalidIdError, ProtocolError
 from ._hub import BroadcastHub
+from ._messages import message_channels
 from ._quic import ConnectionSettings, Identity, QuicConn, QuicEndpoint, make_udp_socket
 from ._stats import REFUSAL_CODES, CoordinatorStatistics, refusal_name
 from ._streams import (
     StreamState,
     StreamTable,
-    message_channels,
     read_header,
     relay,
     write_message,

@@ -27,15 +27,13 @@ from ._exceptions import (
     PeerNotFoundError,
     ProtocolError,
 )
+from ._messages import MessageReceiveChannel, MessageSendChannel, message_channels
 from ._punch import punch, punch_packet, punch_sender, usable_candidates
 from ._quic import ConnectionSettings, QuicConn, QuicEndpoint
 from ._stats import ChannelStatistics, channel_statistics
 from ._streams import (
-    MessageReceiveChannel,
-    MessageSendChannel,
     StreamState,
     StreamTable,
-    message_channels,
     read_header,
     write_message,
 )

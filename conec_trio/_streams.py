@@ -1,14 +1,13 @@
-"""Message streams over QUIC streams: trio send/receive channels with backpressure.
+"""Message streams over QUIC streams: the state of each stream, with backpressure.
 
 Each conec stream is one bidirectional QUIC stream. The receive side parses length-prefixed
 messages (``_wire.framing``) and grants the sender credit only for bytes the application has
 consumed, so a reader that stops reading eventually blocks its writer. The send side waits
-while more than a window of its data is unacknowledged, then writes a whole message at once:
-a cancelled ``send()`` sent all of its message or none of it.
+while more than a window of its data is unacknowledged (``StreamState.wait_writable``).
 
-Error mapping (see the API contract): own close -> ``trio.ClosedResourceError``; clean end ->
-``trio.EndOfChannel``; reset, stop-sending or a lost connection -> ``trio.BrokenResourceError``
-raised from a ``ConecError`` saying why.
+``StreamState`` holds a stream's state and the methods that change it; ``StreamTable`` routes
+a connection's events to its streams. The public stream ends over them are in ``_messages``;
+headers, replies and the coordinator's relay use the functions at the end of this module.
 """
 
 from __future__ import annotations
@@ -20,14 +19,11 @@ import trio
 
 from ._exceptions import ConecError, MessageTooLargeError, ProtocolError
 from ._quic import ConnectionListener, QuicConn
-from ._types import StreamId
 from ._wire.codes import StreamCode
 from ._wire.framing import FrameDecoder, frame_header
 
 # The relay hands on raw bytes in pieces of at most this size.
 RELAY_CHUNK = 64 * 1024
-# Messages up to this size are written to QUIC together with their header in one call.
-SMALL_MESSAGE = 4096
 
 
 def _varint_len(n: int) -> int:
@@ -122,6 +118,11 @@ class StreamState:
             chunk = chunk[:max_bytes]
         return chunk
 
+    def finish_receive(self) -> None:
+        """The reader met the peer's clean end (FIN after the last message)."""
+        self.recv_finished = True
+        self.table.maybe_forget(self)
+
     def release_raw(self, nbytes: int) -> None:
         """The relay passed ``nbytes`` on: they no longer count against the window."""
         self.held -= nbytes
@@ -145,6 +146,12 @@ class StreamState:
 
     def can_write(self) -> bool:
         return self.conn.send_backlog(self.stream_id) < self.table.window
+
+    async def wait_writable(self) -> None:
+        """Wait until acknowledgements or credit arrive (or the stream breaks): call when
+        ``can_write()`` is false, then check again."""
+        self.table.block_writer(self)
+        await self.writers.park()
 
     def write(self, data: bytes | bytearray | memoryview, end: bool = False) -> None:
         self.conn.send_stream_data(self.stream_id, bytes(data), end)
@@ -185,6 +192,20 @@ class StreamState:
             self.send_error = cause
         self.reset(code)
         self.stop_receiving(code)
+
+    def peer_reset(self, error_code: int) -> None:
+        """The peer reset its send side (RESET_STREAM): reading breaks."""
+        if self.recv_error is None and not self.recv_finished:
+            self.recv_error = ConecError(f"the peer reset the stream (code {error_code:#x})")
+            self.wake()
+
+    def peer_stopped(self, error_code: int) -> None:
+        """The peer stopped reading (STOP_SENDING): sending breaks, and we reset."""
+        if self.send_error is None and not self.send_finished:
+            self.send_error = ConecError(
+                f"the peer stopped reading the stream (code {error_code:#x})"
+            )
+            self.reset(StreamCode.STOPPED)
 
     def connection_lost(self, cause: ConecError) -> None:
         if self.send_error is None and not self.send_finished:
@@ -287,17 +308,13 @@ class StreamTable(ConnectionListener):
 
     def stream_reset(self, conn: QuicConn, stream_id: int, error_code: int) -> None:
         st = self.streams.get(stream_id)
-        if st is not None and st.recv_error is None and not st.recv_finished:
-            st.recv_error = ConecError(f"the peer reset the stream (code {error_code:#x})")
-            st.wake()
+        if st is not None:
+            st.peer_reset(error_code)
 
     def stop_sending(self, conn: QuicConn, stream_id: int, error_code: int) -> None:
         st = self.streams.get(stream_id)
-        if st is not None and st.send_error is None and not st.send_finished:
-            st.send_error = ConecError(
-                f"the peer stopped reading the stream (code {error_code:#x})"
-            )
-            st.reset(StreamCode.STOPPED)
+        if st is not None:
+            st.peer_stopped(error_code)
 
     def send_progress(self, conn: QuicConn) -> None:
         if self.progress:
@@ -316,150 +333,6 @@ class StreamTable(ConnectionListener):
         self._blocked.clear()
         if self._on_terminated is not None:
             self._on_terminated(conn, error_code, reason)
-
-
-def _broken(cause: ConecError) -> trio.BrokenResourceError:
-    exc = trio.BrokenResourceError(str(cause))
-    exc.__cause__ = cause
-    return exc
-
-
-class MessageSendChannel(trio.abc.SendChannel[bytes]):
-    """The sending end of a conec stream: sends whole messages. Public as
-    ``conec_trio.MessageSendChannel``.
-
-    Every stream end the library hands out for sending is one: those of ``new_stream``,
-    ``new_proxied_stream``, ``new_direct_stream``, ``new_stream_with_id`` and of the
-    ``IncomingStream`` items of ``incoming_streams`` (typed there as trio's
-    ``SendChannel[bytes]``). ``.peer`` is the other party's id (None for the coordinator) and
-    ``.stream_id`` the stream's :class:`~conec_trio.StreamId`.
-
-    Beyond trio's ``SendChannel``, :meth:`abort` ends the stream abruptly both ways, so that
-    the peer sees a break rather than the clean end :meth:`aclose` gives.
-    """
-
-    def __init__(self, state: StreamState, peer: str | None, stream_id: StreamId) -> None:
-        self._st = state
-        self._closed = False
-        self.peer = peer
-        self.stream_id = stream_id
-
-    async def send(self, value: bytes | bytearray | memoryview) -> None:
-        """Send one message; waits while the receiver is not keeping up.
-
-        Raises ``MessageTooLargeError`` (nothing sent) for a message over the maximum size,
-        ``trio.BrokenResourceError`` if the stream broke, ``trio.ClosedResourceError`` after
-        our own ``aclose()``.
-        """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        st = self._st
-        if self._closed:
-            raise trio.ClosedResourceError("this send channel was closed")
-        size = memoryview(value).nbytes
-        if size > st.table.max_message_size:
-            raise MessageTooLargeError(
-                f"message of {size} bytes is over the maximum of {st.table.max_message_size}"
-            )
-        while True:
-            if st.send_error is not None:
-                raise _broken(st.send_error)
-            if st.send_finished:
-                raise trio.ClosedResourceError("this stream's send side was closed")
-            if st.can_write():
-                break
-            st.table.block_writer(st)
-            await st.writers.park()
-            if self._closed:
-                raise trio.ClosedResourceError("this send channel was closed")
-        conn = st.conn
-        if size <= SMALL_MESSAGE:
-            conn.send_stream_data(st.stream_id, frame_header(size) + bytes(value), wake=False)
-        else:  # not worth copying a large message just to prepend its header
-            conn.send_stream_data(st.stream_id, frame_header(size), wake=False)
-            conn.send_stream_data(st.stream_id, bytes(value), wake=False)
-        conn.send_now()
-        await trio.lowlevel.cancel_shielded_checkpoint()
-
-    async def abort(self) -> None:
-        """End the stream abruptly, both ways (a QUIC reset and stop-sending).
-
-        The peer's reads and sends raise ``trio.BrokenResourceError`` (not
-        ``trio.EndOfChannel``), so it cannot mistake a cut-off stream for a complete one;
-        what was not yet delivered may be lost. Use it where a clean end would lie, say when
-        relaying a connection that broke. Later sends on this end raise
-        ``trio.ClosedResourceError``, and the receiving end of the same stream raises
-        ``trio.BrokenResourceError`` (aborted by this side); closing either end afterwards is
-        fine. Calling it again, or after :meth:`aclose`, does nothing. Raises nothing itself,
-        and is a checkpoint.
-        """
-        if not self._closed:
-            self._closed = True
-            self._st.fail(ConecError("the stream was aborted by this side"), StreamCode.ABORTED)
-        await trio.lowlevel.checkpoint()
-
-    async def aclose(self) -> None:
-        """End the stream after everything sent so far (the reader gets EndOfChannel)."""
-        if not self._closed:
-            self._closed = True
-            self._st.finish_send()
-            self._st.writers.unpark_all()
-        await trio.lowlevel.checkpoint()
-
-
-class MessageReceiveChannel(trio.abc.ReceiveChannel[bytes]):
-    """The receiving end of a conec stream: whole messages, in order. Public as
-    ``conec_trio.MessageReceiveChannel``.
-
-    Every stream end the library hands out for receiving on a stream is one (see
-    :class:`MessageSendChannel`); it carries the same ``.peer`` and ``.stream_id`` as its
-    sending end. To break the stream both ways, call the sending end's
-    :meth:`MessageSendChannel.abort`.
-    """
-
-    def __init__(self, state: StreamState, peer: str | None, stream_id: StreamId) -> None:
-        self._st = state
-        self._closed = False
-        self.peer = peer
-        self.stream_id = stream_id
-
-    async def receive(self) -> bytes:
-        """The next whole message.
-
-        Raises ``trio.EndOfChannel`` after the sender's clean close, ``trio.BrokenResourceError``
-        if the stream broke, ``trio.ClosedResourceError`` after our own ``aclose()``.
-        """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        st = self._st
-        while True:
-            if self._closed:
-                raise trio.ClosedResourceError("this receive channel was closed")
-            if st.messages:
-                msg = st.take_message()
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return msg
-            if st.recv_error is not None:
-                raise _broken(st.recv_error)
-            if st.fin_received:
-                st.recv_finished = True
-                st.table.maybe_forget(st)
-                raise trio.EndOfChannel
-            await st.readers.park()
-
-    async def aclose(self) -> None:
-        """Stop reading: the sender's further sends raise BrokenResourceError."""
-        if not self._closed:
-            self._closed = True
-            self._st.stop_receiving(StreamCode.STOPPED)
-        await trio.lowlevel.checkpoint()
-
-
-def message_channels(
-    state: StreamState, peer: str | None, stream_id: StreamId
-) -> tuple[MessageSendChannel, MessageReceiveChannel]:
-    return (
-        MessageSendChannel(state, peer, stream_id),
-        MessageReceiveChannel(state, peer, stream_id),
-    )
 
 
 async def read_header(state: StreamState) -> bytes:
@@ -495,8 +368,7 @@ async def relay(
             return
         if src.raw:
             if not dst.can_write():
-                dst.table.block_writer(dst)
-                await dst.writers.park()
+                await dst.wait_writable()
                 continue
             chunk = src.take_raw(RELAY_CHUNK)
             dst.write(chunk)
@@ -509,8 +381,7 @@ async def relay(
             src.stop_receiving(StreamCode.RELAY_BROKEN)
             return
         if src.fin_received:
-            src.recv_finished = True
-            src.table.maybe_forget(src)
+            src.finish_receive()
             dst.finish_send()
             return
         await src.readers.park()

@@ -1,24 +1,8 @@
-"""The Trio driver of one QUIC connection.
+"""One QUIC connection as roles see it: its state and events, the listener that hears
+them, the endpoint interface it needs, and the stream operations roles call.
 
-Transmit policy, written down once. Datagrams leave by one of these routes:
-
-1. The driver task (``drive``): woken by ``mark_dirty`` or by a deadline (aioquic's timer, a
-   keepalive, a path MTU probe), it lets writers running in this scheduling round add to the
-   flight (``_coalesce``), then builds and sends everything due. Streams of writes and bulk
-   data always go this way, so small messages share packets.
-2. The endpoint's receive loop, right after a batch of datagrams was handled:
-   - a connection in ``endpoint.urgent`` transmits there and then: handshake flights and
-     messages marked ``expedite`` (a hello, a dial on a punch), which the peer waits on;
-   - ``answer_ping``: the ACK of a keepalive leaves at once, with the driver left parked;
-   - ``leave_to_reader``: when stream data went to readers and nothing of ours is in flight,
-     the driver stays parked and the reader's answer leaves from the reader (route 3).
-3. A writer's own task (``send_now``): a message that answers data that arrived since our
-   last packet, while nothing of ours is unacknowledged (request/response), leaves at once
-   with the ACK, as with Nagle's algorithm.
-4. ``close_now``: a CONNECTION_CLOSE when the driver is being cancelled.
-
-Whatever a non-driver route could not send (a full socket) waits in ``_backlog`` and the
-driver sends it first.
+When and from where datagrams leave (the transmit policy, and the driver task that carries
+it out) is ``_transmit.Transmitting``, which ``QuicConn`` inherits.
 """
 
 from __future__ import annotations
@@ -26,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -34,22 +17,22 @@ import trio
 from aioquic.quic import events
 from cryptography import x509
 
-from .._config import KEEPALIVE_FRACTION
 from ._aioquic import FlowControlledConnection
+from ._transmit import Address, DatagramRoute, Datagrams, Transmitting
+
+__all__ = [
+    "Address",
+    "ConnState",
+    "ConnectionListener",
+    "Datagrams",
+    "QuicConn",
+    "Transmitter",
+]
 
 log = logging.getLogger("conec_trio.quic")
 
-Address = tuple[Any, ...]
-Datagrams = list[tuple[bytes, Address]]
-
 # How long closing waits for the CONNECTION_CLOSE datagram to leave.
 CLOSE_SEND_TIMEOUT = 1.0
-# aioquic timers that do not move after being handled are retried this much later.
-TIMER_GRANULARITY = 0.001
-# Small writes wait up to this many scheduling rounds, or until this many bytes are pending,
-# before the connection transmits (see QuicConn._coalesce).
-COALESCE_ROUNDS = 256
-COALESCE_BYTES = 16 * 1200
 
 
 class ConnState(enum.Enum):
@@ -61,23 +44,13 @@ class ConnState(enum.Enum):
     CLOSED = "closed"
 
 
-class Transmitter(Protocol):
+class Transmitter(DatagramRoute["QuicConn"], Protocol):
     """What a connection needs of its endpoint (the endpoint imports the connection, never
-    the reverse)."""
-
-    # connections that transmit from the receive loop before anything else runs
-    urgent: dict[QuicConn, None]
-
-    async def send_datagrams(self, datagrams: Datagrams) -> None: ...
-
-    def send_nowait(self, datagrams: Datagrams) -> int:
-        """Send as many as fit now; how many were sent."""
+    the reverse): the transmit policy's part (``DatagramRoute``), and connection ids."""
 
     def register_cid(self, conn: QuicConn, cid: bytes) -> None: ...
 
     def unregister_cid(self, conn: QuicConn, cid: bytes) -> None: ...
-
-    def forget(self, conn: QuicConn) -> None: ...
 
 
 class ConnectionListener:
@@ -102,8 +75,10 @@ class ConnectionListener:
         """The connection is closed (by either side, or by idle timeout)."""
 
 
-class QuicConn:
-    """One QUIC connection on an endpoint, with its driver task."""
+class QuicConn(Transmitting):
+    """One QUIC connection on an endpoint, with its driver task (``Transmitting.drive``)."""
+
+    endpoint: Transmitter
 
     def __init__(
         self,
@@ -126,19 +101,10 @@ class QuicConn:
         self.settled = trio.Event()
         self.close_error_code: int | None = None
         self.close_reason = ""
-        self._keepalive_interval = keepalive_interval
         self.cids: set[bytes] = set()  # connection ids the endpoint routes to us
-        self._dirty = False
-        self._pending_bytes = 0  # stream bytes written since the last transmit
-        self._delivered = False  # stream data went to readers since the last transmit
-        self._unsent = False  # something happened since the last transmit that may need one
-        self._transmitting = False  # the driver is waiting for the socket in transmit()
-        self._backlog: list[tuple[bytes, tuple[Any, ...]]] = []  # built, not yet sent
+        # resets and stop-sendings held back until the stream may exist (see _held_back)
         self._deferred: list[tuple[int, Callable[[int, int], None], int]] = []
-        self._wakeup = trio.lowlevel.ParkingLot()
-        self._last_activity = trio.current_time()
-        self._handled_timer = -math.inf  # when the driver last ran aioquic's timer
-        self._parked: trio.CancelScope | None = None  # the idle driver's wait, if it waits
+        super().__init__(keepalive_interval)
 
     # -- what roles may read ----------------------------------------------------------------
 
@@ -282,217 +248,6 @@ class QuicConn:
         self._pending_bytes = 0
         self.endpoint.urgent[self] = None
         self.mark_dirty()
-
-    def mark_dirty(self) -> None:
-        """Ask the driver to transmit soon (coalesces with other writes this round)."""
-        self._unsent = True
-        if not self._dirty:
-            self._dirty = True
-            self._wakeup.unpark_all()
-
-    # -- driver ------------------------------------------------------------------------------
-
-    async def drive(self) -> None:
-        """Handle timers and transmit until aioquic says the connection is over.
-
-        A closing connection lingers here for its closing period (answering late packets
-        with CONNECTION_CLOSE) although its owner was told at once that it is closed.
-        """
-        quic = self.quic
-        try:
-            while not quic.is_terminated:
-                if not self._dirty:
-                    with trio.move_on_at(self._next_deadline()) as self._parked:
-                        await self._wakeup.park()
-                    if self._parked.cancelled_caught:
-                        self._unsent = True
-                    self._parked = None
-                await self._coalesce()
-                self._dirty = False
-                now = trio.current_time()
-                timer = quic.get_timer()
-                if timer is not None and now >= timer and now > self._handled_timer:
-                    self._handled_timer = now
-                    quic.handle_timer(now)
-                    self._unsent = True
-                keepalive = self._keepalive_interval_now()
-                if keepalive is not None and now >= self._last_activity + keepalive:
-                    quic.send_ping(0)
-                    # Counted as activity even if congestion holds the PING back for now.
-                    self._last_activity = now
-                    self._unsent = True
-                self.process_events()
-                if self._unsent:  # else a writer has sent it all already (send_now)
-                    await self.transmit()
-        finally:
-            # Cancelled (the owner's block ended abruptly): still say goodbye, so the peer
-            # does not have to wait for its idle timeout.
-            self.close_now(0, "endpoint shut down")
-            self.endpoint.forget(self)
-
-    def _next_deadline(self) -> float:
-        """When the idle driver must wake: aioquic's timer, a keepalive, a path MTU probe."""
-        quic = self.quic
-        deadline = quic.get_timer()
-        if deadline is None:
-            deadline = math.inf
-        elif deadline <= self._handled_timer:
-            # aioquic can leave its loss timer at the instant just handled (float
-            # rounding); waiting for the clock to move avoids a spin.
-            deadline = self._handled_timer + TIMER_GRANULARITY
-        keepalive = self._keepalive_interval_now()
-        if keepalive is not None:
-            deadline = min(deadline, self._last_activity + keepalive)
-        probe_deadline = quic.pmtu_timer()
-        if probe_deadline is not None:
-            deadline = min(deadline, probe_deadline)
-        return deadline
-
-    def answer_ping(self) -> bool:
-        """Called by the endpoint after feeding a batch of datagrams. If they carried a PING
-        (a keepalive, mostly) and the driver is idle with nothing else to send, the ACK goes
-        out right here and the driver's wait is moved to the new deadline: one wakeup per
-        keepalive instead of two. False: the driver must run (``mark_dirty``)."""
-        quic = self.quic
-        if not quic.ack_due:
-            return False
-        quic.ack_due = False
-        parked = self._parked
-        if parked is None or self._dirty or self._pending_bytes or self._deferred:
-            return False
-        try:
-            self._send_built()
-        except Exception:
-            return False  # let the driver meet it (the endpoint loop must go on)
-        return True
-
-    def leave_to_reader(self) -> bool:
-        """Called by the endpoint after feeding a batch of datagrams. If they delivered stream
-        data to readers while nothing of ours is in flight or waiting, the driver stays
-        parked, its wait moved to aioquic's ACK timer: a reader that answers sends the
-        answer, ACK included, from its own task (``send_now``); for one that does not, the
-        timer sends the ACK. This saves a driver wakeup per request and per reply. False:
-        the driver must run (``mark_dirty``)."""
-        parked = self._parked
-        quic = self.quic
-        if (
-            parked is None
-            or not self._delivered
-            or self._dirty
-            or self._pending_bytes
-            or self._deferred
-            or self._backlog
-            or self in self.endpoint.urgent
-            or not quic.handshake_confirmed
-            or quic.bytes_in_flight
-            or self.closed.is_set()
-        ):
-            return False
-        parked.deadline = self._next_deadline()
-        return True
-
-    def _keepalive_interval_now(self) -> float | None:
-        """The configured keepalive interval, shortened to ``KEEPALIVE_FRACTION`` of the idle
-        timeout negotiated with the peer (the lower of both sides' settings) once that is
-        known. None before the handshake and after the close: nothing to keep alive then."""
-        interval = self._keepalive_interval
-        if interval is None or not self.handshake_complete.is_set() or self.closed.is_set():
-            return None
-        remote = self.quic.peer_idle_timeout
-        if remote:  # None: not known yet; 0: the peer has no idle timeout
-            interval = min(interval, remote * KEEPALIVE_FRACTION)
-        return interval
-
-    async def _coalesce(self) -> None:
-        """Give writers that are running right now a few scheduling rounds to add to this
-        flight, so many small messages share packets instead of one packet each. After
-        data was handed to readers, they get the same rounds, so that a reply goes out in
-        one packet with the ACK. Bulk data (a packet's worth already), an answer to what
-        arrived while nothing of ours is in flight, and wakeups with nothing to wait for go
-        out at once. Trio runs a round's tasks in random order, so only two quiet rounds in
-        a row mean "no writer"."""
-        quiet = 0
-        quic = self.quic
-        for _ in range(COALESCE_ROUNDS):
-            pending = self._pending_bytes
-            if pending >= COALESCE_BYTES:
-                return
-            if pending == 0:
-                if not self._delivered:
-                    return
-            elif self._delivered and not quic.bytes_in_flight:
-                # An answer to what just arrived, with nothing of ours unacknowledged (as
-                # with Nagle's algorithm): it goes out at once; a stream of writes is
-                # gathered.
-                return
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            quiet = quiet + 1 if self._pending_bytes == pending else 0
-            if quiet == 2:
-                return
-
-    async def transmit(self, *, probe: bool = True) -> None:
-        """Send what aioquic has to send now; with ``probe``, a path MTU probe if one is due
-        (the receive loop's urgent sends leave probes to the driver: a probe right behind
-        a handshake's last flight would only delay what the application waits for)."""
-        now = trio.current_time()
-        datagrams = self._build(now)
-        if probe:
-            pmtu_probe = self.quic.pmtu_probe(now)
-            if pmtu_probe is not None:
-                datagrams.append(pmtu_probe)
-        if datagrams:
-            self._transmitting = True
-            try:
-                await self.endpoint.send_datagrams(datagrams)
-            finally:
-                self._transmitting = False
-
-    def _build(self, now: float) -> list[tuple[bytes, tuple[Any, ...]]]:
-        """The datagrams to send now (with any the socket refused last time first)."""
-        if self._pending_bytes:
-            self.quic.ack_with_next_packet(now)
-        self._pending_bytes = 0
-        self._delivered = False
-        self._unsent = False
-        self.endpoint.urgent.pop(self, None)
-        if self._deferred:
-            self._run_deferred()
-        datagrams = self.quic.datagrams_to_send(now)
-        if self._backlog:
-            datagrams[:0] = self._backlog
-            self._backlog = []
-        if datagrams:
-            self._last_activity = now
-        return datagrams
-
-    def send_now(self) -> None:
-        """After a writer's message: if it answers data that arrived since our last packet
-        and nothing of ours is unacknowledged (request/response traffic), send it from the
-        writer's task at once (the driver would only add task switches and rounds), else
-        wake the driver to gather it with what follows. A stream of writes that answers
-        nothing is always gathered: sent one by one, each would cost a packet."""
-        if (
-            not self._delivered
-            or self._transmitting
-            or self._pending_bytes >= COALESCE_BYTES
-            or self.quic.bytes_in_flight
-            or not self.handshake_complete.is_set()
-        ):
-            self.mark_dirty()
-            return
-        self._send_built()
-
-    def _send_built(self) -> None:
-        """Build and send what is due now without waiting: from a writer's task, or from
-        the endpoint's receive loop."""
-        datagrams = self._build(trio.current_time())
-        sent = self.endpoint.send_nowait(datagrams)
-        if sent < len(datagrams):  # the socket is full: the driver sends the rest
-            self._backlog = datagrams[sent:]
-            self.mark_dirty()
-        elif self._parked is not None:
-            # What was sent has a loss timer now: the idle driver must wake for it.
-            self._parked.deadline = self._next_deadline()
 
     def process_events(self) -> None:
         """Hand aioquic's events to the listener (synchronously)."""

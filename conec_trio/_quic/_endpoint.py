@@ -28,7 +28,7 @@ from .settings import ConnectionSettings
 log = logging.getLogger("conec_trio.quic")
 
 CID_LENGTH = 8
-# Datagrams read per wakeup before the touched connections transmit (see ``_conn``).
+# Datagrams read per wakeup before the touched connections transmit (see ``_transmit``).
 RECEIVE_BATCH = 32
 SMALLEST_INITIAL = 1200
 
