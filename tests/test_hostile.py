@@ -794,7 +794,7 @@ async def test_opener_refuses_a_peer_cert_other_than_the_vouched_one(coord, open
                 reply = dataclasses.replace(reply, cert_der=fake)
             return reply
 
-        alice._request = tampered  # type: ignore[method-assign]
+        alice._direct.ctx = dataclasses.replace(alice._direct.ctx, request=tampered)
         with trio.fail_after(DEADLINE), pytest.raises(ChannelError, match="certificate"):
             await alice.new_channel("bob")
         await assert_no_channel_and_proxied_fallback(alice, bob)
@@ -814,3 +814,30 @@ async def test_acceptor_refuses_an_opener_cert_other_than_the_vouched_one(coord,
         with trio.fail_after(DEADLINE), pytest.raises(ChannelError, match="certificate"):
             await alice.new_channel("bob")
         await assert_no_channel_and_proxied_fallback(alice, bob)
+
+
+# --- addresses come from authenticated packets only (hostile input, row 14) ---------------------
+
+
+async def test_row14_junk_with_a_clients_connection_id_does_not_move_its_address(
+    coord: conec_trio.Coordinator, open_client: Any
+) -> None:
+    """Datagrams that carry alice's connection id from another address, but that nobody can
+    decrypt, must not make the coordinator vouch that address for her (it was her first
+    candidate before) nor cost her the connection."""
+    async with open_client(coord, "alice") as alice:
+        session = coord._clients["alice"]
+        before = session.observed_addr
+        with trio.socket.socket(type=trio.socket.SOCK_DGRAM) as spoofer:
+            await spoofer.bind(("127.0.0.1", 0))
+            for cid in list(session.conn.cids):
+                # A short-header packet: flags, the destination connection id, junk.
+                await spoofer.sendto(b"\x40" + cid + b"\x5a" * 40, coord.address)
+            spoofed = spoofer.getsockname()
+            # A request answered after the junk proves the coordinator has read it.
+            with pytest.raises(conec_trio.BroadcastNotFoundError):
+                await alice.broadcast_count("nothing")
+        assert session.observed_addr == before
+        assert spoofed[1] != before[1]
+        assert session.candidates[0] == before
+        assert session.conn.is_open

@@ -252,7 +252,7 @@ async def test_opener_takes_no_stream_before_the_peers_certificate_is_checked(
                 reply = dataclasses.replace(reply, cert_der=fake)
             return reply
 
-        alice._request = tampered  # type: ignore[method-assign]
+        alice._direct.ctx = dataclasses.replace(alice._direct.ctx, request=tampered)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(bob_speaks_first)
             with trio.fail_after(DEADLINE), pytest.raises(ChannelError, match="certificate"):

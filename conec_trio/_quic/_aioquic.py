@@ -347,6 +347,19 @@ class FlowControlledConnection(PathMtuProbing):
     def smoothed_rtt(self) -> float:
         return float(self._loss._rtt_smoothed)
 
+    @property
+    def peer_address(self) -> Any:
+        """The peer's address on the current path: the address of the last authenticated
+        packet that moved the connection there (aioquic only migrates a connection on a
+        packet it decrypted), never merely the source of some datagram."""
+        return self._network_paths[0].addr
+
+    @property
+    def idle_deadline(self) -> float | None:
+        """When aioquic closes the connection as idle; moves on every authenticated packet."""
+        value: float | None = self._close_at
+        return value
+
     def host_cids(self) -> list[bytes]:
         return [cid.cid for cid in self._host_cids]
 

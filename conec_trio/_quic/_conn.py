@@ -293,9 +293,14 @@ class QuicConn(Transmitting):
         self.listener.terminated(self, error_code, reason)
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
-        self.peer_address = addr
-        self._last_activity = now
-        self.quic.receive_datagram(data, addr, now)
+        quic = self.quic
+        idle_deadline = quic.idle_deadline
+        quic.receive_datagram(data, addr, now)
+        # Only what aioquic authenticated counts: a datagram that merely carries one of our
+        # connection ids (anyone can send one) moves neither the address nor the activity.
+        if quic.idle_deadline != idle_deadline:
+            self._last_activity = now
+        self.peer_address = quic.peer_address
 
     async def aclose(self, error_code: int = 0, reason: str = "") -> None:
         """Close and wait (bounded) until CONNECTION_CLOSE has gone out."""
