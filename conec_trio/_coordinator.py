@@ -83,9 +83,8 @@ class ClientSession:
     @property
     def candidates(self) -> list[tuple[str, int]]:
         """Where peers may reach this client: as the coordinator sees it, then its own view."""
-        out = [self.observed_addr]
-        out.extend(a for a in self.local_addrs if a not in out)
-        return out
+        # dict.fromkeys: the first of equal addresses, in order, in linear time
+        return list(dict.fromkeys([self.observed_addr, *self.local_addrs]))
 
     def _describe_loss(self) -> ConecError:
         return ConecError(f"client {self.id!r} disconnected")

@@ -46,6 +46,9 @@ from ._exceptions import CertificateError
 
 # Longest chain of intermediates followed from a client certificate to the client CA.
 _MAX_INTERMEDIATES = 8
+# Largest client certificate (DER) accepted: the coordinator hands it to peers in channel
+# offers, which must stay well under any message limit (the wire's limit is the same).
+MAX_CLIENT_CERT_SIZE = 16 * 1024
 
 
 def load_cert(pem_or_der: bytes) -> x509.Certificate:
@@ -117,9 +120,16 @@ def verify_client_cert(
       now: The time to check validity at (default: now; naive datetimes are UTC).
 
     Raises:
-      CertificateError: the certificate is outside its validity period, not valid for
-        ``client_id`` as a DNS name, or (with ``client_ca_pem``) not signed by that CA.
+      CertificateError: the certificate is larger than :data:`MAX_CLIENT_CERT_SIZE`,
+        outside its validity period, not valid for ``client_id`` as a DNS name, or (with
+        ``client_ca_pem``) not signed by that CA.
     """
+    size = len(cert_der(cert))
+    if size > MAX_CLIENT_CERT_SIZE:
+        raise CertificateError(
+            f"client certificate is {size} bytes; at most {MAX_CLIENT_CERT_SIZE} are accepted "
+            "(peers are sent it when they open direct channels)"
+        )
     now = _utc(now)
     _check_dates(cert, now, "client certificate")
 

@@ -14,6 +14,7 @@ from cryptography.x509.oid import NameOID
 
 from conec_trio import _tls, certs
 from conec_trio._exceptions import CertificateError, ConecError
+from conec_trio._wire import control
 
 UTC = datetime.UTC
 
@@ -353,6 +354,16 @@ def test_unparseable_client_ca_is_a_certificate_error() -> None:
     cert_pem, _ = certs.self_signed_cert(["alice"])
     with pytest.raises(CertificateError, match="could not parse PEM certificates"):
         _tls.verify_client_cert(_tls.load_cert(cert_pem), [], "alice", b"not a pem")
+
+
+def test_row01_client_certificate_over_16_kib_is_refused() -> None:
+    # The coordinator hands a client's certificate to peers in channel offers.
+    names = ["alice"] + [f"n{i}.{'x' * 50}.example" for i in range(300)]
+    cert = _leaf(None, "alice", san=names)
+    assert len(_tls.cert_der(cert)) > _tls.MAX_CLIENT_CERT_SIZE
+    with pytest.raises(CertificateError, match=r"client certificate is \d+ bytes; at most 16384"):
+        _tls.verify_client_cert(cert, [], "alice", None)
+    assert _tls.MAX_CLIENT_CERT_SIZE <= control.MAX_CERT_SIZE  # what a ChannelOffer may carry
 
 
 # --- pinning ---------------------------------------------------------------------------------
