@@ -13,7 +13,7 @@ import trio
 from aioquic.quic.configuration import QuicConfiguration
 
 from . import _tls
-from ._config import DEFAULT_IDLE_TIMEOUT, CoordConfig, check_client_id, load_pem
+from ._config import DEFAULT_IDLE_TIMEOUT, CoordConfig, canonical_id, check_client_id, load_pem
 from ._exceptions import CertificateError, ConecError, InvalidIdError, ProtocolError
 from ._quic import QuicConn, QuicEndpoint, make_udp_socket
 from ._streams import (
@@ -354,6 +354,7 @@ class Coordinator:
             write_message(st, control.encode(reply))
         elif isinstance(msg, control.ChannelRequest):
             assert session.id is not None
+            msg = control.ChannelRequest(msg.rid, canonical_id(msg.peer))
             pair = frozenset((session.id, msg.peer))
             if self._negotiating.get(pair) == msg.peer:
                 # Both ends asked at once: the peer's opening goes on (this client got or
@@ -434,7 +435,7 @@ class Coordinator:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 st.fail(ConecError("the coordinator no longer accepts streams"), StreamCode.REFUSED)
             return
-        target = self._clients.get(msg.peer)
+        target = self._clients.get(canonical_id(msg.peer))
         if target is None or not target.conn.is_open:
             write_message(
                 st,

@@ -21,7 +21,7 @@ import trio
 from aioquic.quic.configuration import QuicConfiguration
 
 from . import _tls
-from ._config import KEEPALIVE_FRACTION
+from ._config import KEEPALIVE_FRACTION, canonical_id
 from ._exceptions import CertificateError, ChannelError, ConecError, ProtocolError
 from ._quic import QuicConn
 from ._streams import (
@@ -142,7 +142,7 @@ class DirectManager:
         """A non-QUIC datagram arrived on the client's socket: maybe a punch."""
         if not data.startswith(PUNCH_MAGIC):
             return
-        sender = data[len(PUNCH_MAGIC) :].decode(errors="replace")
+        sender = canonical_id(data[len(PUNCH_MAGIC) :].decode(errors="replace"))
         expected = self._expected.get(sender)
         if expected is None or expected.punch_seen.is_set():
             return
@@ -163,6 +163,7 @@ class DirectManager:
 
     async def open(self, peer: str) -> DirectChannel:
         client = self.client
+        peer = canonical_id(peer)
         if peer == client.id:
             raise ChannelError("cannot open a direct channel to this client itself")
         if peer in self.channels:
@@ -181,7 +182,7 @@ class DirectManager:
 
     def opening(self, peer: str) -> trio.Event | None:
         """The event set when the attempt under way to open a channel to ``peer`` ends."""
-        return self._opening.get(peer)
+        return self._opening.get(canonical_id(peer))
 
     async def _open(self, peer: str) -> DirectChannel:
         client = self.client
@@ -340,6 +341,9 @@ class DirectManager:
     async def on_offer(self, offer: control.ChannelOffer) -> None:
         """The coordinator says ``offer.peer`` wants a channel: agree (or not) and punch."""
         client = self.client
+        offer = control.ChannelOffer(
+            offer.oid, canonical_id(offer.peer), offer.cert_der, offer.addrs
+        )
         reply: control.ChannelOfferReply
         if not client.config.listen:
             reply = control.ChannelOfferReply(offer.oid, False, "this client does not listen")
@@ -439,12 +443,13 @@ class DirectManager:
     # -- streams -----------------------------------------------------------------------------------
 
     def recently_failed(self, peer: str) -> bool:
-        failed = self._failed_at.get(peer)
+        failed = self._failed_at.get(canonical_id(peer))
         return failed is not None and trio.current_time() - failed < FAILURE_MEMORY
 
     def new_stream(
         self, peer: str, stream_id: StreamId | None = None
     ) -> tuple[MessageSendChannel, MessageReceiveChannel]:
+        peer = canonical_id(peer)
         channel = self.channels.get(peer)
         if channel is None or not channel.conn.is_open:
             raise ChannelError(f"no direct channel to {peer!r} is open (call new_channel first)")
@@ -493,6 +498,7 @@ class DirectManager:
     # -- closing -----------------------------------------------------------------------------------
 
     async def close(self, peer: str) -> None:
+        peer = canonical_id(peer)
         channel = self.channels.pop(peer, None)
         if channel is None:
             raise ChannelError(f"no direct channel to {peer!r} is open")

@@ -19,12 +19,13 @@ import cbor2
 import pytest
 import trio
 from conftest import wait_for
+from cryptography import x509
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from rawquic import RawClient, open_raw_client
 
 import conec_trio
-from conec_trio import BroadcastMessage, ChannelError, IncomingStream, StreamId, _tls
+from conec_trio import BroadcastMessage, ChannelError, IncomingStream, StreamId, _tls, certs
 from conec_trio._wire import control
 from conec_trio._wire.codes import CloseCode, StreamCode
 from conec_trio._wire.framing import encode_frame, encode_varint
@@ -331,6 +332,20 @@ async def test_row01_channel_offer_carries_each_address_once(arena: Arena):
         reply = await mallory.read_control(mallory.control_sid)
         assert isinstance(reply, control.ErrorReply)
         assert reply.rid == 7
+
+
+async def test_row11_hello_with_an_id_ending_in_a_newline_is_refused(arena: Arena):
+    # A certificate can carry the name "alice\n"; the id check used "$", which matches
+    # before a final newline, so it got in beside alice and reached logs and stream peers.
+    sneaky = "alice\n"
+    identity = certs._self_signed([x509.DNSName(sneaky)], "sneaky", days=1)
+    async with open_raw_client(arena.coord.address, arena.ca, sneaky, identity=identity) as raw:
+        raw.open_frame_stream(
+            control.encode(control.Hello(control.PROTOCOL_VERSION, sneaky, True, []))
+        )
+        await expect_closed(raw, "client id 'alice\\n' is not valid", code=CloseCode.BAD_ID)
+    assert sorted(arena.coord.client_ids()) == ["alice", "bob"]
+    assert no_incoming(arena.alice)
 
 
 def no_incoming(client: conec_trio.Client) -> bool:
