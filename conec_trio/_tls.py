@@ -12,6 +12,8 @@ chain, no dates, no name. This module does that part:
 It also holds the check of the *coordinator's* certificate that aioquic makes during the
 handshake (:func:`verify_server_certificate`): the same checks, with the trust store built
 once per CA setting instead of once per handshake (a system store takes milliseconds to load).
+It raises :class:`ServerCertificateError`, whose ``kind`` says which TLS alert the handshake
+answers with; this module knows nothing of aioquic.
 
 Why not ``cryptography.x509.verification``: its client verifier follows the CA/Browser
 Forum's profile strictly and refuses certificates that are common in practice and that
@@ -28,11 +30,10 @@ from __future__ import annotations
 import datetime
 import functools
 import ipaddress
-from typing import NoReturn
+from typing import Literal, NoReturn
 
 import certifi
 import service_identity
-from aioquic import tls
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -46,6 +47,20 @@ from ._exceptions import CertificateError
 
 # Longest chain of intermediates followed from a client certificate to the client CA.
 _MAX_INTERMEDIATES = 8
+
+
+class ServerCertificateError(CertificateError):
+    """The coordinator's certificate failed :func:`verify_server_certificate`.
+
+    ``kind`` is ``"expired"`` (outside its validity period) or ``"bad certificate"`` (not
+    valid for the name, not trusted): the TLS alert the handshake answers with.
+    """
+
+    def __init__(self, kind: Literal["expired", "bad certificate"], message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 # Largest client certificate (DER) accepted: the coordinator hands it to peers in channel
 # offers, which must stay well under any message limit (the wire's limit is the same).
 MAX_CLIENT_CERT_SIZE = 16 * 1024
@@ -182,14 +197,15 @@ def verify_server_certificate(
     of a certificate seen before.
 
     Raises:
-      aioquic.tls.AlertCertificateExpired: outside its validity period.
-      aioquic.tls.AlertBadCertificate: not valid for ``server_name``, or not trusted.
+      ServerCertificateError: of kind ``"expired"`` outside its validity period; of kind
+        ``"bad certificate"`` if not valid for ``server_name``, or not trusted (the handshake
+        answers with aioquic's AlertCertificateExpired or AlertBadCertificate).
     """
     now = datetime.datetime.now(datetime.UTC)
     if now < certificate.not_valid_before_utc:
-        raise tls.AlertCertificateExpired("Certificate is not valid yet")
+        raise ServerCertificateError("expired", "Certificate is not valid yet")
     if now > certificate.not_valid_after_utc:
-        raise tls.AlertCertificateExpired("Certificate is no longer valid")
+        raise ServerCertificateError("expired", "Certificate is no longer valid")
 
     if server_name is not None:
         _verify_server_name(certificate, server_name)
@@ -201,7 +217,7 @@ def verify_server_certificate(
     try:
         store_ctx.verify_certificate()
     except crypto.X509StoreContextError as exc:
-        raise tls.AlertBadCertificate(exc.args[0]) from exc
+        raise ServerCertificateError("bad certificate", exc.args[0]) from exc
 
 
 def _verify_server_name(certificate: x509.Certificate, server_name: str) -> None:
@@ -218,17 +234,31 @@ def _verify_server_name(certificate: x509.Certificate, server_name: str) -> None
             service_identity.cryptography.verify_certificate_hostname(certificate, server_name)
     except ValueError as exc:
         # The certificate's extensions are only parsed when accessed.
-        raise tls.AlertBadCertificate("Certificate extensions could not be parsed") from exc
+        raise ServerCertificateError(
+            "bad certificate", "Certificate extensions could not be parsed"
+        ) from exc
     except (service_identity.CertificateError, service_identity.VerificationError) as exc:
+        message = _mismatch(certificate, server_name, exc)
+        raise ServerCertificateError("bad certificate", message) from exc
+
+
+def _mismatch(certificate: x509.Certificate, server_name: str, exc: Exception) -> str:
+    """Why ``certificate`` is not valid for ``server_name``, as aioquic words it."""
+    try:
         patterns = service_identity.cryptography.extract_patterns(certificate)
-        if len(patterns) == 0:
-            errmsg = str(exc)
-        elif len(patterns) == 1:
-            errmsg = f"hostname {server_name!r} doesn't match {patterns[0]!r}"
-        else:
-            patterns_repr = ", ".join(repr(pattern) for pattern in patterns)
-            errmsg = f"hostname {server_name!r} doesn't match either of {patterns_repr}"
-        raise tls.AlertBadCertificate(errmsg) from exc
+    except (service_identity.CertificateError, ValueError) as parse_error:
+        # A subjectAltName service_identity cannot parse (an IP address as a DNS name, a
+        # malformed wildcard): aioquic's own check raises this out of its error path.
+        return (
+            f"the certificate's names cannot be checked against {server_name!r}: "
+            f"{parse_error} (is a subjectAltName malformed?)"
+        )
+    if len(patterns) == 0:
+        return str(exc)
+    if len(patterns) == 1:
+        return f"hostname {server_name!r} doesn't match {patterns[0]!r}"
+    patterns_repr = ", ".join(repr(pattern) for pattern in patterns)
+    return f"hostname {server_name!r} doesn't match either of {patterns_repr}"
 
 
 @functools.lru_cache(maxsize=16)
