@@ -333,7 +333,7 @@ class DirectManager:
             _tls.verify_client_cert(_tls.load_cert(cert_der), [], peer, ca)
         except CertificateError as exc:
             raise ChannelError(
-                f"peer {peer!r}'s certificate does not chain to this client's client_ca: {exc}"
+                f"peer {peer!r}'s certificate fails this client's client_ca check: {exc}"
             ) from exc
 
     # -- accepting (the peer dials) ---------------------------------------------------------------

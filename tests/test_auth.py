@@ -19,6 +19,7 @@ from conftest import ClientFactory
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from rawquic import open_raw_client
 
 import conec_trio
@@ -103,6 +104,34 @@ async def ca_coord(
     """A coordinator that admits only clients with a cert from ``client_ca``."""
     async with conec_trio.open_coordinator(coord_config(client_ca=client_ca.cert_pem.bytes())) as c:
         yield c
+
+
+def server_only_leaf(ca_pem: bytes, ca_key_pem: bytes, name: str) -> tuple[bytes, bytes]:
+    """A leaf for ``name`` signed by the CA whose only extendedKeyUsage is serverAuth."""
+    ca_cert = x509.load_pem_x509_certificate(ca_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 # --- with a client CA --------------------------------------------------------------------------
@@ -310,3 +339,24 @@ async def test_coordinator_cert_key_and_client_ca_as_paths(
         with trio.fail_after(5), pytest.raises(conec_trio.CertificateError, match="self-signed"):
             async with open_client(coord, "bob", ca=as_type(tmp_path / "server-ca.pem")):
                 pass
+
+
+# --- direct channels between clients that set client_ca ------------------------------------
+
+
+async def test_row09_direct_peer_whose_cert_is_for_servers_only_is_refused(
+    coord: conec_trio.Coordinator, open_client: ClientFactory
+) -> None:
+    # The coordinator takes any cert valid for the id; bob, with a client CA, checks his
+    # peers' certs with the same path validation as a coordinator with that CA.
+    ca_pem, ca_key_pem = certs.make_ca("Team CA")
+    cert, key = server_only_leaf(ca_pem, ca_key_pem, "mallory")
+    async with (
+        open_client(coord, "bob", client_ca=ca_pem) as bob,
+        open_client(coord, "mallory", cert_chain=cert, private_key=key) as mallory,
+    ):
+        with trio.fail_after(10):
+            with pytest.raises(conec_trio.ChannelError, match="lists serverAuth, not clientAuth"):
+                await mallory.new_channel("bob")
+            with pytest.raises(conec_trio.ChannelError, match="lists serverAuth, not clientAuth"):
+                await bob.new_channel("mallory")
