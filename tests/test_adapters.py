@@ -677,7 +677,7 @@ async def test_row03_items_are_bounded() -> None:
         assert await CborReceiveChannel(raw).receive() == value  # the default: 1_000_000
 
 
-def test_row03_max_items_must_be_a_positive_int() -> None:
+def test_cbor_max_items_must_be_a_positive_int() -> None:
     _, raw = trio.open_memory_channel[bytes](0)
     with pytest.raises(ValueError, match="at least 1"):
         CborReceiveChannel(raw, max_items=0)

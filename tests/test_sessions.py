@@ -541,7 +541,7 @@ async def test_duplicate_id_is_refused_and_the_first_client_stays(
 
 @pytest.mark.parametrize(
     "bad_id",
-    ["bad id!", "", "-x", "x-", "a" * 300, "a" * 64, "a..b", "ä", "under_score"],
+    ["bad id!", "", "-x", "x-", "a" * 300, "a" * 64, "a..b", "ä", "under_score", "a\r\n", "\na"],
 )
 async def test_invalid_id_is_refused_before_any_network_activity(
     client_config: ClientConfigFactory,
@@ -575,17 +575,16 @@ async def test_valid_ids_that_look_odd_are_accepted(
         await wait_for(lambda: coord.num_clients == 0, timeout=2)
 
 
-@pytest.mark.parametrize("bad_id", ["alice\n", "alice\r\n", "\nalice", "ali\nce"])
-async def test_row11_id_with_a_newline_is_invalid(
-    client_config: ClientConfigFactory, coord: conec_trio.Coordinator, bad_id: str
+async def test_row11_id_with_a_trailing_newline_is_invalid(
+    client_config: ClientConfigFactory, coord: conec_trio.Coordinator
 ) -> None:
     # The check used "$", which also matches just before a final newline.
     err = await expect_open_client_error(
-        client_config(coord, bad_id), conec_trio.InvalidIdError, within=1, coord=coord
+        client_config(coord, "alice\n"), conec_trio.InvalidIdError, within=1, coord=coord
     )
-    assert repr(bad_id) in str(err)
+    assert repr("alice\n") in str(err)
     with pytest.raises(conec_trio.InvalidIdError):
-        check_client_id(bad_id)
+        check_client_id("alice\n")
 
 
 def test_row10_ids_are_canonical_in_lowercase() -> None:

@@ -428,7 +428,7 @@ def test_row09_leaf_without_client_auth_among_its_ekus_refused(
 
 
 @pytest.mark.parametrize("critical", [False, True])
-def test_row09_leaf_with_client_auth_eku_accepted(critical: bool) -> None:
+def test_leaf_with_client_auth_eku_accepted(critical: bool) -> None:
     root = _Issuer("Root CA")
     usages = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
     leaf = _leaf(root, extra=[_eku(*usages, critical=critical)])
@@ -456,7 +456,7 @@ def test_row09_unknown_critical_extension_refused() -> None:
     _tls.verify_client_cert(_leaf(root, extra=[(unknown, False)]), [], "alice", root.pem)
 
 
-def test_row09_ca_whose_key_usage_forbids_signing_certificates_refused() -> None:
+def test_ca_whose_key_usage_forbids_signing_certificates_refused() -> None:
     root = _Issuer("Root CA", extra=[_key_usage(cert_sign=False)])
     with pytest.raises(CertificateError, match="keyUsage lacks keyCertSign"):
         _tls.verify_client_cert(_leaf(root), [], "alice", root.pem)

@@ -252,7 +252,7 @@ def test_row01_hello_over_the_size_limit_is_refused_before_decoding() -> None:
         decode(data)
 
 
-def test_row01_largest_channel_offer_fits_well_under_the_control_limit() -> None:
+def test_largest_channel_offer_fits_well_under_the_control_limit() -> None:
     longest_host = "fe80::1%" + "x" * (control.MAX_HOST_LEN - 8)
     offer = ChannelOffer(
         2**62 - 1,
