@@ -129,6 +129,8 @@ def test_item_limit_counts_keys_values_and_elements() -> None:
     limits = cbor.CborLimits(max_size=None, max_depth=8, max_length=100, max_items=5)
     assert cbor.loads(cbor2.dumps({"a": [1, 2]}), limits) == {"a": [1, 2]}  # 5 items
     refused(cbor2.dumps({"a": [1, 2, 3]}), limits, "more than 5 data items")
+    assert cbor.loads(cbor2.dumps([1, 2.5, None, 2**40]), limits) == [1, 2.5, None, 2**40]
+    refused(cbor2.dumps([1, 2.5, None, 2**40, True]), limits, "more than 5 data items")
 
 
 def test_declared_lengths_beyond_the_data_are_refused_without_allocating() -> None:
@@ -172,6 +174,9 @@ def test_text_keys_only() -> None:
         (b"\x01\x02", "1 bytes after its CBOR value"),
         (b"\x82\x01", "truncated"),
         (b"\x1b\x00", "truncated"),
+        (b"\x82\x01\x1b\x00", "truncated"),  # in a run of numbers
+        (b"\x83\x01\x02", "truncated"),
+        (b"\x81\x01\x02", "1 bytes after its CBOR value"),
         (b"\x9f\x01\xff", "indefinite"),
         (b"\x7f\x61a\xff", "indefinite"),
         (b"\xff", "indefinite-length items and break codes"),
