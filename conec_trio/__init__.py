@@ -9,6 +9,7 @@ from ._client import Client, open_client
 from ._config import ClientConfig, CoordConfig
 from ._coordinator import Coordinator, open_coordinator
 from ._exceptions import (
+    BadCborError,
     BroadcastNotFoundError,
     CertificateError,
     ChannelError,
@@ -33,6 +34,7 @@ from .adapters import CborReceiveChannel, CborSendChannel, open_nonblocking, unt
 __version__ = "0.1.0"
 
 __all__ = [
+    "BadCborError",
     "BroadcastMessage",
     "BroadcastNotFoundError",
     "CborReceiveChannel",

@@ -18,6 +18,7 @@ from ._config import (
     DEFAULT_IDLE_TIMEOUT,
     KEEPALIVE_FRACTION,
     ClientConfig,
+    canonical_id,
     check_client_id,
     load_pem,
 )
@@ -378,6 +379,7 @@ class Client:
 
     async def _ensure_channel(self, peer: str) -> bool:
         """True if a direct channel to ``peer`` is open now (opening one if it can)."""
+        peer = canonical_id(peer)
         if peer in self._direct.channels:
             return True
         if peer == self.id or self._direct.recently_failed(peer):

@@ -26,18 +26,29 @@ DEFAULT_CONNECTION_WINDOW = 16 * 1024 * 1024
 DEFAULT_MAX_DATAGRAM_SIZE = 16384
 
 # A client id must be usable as a certificate DNS name: labels of letters, digits and '-',
-# joined by '.'.
-_ID_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*$")
+# joined by '.'. Always matched with fullmatch: "$" would also match before a final newline.
+_ID_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
 
 
 def check_client_id(client_id: object) -> str:
-    """Return ``client_id`` if a certificate DNS name can carry it, else raise InvalidIdError."""
-    if not isinstance(client_id, str) or len(client_id) > 253 or not _ID_RE.match(client_id):
+    """Return ``client_id`` in its canonical form (:func:`canonical_id`) if a certificate DNS
+    name can carry it, else raise InvalidIdError."""
+    if not isinstance(client_id, str) or len(client_id) > 253 or not _ID_RE.fullmatch(client_id):
         raise InvalidIdError(
             f"client id {client_id!r} is not valid: use letters, digits, '-' and '.' as in a "
             "DNS name (labels of 1-63 characters, not starting or ending with '-')"
         )
-    return client_id
+    return canonical_id(client_id)
+
+
+def canonical_id(name: str) -> str:
+    """The one form in which ids are registered and compared: lowercase, since certificate
+    DNS names match case-insensitively (one certificate for ``alice`` is valid for ``ALICE``).
+
+    Only ASCII letters are folded: ``str.lower`` also maps some other letters onto ASCII ones
+    (KELVIN SIGN to ``k``), and a name with any non-ASCII character is never a valid id.
+    """
+    return name.lower() if name.isascii() else name
 
 
 def load_pem(source: PemSource | None) -> bytes | None:

@@ -13,7 +13,7 @@ from typing import Any, TypeAlias
 import trio
 
 from . import _tls
-from ._config import DEFAULT_IDLE_TIMEOUT, CoordConfig, check_client_id, load_pem
+from ._config import DEFAULT_IDLE_TIMEOUT, CoordConfig, canonical_id, check_client_id, load_pem
 from ._exceptions import CertificateError, ConecError, InvalidIdError, ProtocolError
 from ._hub import BroadcastHub
 from ._messages import message_channels
@@ -97,9 +97,8 @@ class ClientSession:
     @property
     def candidates(self) -> list[tuple[str, int]]:
         """Where peers may reach this client: as the coordinator sees it, then its own view."""
-        out = [self.observed_addr]
-        out.extend(a for a in self.local_addrs if a not in out)
-        return out
+        # dict.fromkeys: the first of equal addresses, in order, in linear time
+        return list(dict.fromkeys([self.observed_addr, *self.local_addrs]))
 
     def _describe_loss(self) -> ConecError:
         return ConecError(f"client {self.id!r} disconnected")
@@ -396,6 +395,7 @@ class Coordinator:
             write_message(st, control.encode(reply))
         elif isinstance(msg, control.ChannelRequest):
             assert session.id is not None
+            msg = control.ChannelRequest(msg.rid, canonical_id(msg.peer))
             pair = frozenset((session.id, msg.peer))
             if self._negotiating.get(pair) == msg.peer:
                 # Both ends asked at once: the peer's opening goes on (this client got or
@@ -482,7 +482,7 @@ class Coordinator:
         if msg.peer is None:
             await self._open_to_coordinator(session, st, msg.sid)
             return
-        target = self._clients.get(msg.peer)
+        target = self._clients.get(canonical_id(msg.peer))
         if target is None or not target.conn.is_open:
             _refuse_stream(st, Reason.NO_PEER, f"peer {_shown(msg.peer)} is not connected")
             return

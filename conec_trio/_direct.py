@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from . import _tls
-from ._config import ClientConfig
+from ._config import ClientConfig, canonical_id
 from ._exceptions import (
     CertificateError,
     ChannelError,
@@ -124,7 +124,7 @@ class DirectManager:
     def raw_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """A non-QUIC datagram arrived on the client's socket: maybe a punch."""
         sender = punch_sender(data)
-        expected = self._expected.get(sender) if sender is not None else None
+        expected = self._expected.get(canonical_id(sender)) if sender is not None else None
         if expected is None or expected.punch_seen.is_set():
             return
         expected.punched_from = addr
@@ -144,6 +144,7 @@ class DirectManager:
 
     async def open(self, peer: str) -> DirectChannel:
         ctx = self.ctx
+        peer = canonical_id(peer)
         if peer == ctx.id:
             raise ChannelError("cannot open a direct channel to this client itself")
         if peer in self.channels:
@@ -162,7 +163,7 @@ class DirectManager:
 
     def opening(self, peer: str) -> trio.Event | None:
         """The event set when the attempt under way to open a channel to ``peer`` ends."""
-        return self._opening.get(peer)
+        return self._opening.get(canonical_id(peer))
 
     async def _open(self, peer: str) -> DirectChannel:
         ctx = self.ctx
@@ -300,7 +301,7 @@ class DirectManager:
             _tls.verify_client_cert(_tls.load_cert(cert_der), [], peer, ca)
         except CertificateError as exc:
             raise ChannelError(
-                f"peer {peer!r}'s certificate does not chain to this client's client_ca: {exc}"
+                f"peer {peer!r}'s certificate fails this client's client_ca check: {exc}"
             ) from exc
 
     # -- accepting (the peer dials) ---------------------------------------------------------------
@@ -308,6 +309,9 @@ class DirectManager:
     async def on_offer(self, offer: control.ChannelOffer) -> None:
         """The coordinator says ``offer.peer`` wants a channel: agree (or not) and punch."""
         ctx = self.ctx
+        offer = control.ChannelOffer(
+            offer.oid, canonical_id(offer.peer), offer.cert_der, offer.addrs
+        )
         reply: control.ChannelOfferReply
         if not ctx.config.listen:
             reply = control.ChannelOfferReply(offer.oid, False, "this client does not listen")
@@ -393,12 +397,13 @@ class DirectManager:
     # -- streams -----------------------------------------------------------------------------------
 
     def recently_failed(self, peer: str) -> bool:
-        failed = self._failed_at.get(peer)
+        failed = self._failed_at.get(canonical_id(peer))
         return failed is not None and trio.current_time() - failed < FAILURE_MEMORY
 
     def new_stream(
         self, peer: str, stream_id: StreamId | None = None
     ) -> tuple[MessageSendChannel, MessageReceiveChannel]:
+        peer = canonical_id(peer)
         channel = self.channels.get(peer)
         if channel is None or not channel.conn.is_open:
             raise ChannelError(f"no direct channel to {peer!r} is open (call new_channel first)")
@@ -447,6 +452,7 @@ class DirectManager:
     # -- closing -----------------------------------------------------------------------------------
 
     async def close(self, peer: str) -> None:
+        peer = canonical_id(peer)
         channel = self.channels.pop(peer, None)
         if channel is None:
             raise ChannelError(f"no direct channel to {peer!r} is open")

@@ -51,6 +51,11 @@ class ProtocolError(ConecError):
     """The other side sent something that breaks the conec protocol (bad frame, bad CBOR)."""
 
 
+class BadCborError(ProtocolError):
+    """A peer sent CBOR that is malformed or breaks a decoding limit (size, nesting, length,
+    a tag that is not allowed, a map key that is not a number or string)."""
+
+
 class DisconnectedError(ConecError):
     """The connection to the coordinator is gone; this client can no longer do anything."""
 

@@ -4,20 +4,28 @@ aioquic proves that the other side holds the private key of the certificate it p
 TLS CertificateVerify signature), but it does not validate a *client's* certificate at all: no
 chain, no dates, no name. This module does that part:
 
-- the coordinator checks each client's certificate with :func:`verify_client_cert`: dates,
-  the client id among its names, and (with a client CA) a chain up to that CA;
+- the coordinator checks each client's certificate with :func:`verify_client_cert`: size,
+  dates, the client id among its names, and (with a client CA) a chain up to that CA; a
+  client that accepts direct channels checks its peers' certificates the same way;
 - for a direct channel, each side accepts exactly the certificate the coordinator vouched for
   (:func:`verify_pinned`).
+
+The chain up to a client CA is validated by ``cryptography.x509.verification`` (complete RFC
+5280 path validation: signatures, dates, basicConstraints and pathLen, keyUsage,
+nameConstraints, extendedKeyUsage, unknown critical extensions). Its defaults are the CA/Browser
+Forum's profile for web servers, stricter than RFC 5280 in ways that refuse certificates common
+in practice (trustme's leaves have a critical subjectAltName next to a non-empty subject and a
+critical extendedKeyUsage; hand-made CAs often lack an authorityKeyIdentifier or a keyUsage).
+:data:`_EE_POLICY` and :data:`_CA_POLICY` relax exactly those, and want clientAuth in a leaf
+that lists extended key usages. When it refuses a chain, the hand-written walk of
+:func:`_explain_refusal` says why in a user's terms where it can (self-signed, wrong CA, a
+missing intermediate, an expired CA); otherwise the verifier's own reason is given.
 
 It also holds the check of the *coordinator's* certificate that aioquic makes during the
 handshake (:func:`verify_server_certificate`): the same checks, with the trust store built
 once per CA setting instead of once per handshake (a system store takes milliseconds to load).
-
-Why not ``cryptography.x509.verification``: its client verifier follows the CA/Browser
-Forum's profile strictly and refuses certificates that are common in practice and that
-trustme makes, e.g. a critical subjectAltName next to a non-empty subject. The checks here are
-the ones that matter for conec: every signature up the chain, every certificate in its
-validity period, every issuer a CA, and the client id among the leaf's names.
+It raises :class:`ServerCertificateError`, whose ``kind`` says which TLS alert the handshake
+answers with; this module knows nothing of aioquic.
 
 Every failure raises :class:`~conec_trio.CertificateError` with a message that says which check
 failed and what to do about it.
@@ -28,17 +36,25 @@ from __future__ import annotations
 import datetime
 import functools
 import ipaddress
-from typing import NoReturn
+import re
+from typing import Literal, NoReturn
 
 import certifi
 import service_identity
-from aioquic import tls
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    Policy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 from OpenSSL import crypto
 
 from . import certs
@@ -46,6 +62,24 @@ from ._exceptions import CertificateError
 
 # Longest chain of intermediates followed from a client certificate to the client CA.
 _MAX_INTERMEDIATES = 8
+_MAX_CHAIN_DEPTH = _MAX_INTERMEDIATES + 1  # the verifier counts the anchor as well
+
+
+class ServerCertificateError(CertificateError):
+    """The coordinator's certificate failed :func:`verify_server_certificate`.
+
+    ``kind`` is ``"expired"`` (outside its validity period) or ``"bad certificate"`` (not
+    valid for the name, not trusted): the TLS alert the handshake answers with.
+    """
+
+    def __init__(self, kind: Literal["expired", "bad certificate"], message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# Largest client certificate (DER) accepted: the coordinator hands it to peers in channel
+# offers, which must stay well under any message limit (the wire's limit is the same).
+MAX_CLIENT_CERT_SIZE = 16 * 1024
 
 
 def load_cert(pem_or_der: bytes) -> x509.Certificate:
@@ -117,13 +151,25 @@ def verify_client_cert(
       now: The time to check validity at (default: now; naive datetimes are UTC).
 
     Raises:
-      CertificateError: the certificate is outside its validity period, not valid for
-        ``client_id`` as a DNS name, or (with ``client_ca_pem``) not signed by that CA.
+      CertificateError: the certificate is larger than :data:`MAX_CLIENT_CERT_SIZE`,
+        outside its validity period, not valid for ``client_id`` as a DNS name, or (with
+        ``client_ca_pem``) not signed by that CA.
     """
+    size = len(cert_der(cert))
+    if size > MAX_CLIENT_CERT_SIZE:
+        raise CertificateError(
+            f"client certificate is {size} bytes; at most {MAX_CLIENT_CERT_SIZE} are accepted "
+            "(peers are sent it when they open direct channels)"
+        )
     now = _utc(now)
     _check_dates(cert, now, "client certificate")
 
-    dns_names = _dns_names(cert)
+    try:
+        dns_names = _dns_names(cert)
+    except ValueError as exc:  # cryptography parses all extensions when one is first read
+        raise CertificateError(
+            f"client certificate's extensions could not be parsed: {exc}"
+        ) from exc
     if client_id.lower() not in {name.lower() for name in dns_names}:
         if dns_names:
             raise CertificateError(
@@ -137,13 +183,91 @@ def verify_client_cert(
 
     if client_ca_pem is None:
         return
-    _check_chain(cert, chain, _client_ca_anchors(client_ca_pem), now)
+    anchors, store = _client_ca(client_ca_pem)
+    leaf_der = cert_der(cert)
+    intermediates = [c for c in chain if cert_der(c) != leaf_der]
+    verifier = (
+        PolicyBuilder()
+        .store(store)
+        .time(now)
+        .max_chain_depth(_MAX_CHAIN_DEPTH)
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+        .build_client_verifier()
+    )
+    try:
+        verifier.verify(cert, intermediates)
+    except VerificationError as exc:
+        _explain_refusal(cert, intermediates, anchors, now)
+        raise CertificateError(
+            f"client certificate refused by path validation: {_verifier_reason(exc)}"
+        ) from exc
 
 
 @functools.lru_cache(maxsize=16)
-def _client_ca_anchors(client_ca_pem: bytes) -> list[x509.Certificate]:
+def _client_ca(client_ca_pem: bytes) -> tuple[list[x509.Certificate], Store]:
     """A client CA setting, parsed once (it is checked against every client that connects)."""
-    return load_cert_chain_pem(client_ca_pem)
+    anchors = load_cert_chain_pem(client_ca_pem)
+    return anchors, Store(anchors)
+
+
+_EKU_NAMES = {
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+    ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
+    ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
+    ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
+    ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning",
+    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "anyExtendedKeyUsage",
+}
+
+
+def _wants_client_auth(
+    policy: Policy, cert: x509.Certificate, usage: x509.ExtendedKeyUsage | None
+) -> None:
+    """A leaf without extendedKeyUsage may serve any purpose; one with it must list clientAuth
+    (as OpenSSL wants of a TLS client: anyExtendedKeyUsage alone is not enough)."""
+    if usage is None or ExtendedKeyUsageOID.CLIENT_AUTH in usage:
+        return
+    names = ", ".join(_EKU_NAMES.get(oid, oid.dotted_string) for oid in usage)
+    raise ValueError(f"extendedKeyUsage lists {names}, not clientAuth: not a client certificate")
+
+
+def _may_sign_certificates(
+    policy: Policy, cert: x509.Certificate, usage: x509.KeyUsage | None
+) -> None:
+    """RFC 5280: a CA's keyUsage, where present, must allow keyCertSign."""
+    if usage is not None and not usage.key_cert_sign:
+        raise ValueError("keyUsage lacks keyCertSign: this CA may not sign certificates")
+
+
+# The CA/Browser Forum profile, relaxed to RFC 5280 where certificates common in practice
+# differ: a critical subjectAltName (trustme; RFC 5280 wants it critical when the subject is
+# empty), a critical extendedKeyUsage (trustme), no subjectAltName (names then come from the
+# common name), no authorityKeyIdentifier, a CA without keyUsage.
+_EE_POLICY = (
+    ExtensionPolicy.webpki_defaults_ee()
+    .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+    .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _wants_client_auth)
+    .may_be_present(x509.AuthorityKeyIdentifier, Criticality.NON_CRITICAL, None)
+)
+_CA_POLICY = (
+    ExtensionPolicy.webpki_defaults_ca()
+    .may_be_present(x509.AuthorityKeyIdentifier, Criticality.NON_CRITICAL, None)
+    .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _may_sign_certificates)
+)
+
+_VERIFIER_NOISE = re.compile(
+    r"^(validation failed: )?(candidates exhausted: )?|Python extension validator failed: \w+: "
+)
+_VERIFIER_WHERE = re.compile(
+    r" \(encountered processing <Certificate\(subject=<Name\((?P<subject>.*)\)>, \.\.\.\)>\)$"
+)
+
+
+def _verifier_reason(exc: VerificationError) -> str:
+    """The verifier's reason, without its internal framing; which certificate, if it says."""
+    reason = _VERIFIER_NOISE.sub("", str(exc))
+    return _VERIFIER_WHERE.sub(r" (certificate \g<subject>)", reason)
 
 
 def verify_pinned(cert: x509.Certificate, expected_der: bytes, peer: str) -> None:
@@ -172,14 +296,15 @@ def verify_server_certificate(
     of a certificate seen before.
 
     Raises:
-      aioquic.tls.AlertCertificateExpired: outside its validity period.
-      aioquic.tls.AlertBadCertificate: not valid for ``server_name``, or not trusted.
+      ServerCertificateError: of kind ``"expired"`` outside its validity period; of kind
+        ``"bad certificate"`` if not valid for ``server_name``, or not trusted (the handshake
+        answers with aioquic's AlertCertificateExpired or AlertBadCertificate).
     """
     now = datetime.datetime.now(datetime.UTC)
     if now < certificate.not_valid_before_utc:
-        raise tls.AlertCertificateExpired("Certificate is not valid yet")
+        raise ServerCertificateError("expired", "Certificate is not valid yet")
     if now > certificate.not_valid_after_utc:
-        raise tls.AlertCertificateExpired("Certificate is no longer valid")
+        raise ServerCertificateError("expired", "Certificate is no longer valid")
 
     if server_name is not None:
         _verify_server_name(certificate, server_name)
@@ -191,7 +316,7 @@ def verify_server_certificate(
     try:
         store_ctx.verify_certificate()
     except crypto.X509StoreContextError as exc:
-        raise tls.AlertBadCertificate(exc.args[0]) from exc
+        raise ServerCertificateError("bad certificate", exc.args[0]) from exc
 
 
 def _verify_server_name(certificate: x509.Certificate, server_name: str) -> None:
@@ -208,17 +333,31 @@ def _verify_server_name(certificate: x509.Certificate, server_name: str) -> None
             service_identity.cryptography.verify_certificate_hostname(certificate, server_name)
     except ValueError as exc:
         # The certificate's extensions are only parsed when accessed.
-        raise tls.AlertBadCertificate("Certificate extensions could not be parsed") from exc
+        raise ServerCertificateError(
+            "bad certificate", "Certificate extensions could not be parsed"
+        ) from exc
     except (service_identity.CertificateError, service_identity.VerificationError) as exc:
+        message = _mismatch(certificate, server_name, exc)
+        raise ServerCertificateError("bad certificate", message) from exc
+
+
+def _mismatch(certificate: x509.Certificate, server_name: str, exc: Exception) -> str:
+    """Why ``certificate`` is not valid for ``server_name``, as aioquic words it."""
+    try:
         patterns = service_identity.cryptography.extract_patterns(certificate)
-        if len(patterns) == 0:
-            errmsg = str(exc)
-        elif len(patterns) == 1:
-            errmsg = f"hostname {server_name!r} doesn't match {patterns[0]!r}"
-        else:
-            patterns_repr = ", ".join(repr(pattern) for pattern in patterns)
-            errmsg = f"hostname {server_name!r} doesn't match either of {patterns_repr}"
-        raise tls.AlertBadCertificate(errmsg) from exc
+    except (service_identity.CertificateError, ValueError) as parse_error:
+        # A subjectAltName service_identity cannot parse (an IP address as a DNS name, a
+        # malformed wildcard): aioquic's own check raises this out of its error path.
+        return (
+            f"the certificate's names cannot be checked against {server_name!r}: "
+            f"{parse_error} (is a subjectAltName malformed?)"
+        )
+    if len(patterns) == 0:
+        return str(exc)
+    if len(patterns) == 1:
+        return f"hostname {server_name!r} doesn't match {patterns[0]!r}"
+    patterns_repr = ", ".join(repr(pattern) for pattern in patterns)
+    return f"hostname {server_name!r} doesn't match either of {patterns_repr}"
 
 
 @functools.lru_cache(maxsize=16)
@@ -334,13 +473,16 @@ def _check_issuer_is_ca(issuer: x509.Certificate, what: str) -> None:
         raise CertificateError(f"{what} may not sign certificates (keyUsage lacks keyCertSign)")
 
 
-def _check_chain(
+def _explain_refusal(
     cert: x509.Certificate,
     chain: list[x509.Certificate],
     anchors: list[x509.Certificate],
     now: datetime.datetime,
 ) -> None:
-    """Find a path from ``cert`` through ``chain`` to one of ``anchors``, checking each step."""
+    """The verifier refused ``cert``: walk from it through ``chain`` to one of ``anchors``
+    and raise CertificateError saying why in a user's terms, where this walk finds the
+    reason (no path, a step that is not a CA, a certificate outside its validity period);
+    return if it finds none (the verifier's reason is then given)."""
     leaf_der = cert_der(cert)
     anchor_ders = {cert_der(anchor) for anchor in anchors}
     intermediates = {

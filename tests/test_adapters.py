@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import decimal
+import ipaddress
 import math
 import random
+import time
+import uuid
 from typing import Any
 
 import cbor2
@@ -14,7 +18,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conec_trio._exceptions import ConecError, Lagged, ProtocolError
+from conec_trio._exceptions import BadCborError, ConecError, Lagged, ProtocolError
 from conec_trio._types import BroadcastMessage
 from conec_trio.adapters import (
     CborReceiveChannel,
@@ -504,7 +508,10 @@ cbor_values = st.recursive(
     | st.text()
     | st.binary(),
     lambda inner: (
-        st.lists(inner, max_size=5) | st.dictionaries(st.text() | st.integers(), inner, max_size=5)
+        st.lists(inner, max_size=5)
+        # Ints as keys only where CBOR has them without a tag: a big int (a bignum) as a key
+        # is refused, since such keys can be chosen to collide in hash.
+        | st.dictionaries(st.text() | st.integers(-(2**64), 2**64 - 1), inner, max_size=5)
     ),
     max_leaves=30,
 )
@@ -597,6 +604,119 @@ async def test_cbor_bad_message_then_good(bad: bytes) -> None:
         with pytest.raises(ProtocolError):
             await recv.receive()
         assert await recv.receive() == {"next": "message"}
+
+
+def colliding_bignum_keys(count: int) -> bytes:
+    """A CBOR map whose keys are big ints (tag 2) that all have one Python hash, so building
+    the dict compares every key with every earlier one."""
+    p = 2**61 - 1  # hash(n) == n % p for a non-negative int
+    keys = [(2**64 + i) * p for i in range(count)]
+    assert len({hash(key) for key in keys}) == 1
+    return b"\xb9" + count.to_bytes(2, "big") + b"".join(cbor2.dumps(k) + b"\x00" for k in keys)
+
+
+async def refused_then_next(data: bytes, match: str, **options: Any) -> float:
+    """Feed ``data`` then a good message to a CborReceiveChannel: the first is refused with
+    BadCborError, the next one still arrives. How long the refusal took."""
+    send, raw = trio.open_memory_channel[bytes](math.inf)
+    recv = CborReceiveChannel(raw, **options)
+    send.send_nowait(data)
+    send.send_nowait(cbor2.dumps("next"))
+    with trio.fail_after(DEADLINE):
+        start = time.perf_counter()
+        with pytest.raises(BadCborError, match=match):
+            await recv.receive()
+        took = time.perf_counter() - start
+        assert await recv.receive() == "next"
+    return took
+
+
+@pytest.mark.trio
+async def test_row03_map_of_colliding_bignum_keys_is_refused_before_it_is_built() -> None:
+    # 56 KiB here; 506 KiB of such keys held the Trio thread for 7 s.
+    data = colliding_bignum_keys(3000)
+    took = await refused_then_next(data, "map key .* not a tagged value")
+    assert took < 0.05  # refused on its first key, not after building the dict
+
+
+@pytest.mark.trio
+async def test_row03_array_as_map_key_is_refused() -> None:
+    # [a, b] becomes a tuple key, and tuple hashes of chosen ints can be made to collide.
+    await refused_then_next(b"\xa1\x82\x01\x02\x00", "map key .* not an array")
+
+
+@pytest.mark.trio
+async def test_row03_shared_reference_is_refused() -> None:
+    # 28([1, 29(0)]): a list that contains itself, which cbor2 builds by default.
+    await refused_then_next(b"\xd8\x1c\x82\x01\xd8\x1d\x00", "tag 28 is not allowed")
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize(
+    "value",
+    [
+        cbor2.CBORTag(4, [-2, 5]),  # decimal: arithmetic on an exponent of any size
+        cbor2.CBORTag(30, [2**64, 3]),  # rational: a gcd of big ints
+        cbor2.CBORTag(35, "(a+)+$"),  # a regex, compiled from the peer's pattern
+        cbor2.CBORTag(99999, 0),  # a tag cbor2 does not know
+    ],
+    ids=repr,
+)
+async def test_row03_tags_not_allow_listed_are_refused(value: Any) -> None:
+    await refused_then_next(cbor2.dumps(value), r"tag \d+ is not allowed")
+
+
+@pytest.mark.trio
+async def test_row03_items_are_bounded() -> None:
+    value = [[{}] * 500] * 2  # empty maps: the most memory per byte of CBOR; 1003 items
+    await refused_then_next(cbor2.dumps(value), "more than 1000 data items", max_items=1000)
+    await refused_then_next(cbor2.dumps([0] * 1001), "array of 1001 items", max_items=1000)
+    send, raw = trio.open_memory_channel[bytes](math.inf)
+    send.send_nowait(cbor2.dumps(value))
+    with trio.fail_after(DEADLINE):
+        assert await CborReceiveChannel(raw).receive() == value  # the default: 1_000_000
+
+
+def test_cbor_max_items_must_be_a_positive_int() -> None:
+    _, raw = trio.open_memory_channel[bytes](0)
+    with pytest.raises(ValueError, match="at least 1"):
+        CborReceiveChannel(raw, max_items=0)
+    with pytest.raises(TypeError, match="int"):
+        CborReceiveChannel(raw, max_items=1.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.trio
+async def test_cbor_allow_listed_tags_round_trip() -> None:
+    send, recv = cbor_pair()
+    values = [
+        2**100,
+        -(2**100),
+        datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.UTC),
+        datetime.date(2024, 5, 6),
+        {1, 2, "three"},
+        uuid.UUID(int=5),
+        ipaddress.ip_network("192.0.2.0/24"),
+    ]
+    with trio.fail_after(DEADLINE):
+        for value in values:
+            await send.send(value)
+            assert await recv.receive() == value
+
+
+@pytest.mark.trio
+async def test_cbor_sender_refuses_what_receivers_refuse() -> None:
+    send, recv = cbor_pair()
+    with trio.fail_after(DEADLINE):
+        for value, why in [
+            (decimal.Decimal("1.5"), "tag 4 is not allowed"),
+            ({(1, 2): "tuple key"}, "not an array"),
+            ({2**70: "bignum key"}, "not a tagged value"),
+            ({frozenset({1}): "set key"}, "not a tagged value"),
+        ]:
+            with pytest.raises(ProtocolError, match=f"receivers refuse it: .*{why}"):
+                await send.send(value)
+        await send.send("still usable")
+        assert await recv.receive() == "still usable"
 
 
 @pytest.mark.trio

@@ -18,10 +18,14 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from helpers import ClientFactory
+from rawquic import open_raw_client
 
 import conec_trio
 from conec_trio import certs
+from conec_trio._wire import control
+from conec_trio._wire.codes import CloseCode
 
 CoordConfigFactory = Callable[..., conec_trio.CoordConfig]
 ClientConfigFactory = Callable[..., conec_trio.ClientConfig]
@@ -102,6 +106,34 @@ async def ca_coord(
         yield c
 
 
+def server_only_leaf(ca_pem: bytes, ca_key_pem: bytes, name: str) -> tuple[bytes, bytes]:
+    """A leaf for ``name`` signed by the CA whose only extendedKeyUsage is serverAuth."""
+    ca_cert = x509.load_pem_x509_certificate(ca_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
 # --- with a client CA --------------------------------------------------------------------------
 
 
@@ -112,6 +144,33 @@ async def test_ca_signed_cert_gets_in_under_its_name(
     async with open_client(ca_coord, "alice", cert_chain=cert, private_key=key) as alice:
         assert ca_coord.client_ids() == ["alice"]
         await roundtrip(ca_coord, alice)
+
+
+async def test_row10_one_cert_for_alice_gets_in_once_whatever_the_case(
+    ca_coord: conec_trio.Coordinator,
+    client_config: ClientConfigFactory,
+    open_client: ClientFactory,
+    client_ca: trustme.CA,
+    coord_identity: tuple[bytes, bytes],
+) -> None:
+    # Names in certificates match case-insensitively, so ids must be one id whatever the case.
+    cert, key = leaf_pems(client_ca, "alice")
+    async with open_client(ca_coord, "alice", cert_chain=cert, private_key=key):
+        for claimed in ("ALICE", "Alice"):
+            config = client_config(ca_coord, claimed, cert_chain=cert, private_key=key)
+            with trio.fail_after(5), pytest.raises(conec_trio.IdInUseError):
+                async with conec_trio.open_client(config):
+                    pass  # pragma: no cover
+            # A client that says the other case in its hello itself.
+            async with open_raw_client(
+                ca_coord.address, coord_identity[0], claimed, identity=(cert, key)
+            ) as raw:
+                hello = control.Hello(control.PROTOCOL_VERSION, claimed, True, [])
+                raw.open_frame_stream(control.encode(hello))
+                code, reason = await raw.wait_closed()
+            assert code == CloseCode.ID_TAKEN
+            assert "client id 'alice' is already connected" in reason
+        assert ca_coord.client_ids() == ["alice"]
 
 
 async def test_cert_from_an_intermediate_ca_gets_in(
@@ -280,3 +339,24 @@ async def test_coordinator_cert_key_and_client_ca_as_paths(
         with trio.fail_after(5), pytest.raises(conec_trio.CertificateError, match="self-signed"):
             async with open_client(coord, "bob", ca=as_type(tmp_path / "server-ca.pem")):
                 pass
+
+
+# --- direct channels between clients that set client_ca ------------------------------------
+
+
+async def test_row09_direct_peer_whose_cert_is_for_servers_only_is_refused(
+    coord: conec_trio.Coordinator, open_client: ClientFactory
+) -> None:
+    # The coordinator takes any cert valid for the id; bob, with a client CA, checks his
+    # peers' certs with the same path validation as a coordinator with that CA.
+    ca_pem, ca_key_pem = certs.make_ca("Team CA")
+    cert, key = server_only_leaf(ca_pem, ca_key_pem, "mallory")
+    async with (
+        open_client(coord, "bob", client_ca=ca_pem) as bob,
+        open_client(coord, "mallory", cert_chain=cert, private_key=key) as mallory,
+    ):
+        with trio.fail_after(10):
+            with pytest.raises(conec_trio.ChannelError, match="lists serverAuth, not clientAuth"):
+                await mallory.new_channel("bob")
+            with pytest.raises(conec_trio.ChannelError, match="lists serverAuth, not clientAuth"):
+                await bob.new_channel("mallory")

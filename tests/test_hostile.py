@@ -18,13 +18,14 @@ from typing import Any
 import cbor2
 import pytest
 import trio
+from cryptography import x509
 from helpers import wait_for
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from rawquic import RawClient, open_raw_client
 
 import conec_trio
-from conec_trio import BroadcastMessage, ChannelError, IncomingStream, StreamId, _tls
+from conec_trio import BroadcastMessage, ChannelError, IncomingStream, StreamId, _tls, certs
 from conec_trio._wire import control
 from conec_trio._wire.codes import CloseCode, StreamCode
 from conec_trio._wire.framing import encode_frame, encode_varint
@@ -275,6 +276,78 @@ async def test_bad_hello_is_refused_saying_why(arena: Arena):
     assert no_incoming(arena.alice)
 
 
+def hello_with_addrs(addrs: list[Any]) -> bytes:
+    return cbor(1, control.PROTOCOL_VERSION, "mallory", True, addrs)
+
+
+ROW01_HELLOS = [
+    (
+        "17-addresses",
+        hello_with_addrs([["10.0.0.1", port] for port in range(1, 18)]),
+        ["bad hello", "Hello.local_addrs has 17 items; the maximum is 16"],
+    ),
+    (
+        "host-not-an-ip",
+        hello_with_addrs([["example.com", 1]]),
+        ["bad hello", "Hello.local_addrs[0].host must be an IP address"],
+    ),
+    (
+        "port-0",
+        hello_with_addrs([["10.0.0.1", 0]]),
+        ["bad hello", "Hello.local_addrs[0].port must be in 1..65535"],
+    ),
+    (
+        # Half a MiB of addresses stalled the coordinator for 30 s when a channel to its
+        # sender was brokered; refused on its size now, before any address is decoded.
+        "half-a-mib",
+        hello_with_addrs([[f"10.0.{i >> 8 & 255}.{i & 255}", 1 + i] for i in range(40_000)]),
+        ["bad hello", "over the maximum of 65536 bytes"],
+    ),
+]
+
+
+async def test_row01_hello_with_unbounded_local_addrs_is_refused_saying_why(arena: Arena):
+    async def attack(payload: bytes, words: list[str]) -> None:
+        async with arena.raw() as raw:
+            raw.open_frame_stream(payload)
+            await expect_closed(raw, *words)
+        assert "mallory" not in arena.coord.client_ids()
+
+    await each_case(arena, ROW01_HELLOS, attack)
+
+
+async def test_row01_channel_offer_carries_each_address_once(arena: Arena):
+    local = [["127.0.0.1", 4000], ["0::0001", 4000], ["::1", 4000], ["127.0.0.1", 4000]]
+    async with arena.raw() as mallory, arena.raw("eve") as eve:
+        await eve.hello()
+        mallory.control_sid = mallory.open_frame_stream(hello_with_addrs(local))
+        welcome = await mallory.read_control(mallory.control_sid)
+        assert isinstance(welcome, control.Welcome)
+        mallory.send_control(control.ChannelRequest(7, "eve"))
+        assert eve.control_sid is not None
+        offer = await eve.read_control(eve.control_sid)
+        assert isinstance(offer, control.ChannelOffer)
+        eve.send_control(control.ChannelOfferReply(offer.oid, False, "no"))
+        assert offer.addrs == [welcome.observed_addr, ("127.0.0.1", 4000), ("::1", 4000)]
+        reply = await mallory.read_control(mallory.control_sid)
+        assert isinstance(reply, control.ErrorReply)
+        assert reply.rid == 7
+
+
+async def test_row11_hello_with_an_id_ending_in_a_newline_is_refused(arena: Arena):
+    # A certificate can carry the name "alice\n"; the id check used "$", which matches
+    # before a final newline, so it got in beside alice and reached logs and stream peers.
+    sneaky = "alice\n"
+    identity = certs._self_signed([x509.DNSName(sneaky)], "sneaky", days=1)
+    async with open_raw_client(arena.coord.address, arena.ca, sneaky, identity=identity) as raw:
+        raw.open_frame_stream(
+            control.encode(control.Hello(control.PROTOCOL_VERSION, sneaky, True, []))
+        )
+        await expect_closed(raw, "client id 'alice\\n' is not valid", code=CloseCode.BAD_ID)
+    assert sorted(arena.coord.client_ids()) == ["alice", "bob"]
+    assert no_incoming(arena.alice)
+
+
 def no_incoming(client: conec_trio.Client) -> bool:
     """No stream is waiting in ``client.incoming_streams``."""
     recv = client.incoming_streams._recv  # type: ignore[attr-defined]
@@ -393,7 +466,7 @@ async def test_offer_replies_for_offers_never_made_are_ignored(arena: Arena):
 BAD_STREAM_HEADERS = [
     ("stream-accepted", encode_frame(control.encode(control.StreamAccepted()))),
     ("hello", encode_frame(hello_payload())),
-    ("welcome", encode_frame(control.encode(control.Welcome(1, ("h", 1))))),
+    ("welcome", encode_frame(control.encode(control.Welcome(1, ("192.0.2.1", 1))))),
     ("unknown-code", encode_frame(cbor(99))),
     ("not-an-array", encode_frame(b"\x00garbage")),
     ("sid-over-2**62-1", encode_frame(cbor(10, 2**62, "bob"))),

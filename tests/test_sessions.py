@@ -23,6 +23,7 @@ from helpers import ClientFactory, wait_for
 
 import conec_trio
 from conec_trio import certs
+from conec_trio._config import canonical_id, check_client_id
 from conec_trio._wire import control
 
 CoordConfigFactory = Callable[..., conec_trio.CoordConfig]
@@ -540,7 +541,7 @@ async def test_duplicate_id_is_refused_and_the_first_client_stays(
 
 @pytest.mark.parametrize(
     "bad_id",
-    ["bad id!", "", "-x", "x-", "a" * 300, "a" * 64, "a..b", "ä", "under_score"],
+    ["bad id!", "", "-x", "x-", "a" * 300, "a" * 64, "a..b", "ä", "under_score", "a\r\n", "\na"],
 )
 async def test_invalid_id_is_refused_before_any_network_activity(
     client_config: ClientConfigFactory,
@@ -568,9 +569,56 @@ async def test_valid_ids_that_look_odd_are_accepted(
     coord: conec_trio.Coordinator, open_client: ClientFactory
 ) -> None:
     for ok in ["a", "a" * 63, "node-1.example", "10.0.0.1", "UPPER"]:
-        async with open_client(coord, ok):
-            assert coord.client_ids() == [ok]
+        async with open_client(coord, ok) as client:
+            assert coord.client_ids() == [ok.lower()]  # ids are registered in lowercase
+            assert client.id == ok.lower()
         await wait_for(lambda: coord.num_clients == 0, timeout=2)
+
+
+async def test_row11_id_with_a_trailing_newline_is_invalid(
+    client_config: ClientConfigFactory, coord: conec_trio.Coordinator
+) -> None:
+    # The check used "$", which also matches just before a final newline.
+    err = await expect_open_client_error(
+        client_config(coord, "alice\n"), conec_trio.InvalidIdError, within=1, coord=coord
+    )
+    assert repr("alice\n") in str(err)
+    with pytest.raises(conec_trio.InvalidIdError):
+        check_client_id("alice\n")
+
+
+def test_row10_ids_are_canonical_in_lowercase() -> None:
+    assert check_client_id("Alice.EXAMPLE") == "alice.example"
+    assert canonical_id("Bob") == "bob"
+    # Only ASCII is folded: str.lower maps KELVIN SIGN onto "k", which would let a name that
+    # is no valid id look up a valid one.
+    assert canonical_id("\u212aelly") == "\u212aelly"
+    with pytest.raises(conec_trio.InvalidIdError):
+        check_client_id("\u212aelly")
+
+
+async def test_row10_peers_are_found_whatever_the_case_of_their_name(
+    coord: conec_trio.Coordinator, open_client: ClientFactory
+) -> None:
+    async with open_client(coord, "Alice") as alice, open_client(coord, "bob") as bob:
+        assert alice.id == "alice"
+        assert coord.client_ids() == ["alice", "bob"]
+        with trio.fail_after(5):
+            send, _ = await bob.new_proxied_stream("ALICE")
+            await send.send(b"proxied")
+            incoming = await alice.incoming_streams.receive()
+            assert (incoming.peer, await incoming.recv.receive()) == ("bob", b"proxied")
+            await bob.new_channel("aLiCe")
+            send, _ = await bob.new_direct_stream("ALICE")  # the channel opened as "aLiCe"
+            await send.send(b"direct")
+            incoming = await alice.incoming_streams.receive()
+            assert incoming.stream_id.is_direct
+            assert (incoming.peer, await incoming.recv.receive()) == ("bob", b"direct")
+            send, _ = await alice.new_stream("BOB")  # over the channel bob opened
+            await send.send(b"back")
+            incoming = await bob.incoming_streams.receive()
+            assert incoming.stream_id.is_direct
+            assert (incoming.peer, await incoming.recv.receive()) == ("alice", b"back")
 
 
 class _VersionProxy:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -41,9 +42,13 @@ UTC = datetime.UTC
 
 
 def _self_signed(
-    names: list[str], *, days: tuple[float, float] = (-1, 30), ca: bool = True
+    names: list[str],
+    *,
+    days: tuple[float, float] = (-1, 30),
+    ca: bool = True,
+    key: ec.EllipticCurvePrivateKey | None = None,
 ) -> tuple[x509.Certificate, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = key or ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(UTC)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
     cert = (
@@ -87,11 +92,17 @@ def _cases() -> list[tuple[str, x509.Certificate, list[x509.Certificate], str | 
     ]
 
 
+# The alert the handshake answers each kind of our refusal with (_quic's TLS context).
+_ALERTS = {"expired": "AlertCertificateExpired", "bad certificate": "AlertBadCertificate"}
+
+
 def _outcome(check: Any, *args: Any) -> tuple[str, str] | None:
     try:
         check(*args)
     except tls.Alert as exc:
         return type(exc).__name__, str(exc)
+    except _tls.ServerCertificateError as exc:
+        return _ALERTS[exc.kind], str(exc)
     return None
 
 
@@ -119,6 +130,44 @@ async def test_a_coordinator_cert_from_another_ca_is_still_refused(
     with trio.fail_after(DEADLINE), pytest.raises(conec_trio.CertificateError):
         async with open_client(coord, "alice", ca=other_ca):
             pass  # pragma: no cover
+
+
+def _coordinator_identity_with_a_bad_san() -> tuple[x509.Certificate, bytes, bytes]:
+    """A coordinator cert whose subjectAltName has an IP address written as a DNS name,
+    which service_identity cannot parse as a pattern; (cert, cert_pem, key_pem)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert, cert_pem = _self_signed(["127.0.0.1"], key=key)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert, cert_pem, key_pem
+
+
+def test_row16_unparseable_coordinator_san_is_a_bad_certificate() -> None:
+    cert, cert_pem, _ = _coordinator_identity_with_a_bad_san()
+    with pytest.raises(_tls.ServerCertificateError) as info:
+        _tls.verify_server_certificate(cert, [], "127.0.0.1", cert_pem, None, None)
+    assert info.value.kind == "bad certificate"
+    assert "names cannot be checked against '127.0.0.1'" in str(info.value)
+    assert "Invalid DNS pattern" in str(info.value)
+
+
+async def test_row16_client_reports_an_unparseable_coordinator_san_as_a_certificate_problem(
+    client_config: Callable[..., conec_trio.ClientConfig],
+) -> None:
+    # The check raised from inside its own error path, and the client said "no answer ...
+    # within 10 s" at once.
+    _, cert_pem, key_pem = _coordinator_identity_with_a_bad_san()
+    config = conec_trio.CoordConfig(
+        cert_chain=cert_pem, private_key=key_pem, host="127.0.0.1", port=0
+    )
+    async with conec_trio.open_coordinator(config) as coord:
+        with trio.fail_after(DEADLINE), pytest.raises(conec_trio.CertificateError) as info:
+            async with conec_trio.open_client(client_config(coord, "alice", ca=cert_pem)):
+                pass  # pragma: no cover
+    assert "names cannot be checked against '127.0.0.1'" in str(info.value)
 
 
 # --- the client's identity, made during the handshake -----------------------------------------

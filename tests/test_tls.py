@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import datetime
 import re
+from collections.abc import Sequence
 
 import pytest
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID, ObjectIdentifier
 
 from conec_trio import _tls, certs
 from conec_trio._exceptions import CertificateError, ConecError
+from conec_trio._wire import control
 
 UTC = datetime.UTC
+Extensions = Sequence[tuple[x509.ExtensionType, bool]]  # (extension, critical)
 
 
 # --- building unusual certificates directly -------------------------------------------------
@@ -24,15 +27,25 @@ UTC = datetime.UTC
 class _Issuer:
     """A CA (or something posing as one) that signs arbitrary test certificates."""
 
-    def __init__(self, cn: str, *, ca: bool = True, issuer: _Issuer | None = None) -> None:
+    def __init__(
+        self,
+        cn: str,
+        *,
+        ca: bool = True,
+        issuer: _Issuer | None = None,
+        path_length: int | None = None,
+        extra: Extensions = (),
+    ) -> None:
         self.key = ec.generate_private_key(ec.SECP256R1())
         self.cert = _build(
             cn,
             self.key,
             signer=issuer,
             ca=ca,
+            path_length=path_length,
             not_before=datetime.datetime.now(UTC) - datetime.timedelta(days=1),
             not_after=datetime.datetime.now(UTC) + datetime.timedelta(days=30),
+            extra=extra,
         )
 
     @property
@@ -48,7 +61,9 @@ def _build(
     not_before: datetime.datetime,
     not_after: datetime.datetime,
     ca: bool = False,
+    path_length: int | None = None,
     san: list[str] | None = None,
+    extra: Extensions = (),
 ) -> x509.Certificate:
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     builder = (
@@ -59,12 +74,14 @@ def _build(
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
     )
     if san is not None:
         builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.DNSName(n) for n in san]), critical=False
         )
+    for extension, critical in extra:
+        builder = builder.add_extension(extension, critical=critical)
     return builder.sign(key if signer is None else signer.key, hashes.SHA256())
 
 
@@ -75,6 +92,8 @@ def _leaf(
     not_before: datetime.datetime | None = None,
     not_after: datetime.datetime | None = None,
     san: list[str] | None = None,
+    ca: bool = False,
+    extra: Extensions = (),
 ) -> x509.Certificate:
     now = datetime.datetime.now(UTC)
     return _build(
@@ -84,6 +103,8 @@ def _leaf(
         not_before=not_before or now - datetime.timedelta(hours=1),
         not_after=not_after or now + datetime.timedelta(days=1),
         san=[name] if san is None else san,
+        ca=ca,
+        extra=extra,
     )
 
 
@@ -349,10 +370,132 @@ def test_expired_client_ca_refused() -> None:
         _tls.verify_client_cert(_leaf(root), [], "alice", root.pem)
 
 
+# --- full path validation (RFC 5280) ----------------------------------------------------------
+
+
+def _eku(*usages: ObjectIdentifier, critical: bool = False) -> tuple[x509.ExtensionType, bool]:
+    return x509.ExtendedKeyUsage(list(usages)), critical
+
+
+def _key_usage(*, cert_sign: bool) -> tuple[x509.ExtensionType, bool]:
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    return usage, True
+
+
+def test_row09_chain_breaking_path_len_0_refused() -> None:
+    root = _Issuer("Root CA")
+    mid = _Issuer("Mid CA", issuer=root, path_length=0)  # may sign leaves, not CAs
+    below = _Issuer("Below Mid", issuer=mid)
+    _tls.verify_client_cert(_leaf(mid), [mid.cert], "alice", root.pem)  # within the limit
+    with pytest.raises(CertificateError, match="path validation: path length constraint"):
+        _tls.verify_client_cert(_leaf(below), [mid.cert, below.cert], "alice", root.pem)
+
+
+def test_row09_leaf_with_ca_true_refused() -> None:
+    root = _Issuer("Root CA")
+    with pytest.raises(CertificateError, match=r"basicConstraints.cA must not be asserted"):
+        _tls.verify_client_cert(_leaf(root, ca=True), [], "alice", root.pem)
+
+
+@pytest.mark.parametrize(
+    ("usages", "named"),
+    [
+        ([ExtendedKeyUsageOID.SERVER_AUTH], "serverAuth"),
+        ([ExtendedKeyUsageOID.CODE_SIGNING], "codeSigning"),
+        ([ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE], "anyExtendedKeyUsage"),
+        ([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.EMAIL_PROTECTION], "serverAuth, e"),
+    ],
+)
+def test_row09_leaf_without_client_auth_among_its_ekus_refused(
+    usages: list[ObjectIdentifier], named: str
+) -> None:
+    root = _Issuer("Root CA")
+    leaf = _leaf(root, extra=[_eku(*usages)])
+    with pytest.raises(
+        CertificateError, match=f"extendedKeyUsage lists {named}.*not clientAuth.*CN=alice"
+    ):
+        _tls.verify_client_cert(leaf, [], "alice", root.pem)
+
+
+@pytest.mark.parametrize("critical", [False, True])
+def test_leaf_with_client_auth_eku_accepted(critical: bool) -> None:
+    root = _Issuer("Root CA")
+    usages = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
+    leaf = _leaf(root, extra=[_eku(*usages, critical=critical)])
+    _tls.verify_client_cert(leaf, [], "alice", root.pem)
+
+
+def test_row09_ca_name_constraints_enforced() -> None:
+    root = _Issuer("Root CA")
+    team = x509.NameConstraints(
+        permitted_subtrees=[x509.DNSName("team.example")], excluded_subtrees=None
+    )
+    mid = _Issuer("Team CA", issuer=root, extra=[(team, True)])
+    _tls.verify_client_cert(
+        _leaf(mid, "alice.team.example"), [mid.cert], "alice.team.example", root.pem
+    )
+    with pytest.raises(CertificateError, match=r"path validation: .*name constraints"):
+        _tls.verify_client_cert(_leaf(mid), [mid.cert], "alice", root.pem)
+
+
+def test_row09_unknown_critical_extension_refused() -> None:
+    root = _Issuer("Root CA")
+    unknown = x509.UnrecognizedExtension(ObjectIdentifier("1.3.6.1.4.1.55555.1"), b"\x05\x00")
+    with pytest.raises(CertificateError, match=r"1\.3\.6\.1\.4\.1\.55555\.1: .*critical extension"):
+        _tls.verify_client_cert(_leaf(root, extra=[(unknown, True)]), [], "alice", root.pem)
+    _tls.verify_client_cert(_leaf(root, extra=[(unknown, False)]), [], "alice", root.pem)
+
+
+def test_ca_whose_key_usage_forbids_signing_certificates_refused() -> None:
+    root = _Issuer("Root CA", extra=[_key_usage(cert_sign=False)])
+    with pytest.raises(CertificateError, match="keyUsage lacks keyCertSign"):
+        _tls.verify_client_cert(_leaf(root), [], "alice", root.pem)
+    signing = _Issuer("Signing CA", extra=[_key_usage(cert_sign=True)])
+    _tls.verify_client_cert(_leaf(signing), [], "alice", signing.pem)
+
+
+def test_client_certificate_with_unparseable_extensions_is_a_certificate_error() -> None:
+    root = _Issuer("Root CA")
+    garbage = x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03ab")
+    now = datetime.datetime.now(UTC)
+    cert = _build(
+        "alice",
+        ec.generate_private_key(ec.SECP256R1()),
+        signer=root,
+        not_before=now - datetime.timedelta(hours=1),
+        not_after=now + datetime.timedelta(hours=1),
+        extra=[(garbage, False)],
+    )
+    cert = _tls.load_cert(_tls.cert_der(cert))  # extensions are parsed on first use
+    for client_ca in (None, root.pem):
+        with pytest.raises(CertificateError, match="extensions could not be parsed"):
+            _tls.verify_client_cert(cert, [], "alice", client_ca)
+
+
 def test_unparseable_client_ca_is_a_certificate_error() -> None:
     cert_pem, _ = certs.self_signed_cert(["alice"])
     with pytest.raises(CertificateError, match="could not parse PEM certificates"):
         _tls.verify_client_cert(_tls.load_cert(cert_pem), [], "alice", b"not a pem")
+
+
+def test_row01_client_certificate_over_16_kib_is_refused() -> None:
+    # The coordinator hands a client's certificate to peers in channel offers.
+    names = ["alice"] + [f"n{i}.{'x' * 50}.example" for i in range(300)]
+    cert = _leaf(None, "alice", san=names)
+    assert len(_tls.cert_der(cert)) > _tls.MAX_CLIENT_CERT_SIZE
+    with pytest.raises(CertificateError, match=r"client certificate is \d+ bytes; at most 16384"):
+        _tls.verify_client_cert(cert, [], "alice", None)
+    assert _tls.MAX_CLIENT_CERT_SIZE <= control.MAX_CERT_SIZE  # what a ChannelOffer may carry
 
 
 # --- pinning ---------------------------------------------------------------------------------

@@ -67,14 +67,19 @@ class _ClientTlsContext(tls.Context):
         self._check_certificate_verify_signature(verify)
         if self._verify_mode != ssl.CERT_NONE:
             assert self._peer_certificate is not None
-            _tls.verify_server_certificate(
-                self._peer_certificate,
-                self._peer_certificate_chain,
-                self._server_name,
-                self._cadata,
-                self._cafile,
-                self._capath,
-            )
+            try:
+                _tls.verify_server_certificate(
+                    self._peer_certificate,
+                    self._peer_certificate_chain,
+                    self._server_name,
+                    self._cadata,
+                    self._cafile,
+                    self._capath,
+                )
+            except _tls.ServerCertificateError as exc:
+                expired = exc.kind == "expired"
+                alert = tls.AlertCertificateExpired if expired else tls.AlertBadCertificate
+                raise alert(str(exc)) from exc
         assert self.key_schedule is not None
         self.key_schedule.update_hash(input_buf.data)
         self._set_state(tls.State.CLIENT_EXPECT_FINISHED)

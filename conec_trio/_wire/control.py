@@ -3,8 +3,10 @@
 Each message is a frozen dataclass registered under a type code; its fields are encoded in
 declaration order. :func:`decode` checks every field against its annotation and raises
 ProtocolError for anything malformed. A later protocol version may only add fields at the
-end, which older decoders ignore. The protocol uses no CBOR tags or indefinite lengths, so
-decoding refuses them anywhere, even in ignored trailing fields.
+end, which older decoders ignore. Decoding goes through the project's strict CBOR decoder
+(:mod:`._wire.cbor`) with tight limits: a control message is at most
+:data:`MAX_CONTROL_MESSAGE_SIZE` bytes, uses no CBOR tags or indefinite lengths (refused
+anywhere, even in ignored trailing fields) and no map keys other than strings.
 
 The first field of :class:`Hello` (type code 1) is ``version``, and must stay so forever:
 :func:`decode_hello_version` reads just ``[1, version, ...`` so that a Hello of any version
@@ -14,9 +16,8 @@ can be answered with a clear "version mismatch".
 from __future__ import annotations
 
 import dataclasses
-import io
+import ipaddress
 import types
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import (
@@ -34,15 +35,35 @@ from typing import (
 
 import cbor2
 
-from .._exceptions import ProtocolError
+from .._exceptions import BadCborError, ProtocolError
+from . import cbor
 
 PROTOCOL_VERSION = 1
 ALPN = "conec-trio"
 
 MAX_INT = 2**62 - 1  # ids, counts and versions fit a QUIC varint
 MAX_PORT = 65535
-MAX_NAME_LEN = 1024  # characters in ids, names, reasons and hosts
+MAX_NAME_LEN = 1024  # characters in ids, names and reasons
+# Characters of an IP literal in an address: 45 for the longest IPv6 form, and room for a
+# scope (an interface name or number).
+MAX_HOST_LEN = 64
 MAX_MESSAGE_LEN = 4096  # characters in human-readable explanations
+# Addresses a client may give as its own view of where it can be reached. Offers and grants
+# carry them plus the address the coordinator observed.
+MAX_LOCAL_ADDRS = 16
+MAX_CANDIDATES = MAX_LOCAL_ADDRS + 1
+# Bytes of one encoded control message. The largest legitimate one, a ChannelOffer, carries
+# a client certificate (at most MAX_CERT_SIZE) and MAX_CANDIDATES addresses.
+MAX_CERT_SIZE = 16 * 1024
+MAX_CONTROL_MESSAGE_SIZE = 64 * 1024
+
+_LIMITS = cbor.CborLimits(
+    max_size=MAX_CONTROL_MESSAGE_SIZE,
+    max_depth=8,  # the deepest legitimate value is [code, [[host, port]]]
+    max_length=1024,  # longer than any list a field allows: those get the field's own message
+    max_items=4096,
+    text_keys_only=True,
+)
 
 
 @dataclass(frozen=True)
@@ -50,11 +71,26 @@ class _MaxLen:
     chars: int
 
 
+@dataclass(frozen=True)
+class _MaxItems:
+    items: int
+
+
 Addr: TypeAlias = tuple[str, int]
-"""A ``(host, port)`` pair, encoded as a 2-element array."""
+"""A ``(ip, port)`` pair, encoded as a 2-element array: an IP literal (in its canonical
+form once decoded) and a port in 1..65535."""
 
 Text: TypeAlias = Annotated[str, _MaxLen(MAX_MESSAGE_LEN)]
 """A human-readable explanation; may be longer than a name."""
+
+LocalAddrs: TypeAlias = Annotated[list[Addr], _MaxItems(MAX_LOCAL_ADDRS)]
+"""A client's own addresses; duplicates are dropped when decoded."""
+
+Candidates: TypeAlias = Annotated[list[Addr], _MaxItems(MAX_CANDIDATES)]
+"""Where a peer may be reached; duplicates are dropped when decoded."""
+
+CertDer: TypeAlias = Annotated[bytes, _MaxLen(MAX_CERT_SIZE)]
+"""A DER certificate."""
 
 
 class Message:
@@ -100,6 +136,16 @@ def _check_bytes(value: object, where: str) -> bytes:
     return value
 
 
+def _bytes_check(max_len: int) -> Callable[[object, str], bytes]:
+    def check(value: object, where: str) -> bytes:
+        value = _check_bytes(value, where)
+        if len(value) > max_len:
+            raise ProtocolError(f"{where} has {len(value)} bytes; the maximum is {max_len}")
+        return value
+
+    return check
+
+
 def _text_check(max_len: int) -> Callable[[object, str], str]:
     def check(value: object, where: str) -> str:
         if not isinstance(value, str):
@@ -112,20 +158,33 @@ def _text_check(max_len: int) -> Callable[[object, str], str]:
 
 
 _check_name = _text_check(MAX_NAME_LEN)
+_check_host = _text_check(MAX_HOST_LEN)
 
 
 def _check_addr(value: object, where: str) -> Addr:
     if not isinstance(value, list | tuple) or len(value) != 2:
         _wrong_type(where, "a [host, port] array", value)
     host, port = value
-    return _check_name(host, f"{where}.host"), _check_int(port, f"{where}.port", MAX_PORT)
+    host = _check_host(host, f"{where}.host")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ProtocolError(f"{where}.host must be an IP address, not {host[:100]!r}") from None
+    port = _check_int(port, f"{where}.port", MAX_PORT)
+    if port == 0:  # nobody can be reached at port 0
+        raise ProtocolError(f"{where}.port must be in 1..{MAX_PORT}, not 0")
+    return str(ip), port
 
 
-def _list_check(item: _Check) -> _Check:
+def _list_check(item: _Check, max_items: int | None = None, unique: bool = False) -> _Check:
     def check(value: object, where: str) -> list[object]:
         if not isinstance(value, list | tuple):
             _wrong_type(where, "an array", value)
-        return [item(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if max_items is not None and len(value) > max_items:
+            raise ProtocolError(f"{where} has {len(value)} items; the maximum is {max_items}")
+        items = [item(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        # dict keeps the first of equal items, in order, in linear time
+        return list(dict.fromkeys(items)) if unique else items
 
     return check
 
@@ -152,6 +211,12 @@ def _check_for(hint: object) -> _Check:
         return _check_addr
     if origin is Annotated and args[0] is str and isinstance(args[1], _MaxLen):
         return _text_check(args[1].chars)
+    if origin is Annotated and args[0] is bytes and isinstance(args[1], _MaxLen):
+        return _bytes_check(args[1].chars)
+    if origin is Annotated and get_origin(args[0]) is list and isinstance(args[1], _MaxItems):
+        item_hint = get_args(args[0])[0]
+        # A list of addresses is a set of places to try: a repeat is only wasted work.
+        return _list_check(_check_for(item_hint), args[1].items, unique=item_hint == Addr)
     if origin is list:
         return _list_check(_check_for(args[0]))
     if origin in (Union, types.UnionType) and len(args) == 2 and type(None) in args:
@@ -195,7 +260,7 @@ class Hello(Message):
     version: int
     client_id: str
     listen: bool
-    local_addrs: list[Addr]
+    local_addrs: LocalAddrs
 
 
 @_message(2)
@@ -321,8 +386,8 @@ class ChannelGrant(Message):
 
     rid: int
     peer: str
-    cert_der: bytes
-    addrs: list[Addr]
+    cert_der: CertDer
+    addrs: Candidates
 
 
 @_message(42)
@@ -332,8 +397,8 @@ class ChannelOffer(Message):
 
     oid: int
     peer: str
-    cert_der: bytes
-    addrs: list[Addr]
+    cert_der: CertDer
+    addrs: Candidates
 
 
 @_message(43)
@@ -358,38 +423,28 @@ def encode(msg: Message) -> bytes:
     name = cls.__name__
     try:
         values = [check(getattr(msg, field), f"{name}.{field}") for field, check in fields]
-        return cbor2.dumps([cls.TYPE_CODE, *values])
+        data = cbor2.dumps([cls.TYPE_CODE, *values])
     except Exception as exc:  # a ProtocolError from a check, or a str cbor2 cannot encode
         raise ValueError(f"cannot encode {name}: {exc}") from exc
-
-
-def _reject_tag(value: object, immutable: bool) -> NoReturn:
-    raise ValueError("CBOR tags are not used by this protocol")
+    if len(data) > MAX_CONTROL_MESSAGE_SIZE:
+        raise ValueError(
+            f"cannot encode {name}: {len(data)} bytes is over the maximum of "
+            f"{MAX_CONTROL_MESSAGE_SIZE} for a control message"
+        )
+    return data
 
 
 def _loads(data: bytes | bytearray | memoryview) -> object:
     """Decode exactly one CBOR item, turning every failure into ProtocolError."""
-    try:
-        stream = io.BytesIO(data)
-        decoder = cbor2.CBORDecoder(
-            stream,
-            # Every tag, known or not, is routed to _reject_tag: no datetimes, regexes,
-            # shared references or bignums get built from untrusted input.
-            semantic_decoders=defaultdict(lambda: _reject_tag),
-            tag_hook=_reject_tag,
-            max_depth=8,  # the deepest legitimate value is [code, [[host, port]]]
-            allow_indefinite=False,
-            strict_hashable_types=True,  # no hash-collision floods via map keys
+    if len(data) > MAX_CONTROL_MESSAGE_SIZE:
+        raise ProtocolError(
+            f"control message of {len(data)} bytes is over the maximum of "
+            f"{MAX_CONTROL_MESSAGE_SIZE} bytes"
         )
-        value = decoder.decode()
-        trailing = len(stream.getbuffer()) - stream.tell()
-    except Exception as exc:  # cbor2 raises many types on hostile input; all mean "malformed"
-        # cbor2 often wraps the telling detail ("tags are not used") as the cause.
-        detail = f"{exc} ({exc.__cause__})" if exc.__cause__ else str(exc)
-        raise ProtocolError(f"malformed CBOR in control message: {detail}") from exc
-    if trailing:
-        raise ProtocolError(f"control message has {trailing} bytes after its CBOR value")
-    return value
+    try:
+        return cbor.loads(data, _LIMITS)
+    except BadCborError as exc:
+        raise BadCborError(f"malformed CBOR in control message: {exc}") from exc
 
 
 def decode(data: bytes | bytearray | memoryview) -> Message:

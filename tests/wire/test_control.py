@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conec_trio._exceptions import ProtocolError
+from conec_trio._wire import control
 from conec_trio._wire.codes import Reason
 from conec_trio._wire.control import (
     ALPN,
@@ -41,9 +42,10 @@ from conec_trio._wire.control import (
 )
 
 CERT = b"0\x82\x01\x00fake-der"
+IP = "192.0.2.1"
 
 SAMPLES: list[Message] = [
-    Hello(PROTOCOL_VERSION, "alice", True, [("192.0.2.1", 4433), ("::1", 0)]),
+    Hello(PROTOCOL_VERSION, "alice", True, [("192.0.2.1", 4433), ("::1", 1)]),
     Hello(PROTOCOL_VERSION, "bob", False, []),
     Welcome(PROTOCOL_VERSION, ("198.51.100.7", 65535)),
     OpenProxied(7, "bob"),
@@ -148,20 +150,22 @@ def test_round_trip(msg: Message) -> None:
 
 
 def test_encoding_layout() -> None:
-    assert cbor2.loads(encode(Welcome(1, ("h", 80)))) == [2, 1, ["h", 80]]
+    assert cbor2.loads(encode(Welcome(1, ("192.0.2.1", 80)))) == [2, 1, ["192.0.2.1", 80]]
     assert cbor2.loads(encode(OpenProxied(5, None))) == [10, 5, None]
     assert encode(StreamAccepted()) == b"\x81\x0b"
 
 
 names = st.text(max_size=30)
 counts = st.integers(0, 2**62 - 1)
-addrs = st.lists(st.tuples(names, st.integers(0, 65535)), max_size=4)
+# Addresses in the form decoding gives them: canonical IP literals, no repeats.
+addr = st.tuples(st.ip_addresses().map(str), st.integers(1, 65535))
+addrs = st.lists(addr, max_size=4, unique=True)
 FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "version": counts,
     "client_id": names,
     "listen": st.booleans(),
     "local_addrs": addrs,
-    "observed_addr": st.tuples(names, st.integers(0, 65535)),
+    "observed_addr": addr,
     "reason": names,
     "message": st.text(max_size=200),
     "sid": counts,
@@ -205,11 +209,18 @@ def test_round_trip_any_values(msg: Message) -> None:
         ((1, 2**64 - 1, "a", True, []), r"Hello.version must be in 0\.\.\d+"),
         ((1, 1, "a", 1, []), r"Hello.listen must be bool, not int"),
         ((1, 1, "a", True, {}), r"Hello.local_addrs must be an array, not dict"),
-        ((1, 1, "a", True, [["h", 1, 2]]), r"Hello.local_addrs\[0\] must be a \[host, port\]"),
-        ((1, 1, "a", True, [["h", 1], "h"]), r"Hello.local_addrs\[1\] must be a \[host, port\]"),
+        ((1, 1, "a", True, [[IP, 1, 2]]), r"Hello.local_addrs\[0\] must be a \[host, port\]"),
+        ((1, 1, "a", True, [[IP, 1], IP]), r"Hello.local_addrs\[1\] must be a \[host, port\]"),
         ((1, 1, "a", True, [[1, 1]]), r"Hello.local_addrs\[0\].host must be str, not int"),
-        ((1, 1, "a", True, [["h", 65536]]), r"Hello.local_addrs\[0\].port must be in 0\.\.65535"),
-        ((1, 1, "a", True, [["h", False]]), r"Hello.local_addrs\[0\].port must be int, not bool"),
+        ((1, 1, "a", True, [["h", 1]]), r"Hello.local_addrs\[0\].host must be an IP address"),
+        ((1, 1, "a", True, [["1.2.3", 1]]), r"Hello.local_addrs\[0\].host must be an IP address"),
+        ((1, 1, "a", True, [["::1%" + "x" * 61, 1]]), r"local_addrs\[0\].host has 65 characters"),
+        ((1, 1, "a", True, [[IP, 65536]]), r"Hello.local_addrs\[0\].port must be in 0\.\.65535"),
+        ((1, 1, "a", True, [[IP, 0]]), r"Hello.local_addrs\[0\].port must be in 1\.\.65535"),
+        ((1, 1, "a", True, [[IP, False]]), r"Hello.local_addrs\[0\].port must be int, not bool"),
+        ((1, 1, "a", True, [[IP, p] for p in range(1, 18)]), r"local_addrs has 17 items; the max"),
+        ((42, 1, "p", b"c", [[IP, p] for p in range(1, 19)]), r"ChannelOffer.addrs has 18 items"),
+        ((42, 1, "p", b"c" * (16 * 1024 + 1), []), r"ChannelOffer.cert_der has 16385 bytes"),
         ((2, 1, "h:1"), r"Welcome.observed_addr must be a \[host, port\] array, not str"),
         ((10, 1, 2), r"OpenProxied.peer must be str, not int"),
         ((41, 1, "p", "cert", []), r"ChannelGrant.cert_der must be bytes, not str"),
@@ -232,6 +243,37 @@ def test_string_lengths() -> None:
         decode(raw(12, "limit", text + "m"))
     with pytest.raises(ProtocolError, match=r"StreamRefused.reason has 1025 characters"):
         decode(raw(12, "r" * (MAX_NAME_LEN + 1), ""))
+
+
+def test_row01_local_addrs_are_bounded_and_repeats_dropped_in_order() -> None:
+    addrs = [("::1", 5), ("0::0001", 5), (IP, 7), ("::1", 6), ("::1", 5)]
+    assert decode(raw(1, 1, "a", True, addrs)).local_addrs == [("::1", 5), (IP, 7), ("::1", 6)]
+    most = [(IP, port) for port in range(1, control.MAX_LOCAL_ADDRS + 1)]
+    assert decode(raw(1, 1, "a", True, most)).local_addrs == most
+    with pytest.raises(ProtocolError, match=r"Hello.local_addrs has 17 items; the maximum is 16"):
+        decode(raw(1, 1, "a", True, [*most, ("::1", 1)]))
+
+
+def test_row01_hello_over_the_size_limit_is_refused_before_decoding() -> None:
+    # Half a MiB of addresses: refused on its size, before a single address is built.
+    addrs = [[f"10.0.{i >> 8 & 255}.{i & 255}", 1 + i] for i in range(40_000)]
+    data = raw(1, PROTOCOL_VERSION, "mallory", True, addrs)
+    assert len(data) > 512 * 1024
+    assert decode_hello_version(data) == PROTOCOL_VERSION
+    with pytest.raises(ProtocolError, match=r"control message of \d+ bytes is over the maximum"):
+        decode(data)
+
+
+def test_largest_channel_offer_fits_well_under_the_control_limit() -> None:
+    longest_host = "fe80::1%" + "x" * (control.MAX_HOST_LEN - 8)
+    offer = ChannelOffer(
+        2**62 - 1,
+        "\U0010ffff" * MAX_NAME_LEN,  # four bytes a character in UTF-8
+        b"\xff" * control.MAX_CERT_SIZE,
+        [(longest_host, port) for port in range(65535 - control.MAX_CANDIDATES, 65535)],
+    )
+    assert len(encode(offer)) < control.MAX_CONTROL_MESSAGE_SIZE // 2
+    assert decode(encode(offer)) == offer
 
 
 def test_missing_fields() -> None:
