@@ -24,7 +24,7 @@ from .. import (
     open_nonblocking,
 )
 from ..certs import self_signed_cert
-from ..forward.console import error, format_address, say, setup_logging
+from ..forward.console import error, format_address, setup_logging, show
 from .common import LOOPBACK_NAMES
 
 __all__ = ["DemoError", "add_demo_command", "run_demo"]
@@ -100,7 +100,7 @@ def _check(condition: bool, message: str) -> None:
 
 
 def _line(label: str, text: str) -> None:
-    say(f"  {label:<15} {text}")
+    show(f"  {label:<15} {text}")
 
 
 class _Tap(trio.abc.ReceiveChannel[bytes]):
@@ -147,7 +147,7 @@ async def _demo_steps(quick: bool, progress: _Progress) -> None:
     budget = 0.5 if quick else 2.0
     started = trio.current_time()
 
-    say("conec-trio demo: a coordinator and three clients on 127.0.0.1 (throwaway certificate)")
+    show("conec-trio demo: a coordinator and three clients on 127.0.0.1 (throwaway certificate)")
     cert, key = self_signed_cert(list(LOOPBACK_NAMES))
     progress.step = "starting the coordinator"
     coord_config = CoordConfig(cert_chain=cert, private_key=key, host="127.0.0.1", port=0)
@@ -190,7 +190,7 @@ async def _demo_steps(quick: bool, progress: _Progress) -> None:
             with _step(progress, "broadcast", 5):
                 await _broadcast({"alice": alice, "bob": bob, "carol": carol}, coord)
             progress.step = "shutting down"
-    say(f"demo finished in {trio.current_time() - started:.1f} s")
+    show(f"demo finished in {trio.current_time() - started:.1f} s")
 
 
 async def _accept(client: Client, expected_peer: str) -> tuple[Any, Any]:
