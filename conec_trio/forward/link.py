@@ -8,7 +8,6 @@ not need the coordinator) while the next session takes new ones.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import random
@@ -17,7 +16,15 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .. import Client, ClientConfig, ConecError, IdInUseError, IncomingStream, open_client
+from .. import (
+    Client,
+    ClientConfig,
+    ConecError,
+    ConnectError,
+    IdInUseError,
+    IncomingStream,
+    open_client,
+)
 from .console import format_address, say
 
 __all__ = ["COORD_CONNECT_TIMEOUT", "Backoff", "CoordinatorLink", "Session"]
@@ -169,8 +176,7 @@ class CoordinatorLink:
             finally:
                 probe.cancel()
         if refused:
-            raise ConnectionRefusedError(
-                errno.ECONNREFUSED,
+            raise ConnectError(
                 f"nothing listens on UDP {refused[0]} (ICMP port unreachable): is the port "
                 "right, and is the coordinator running?",
             )
