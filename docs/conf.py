@@ -2,7 +2,7 @@
 
 project = "conec-trio"
 author = "the conec-trio authors"
-copyright = "the conec-trio authors"  # noqa: A001 (Sphinx's name)
+copyright = "the conec-trio authors"
 
 extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.intersphinx"]
 source_suffix = {".md": "markdown"}
