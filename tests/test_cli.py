@@ -124,6 +124,10 @@ async def test_demo_quick_reports_every_step_and_exits_0(tmp_path: Path) -> None
         "demo finished in",
     ]:
         assert expected in out, f"{expected!r} missing from the demo's report:\n{out}"
+    # At the end, the path each pair of peers used: the direct one with its address.
+    paths = out[out.index("\npaths:\n") :]
+    assert re.search(r"alice -> carol\s+direct, to 127\.0\.0\.1:\d+$", paths, re.M), paths
+    assert re.search(r"alice -> bob\s+relayed by the coordinator", paths), paths
     # A throwaway certificate: the demo leaves nothing behind.
     assert list(await trio.Path(tmp_path).iterdir()) == []
 
