@@ -335,13 +335,11 @@ async def _direct(alice: Client, carol: Client, max_bytes: int, budget: float) -
     t0 = trio.current_time()
     watcher = _DirectAddresses()
     direct_log = logging.getLogger("conec_trio.direct")
-    level = direct_log.level
+    level, propagate = direct_log.level, direct_log.propagate
     direct_log.addHandler(watcher)
-    if not direct_log.isEnabledFor(logging.INFO):
+    if not direct_log.isEnabledFor(logging.INFO):  # raised for the watcher only
         direct_log.setLevel(logging.INFO)
-        direct_log.propagate, propagate = False, direct_log.propagate
-    else:
-        propagate = direct_log.propagate
+        direct_log.propagate = False
     try:
         await alice.new_channel(carol.id)
     finally:
