@@ -53,3 +53,10 @@ def soak(session: nox.Session) -> None:
     """Run the long-running soak test (``nox -s soak -- --help`` for its options)."""
     session.install(".[test]")
     session.run("python", "-m", "benchmarks.soak", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation into docs/_build/html; any warning fails the build."""
+    session.install(".", "sphinx>=7", "myst-parser>=2")
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")

@@ -41,10 +41,12 @@ CHUNK = 64 * 1024
 STARTUP_TIMEOUT = 60.0  # a program starting, importing, connecting
 CLI = [sys.executable, "-m", "conec_trio"]
 
-_READY = re.compile(r"^ready on \S+:(\d+)$", re.M)
-_CA = re.compile(r"^clients pass --ca (.+)$", re.M)
-_FORWARDING = re.compile(r"^forwarding 127\.0\.0\.1:(\d+) -> ", re.M)
-_CONNECTED = re.compile(r"^connected to the coordinator at ", re.M)
+# Every status line starts with a timestamp, "2025-01-31 12:00:00.123 ".
+_STAMP = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} "
+_READY = re.compile(_STAMP + r"ready on \S+:(\d+)$", re.M)
+_CA = re.compile(_STAMP + r"clients pass --ca (.+)$", re.M)
+_FORWARDING = re.compile(_STAMP + r"listening on 127\.0\.0\.1:(\d+) for ", re.M)
+_CONNECTED = re.compile(_STAMP + r"connected to the coordinator at ", re.M)
 
 
 def loopback_tcp(nbytes: int) -> float:

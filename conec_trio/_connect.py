@@ -60,7 +60,8 @@ def close_error(conn: QuicConn, host: str, port: int) -> ConecError:
     if 0x100 <= code < 0x200:  # a TLS alert, from either side
         return CertificateError(
             f"TLS handshake with the coordinator at {host}:{port} failed: {reason or 'alert'} "
-            f"(check the coordinator's certificate, the 'ca' setting and 'coord_host')"
+            f"(check the coordinator's certificate, the 'ca' setting (--ca) and 'coord_host' "
+            "(--coord))"
         )
     if reason == "Idle timeout":
         return ConnectError(f"no answer from the coordinator at {host}:{port}")

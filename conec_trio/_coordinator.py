@@ -114,8 +114,14 @@ class ClientSession:
     def _terminated(self, conn: QuicConn, error_code: int, reason: str) -> None:
         self.coord._client_gone(self, reason)
 
-    def refuse(self, code: CloseCode, message: str) -> None:
-        log.info("refusing client %r: %s", self.id, message)
+    def refuse(self, code: CloseCode, message: str, claimed: str | None = None) -> None:
+        """Close the connection saying why; the log names the client by its id (``claimed``
+        when the id is not, or no longer, this session's) and always by its address."""
+        name = claimed if claimed is not None else self.id
+        host, port = self.observed_addr
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        who = where if name is None else f"{_shown(name)} ({where})"
+        log.info("refusing client %s: %s", who, message)
         self.coord._refusals[code] += 1
         self.conn.close(int(code), message)
 
@@ -347,13 +353,16 @@ class Coordinator:
             return False
         if client_id in self._clients:
             session.id = None  # must not unregister the client that holds the name
-            session.refuse(CloseCode.ID_TAKEN, f"client id {client_id!r} is already connected")
+            session.refuse(
+                CloseCode.ID_TAKEN, f"client id {client_id!r} is already connected", client_id
+            )
             return False
         if len(self._clients) >= self.config.max_clients:
             session.id = None
             session.refuse(
                 CloseCode.LIMIT,
                 f"the coordinator holds its maximum of {self.config.max_clients} clients",
+                client_id,
             )
             return False
         if not session.conn.is_open:

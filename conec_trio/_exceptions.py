@@ -11,6 +11,21 @@ class ConecError(Exception):
     """Base class of every error conec_trio raises on purpose."""
 
 
+class ConfigError(ConecError):
+    """A setting of a :class:`~conec_trio.ClientConfig` or :class:`~conec_trio.CoordConfig` is
+    wrong: a file that cannot be read, a certificate or key that does not parse, or a private
+    key that does not match its certificate. Raised when the config is built.
+
+    ``setting`` is the field's name (``"ca"``, ``"private_key"``, ...) and ``problem`` what is
+    wrong with it; the message is both.
+    """
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
 class ConnectError(ConecError):
     """The coordinator (or a peer) could not be reached or the handshake did not finish."""
 

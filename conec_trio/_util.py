@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,3 +47,17 @@ def system_ca_location() -> tuple[str | None, str | None]:
     """(cafile, capath) of the system trust store, as OpenSSL was built to find it."""
     paths = ssl.get_default_verify_paths()
     return paths.cafile, paths.capath
+
+
+# aioquic logs every failure it sees ("Error: 298, reason: ...") on its own logger, at
+# WARNING, beside the error our own code raises or logs about the same failure.
+AIOQUIC_LOGGERS = ("quic", "http3")
+
+
+def quiet_aioquic_logs() -> None:
+    """Silence aioquic's own WARNING lines (its loggers pass ERROR only), unless the user set
+    those loggers' level already: then theirs stands."""
+    for name in AIOQUIC_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.ERROR)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 __all__ = [
     "CA_CERT_FILE",
     "CA_KEY_FILE",
+    "default_ca_name",
     "issue_cert",
     "load_ca",
     "make_ca",
@@ -58,12 +60,18 @@ _CLOCK_SKEW = datetime.timedelta(hours=1)
 _MAX_CN_LENGTH = 64
 
 
-def make_ca(common_name: str = "conec-trio CA", *, days: int = 3650) -> tuple[bytes, bytes]:
+def default_ca_name() -> str:
+    """A CA name no other CA has: ``conec-trio CA`` and a random tag, so that an error about
+    a certificate's issuer names the one CA meant, not any of many of the same name."""
+    return f"conec-trio CA {secrets.token_hex(4)}"
+
+
+def make_ca(common_name: str | None = None, *, days: int = 3650) -> tuple[bytes, bytes]:
     """Make a self-signed certificate authority.
 
     Args:
       common_name: The CA's subject common name, shown in error messages about certificates
-        it did (or did not) sign.
+        it did (or did not) sign; by default :func:`default_ca_name`, unique to this CA.
       days: How many days the CA stays valid.
 
     Returns:
@@ -74,6 +82,8 @@ def make_ca(common_name: str = "conec-trio CA", *, days: int = 3650) -> tuple[by
       ValueError: ``days`` is not positive or ``common_name`` is empty or too long.
     """
     _check_days(days)
+    if common_name is None:
+        common_name = default_ca_name()
     if not common_name or len(common_name) > _MAX_CN_LENGTH:
         raise ValueError(
             f"CA common name must be 1 to {_MAX_CN_LENGTH} characters, got {common_name!r}"
@@ -225,7 +235,7 @@ def save_pair(
 
 def write_ca(
     directory: str | os.PathLike[str],
-    common_name: str = "conec-trio CA",
+    common_name: str | None = None,
     *,
     days: int = 3650,
 ) -> tuple[Path, Path]:

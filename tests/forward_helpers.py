@@ -45,14 +45,17 @@ def limited_cli(memory_limit: int) -> list[str]:
     return [sys.executable, "-c", _LIMITED, str(memory_limit)]
 
 
+# Every status line starts with a timestamp, "2025-01-31 12:00:00.123 ".
+STAMP = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} "
 HERE = Path(__file__).resolve()
-READY = re.compile(r"^ready on (?P<host>\S+):(?P<port>\d+)$", re.M)
-CA_LINE = re.compile(r"^clients pass --ca (?P<path>.+)$", re.M)
+READY = re.compile(STAMP + r"ready on (?P<host>\S+):(?P<port>\d+)$", re.M)
+CA_LINE = re.compile(STAMP + r"clients pass --ca (?P<path>.+)$", re.M)
 FORWARDING = re.compile(
-    r"^forwarding 127\.0\.0\.1:(?P<port>\d+) -> (?P<peer>\S+) -> (?P<target>\S+)$", re.M
+    STAMP + r"listening on 127\.0\.0\.1:(?P<port>\d+) for (?P<peer>\S+) -> (?P<target>\S+)$",
+    re.M,
 )
-CONNECTED = re.compile(r"^connected to the coordinator at ", re.M)
-LOST = re.compile(r"^lost the coordinator ", re.M)
+CONNECTED = re.compile(STAMP + r"connected to the coordinator at ", re.M)
+LOST = re.compile(STAMP + r"lost the coordinator ", re.M)
 ECHO_READY = re.compile(r"^echo on 127\.0\.0\.1:(?P<port>\d+)$", re.M)
 # Deadline of one wait for a program (start-up included: imports take a moment on a busy
 # machine).

@@ -60,9 +60,15 @@ def test_make_ca_is_a_ca() -> None:
     assert lifetime == datetime.timedelta(days=30, hours=1)
 
 
-def test_make_ca_default_name() -> None:
-    cert = _tls.load_cert(certs.make_ca()[0])
-    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "conec-trio CA"
+def test_make_ca_default_name_is_unique_to_each_ca() -> None:
+    # Before: every CA was "conec-trio CA", so an error about a certificate's issuer could
+    # only guess which CA it meant. Now each default name carries its own tag.
+    names = [
+        _tls.load_cert(certs.make_ca()[0]).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0]
+        for _ in range(2)
+    ]
+    assert all(str(n.value).startswith("conec-trio CA ") for n in names)
+    assert names[0].value != names[1].value
 
 
 def test_issue_cert_leaf_for_dns_names_and_ip_literals() -> None:

@@ -25,9 +25,11 @@ import conec_trio
 from conec_trio import _tls, certs
 from conec_trio.cli import main
 
+# Every status line starts with a timestamp, "2025-01-31 12:00:00.123 ".
+STAMP = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} "
 CLI = [sys.executable, "-m", "conec_trio"]
-READY = re.compile(r"^ready on (?P<host>\S+):(?P<port>\d+)$")
-CA_LINE = re.compile(r"^clients pass --ca (?P<path>.+)$")
+READY = re.compile(STAMP + r"ready on (?P<host>\S+):(?P<port>\d+)$")
+CA_LINE = re.compile(STAMP + r"clients pass --ca (?P<path>.+)$")
 # Deadline of each wait on a subprocess (start-up included: imports take a moment).
 WAIT = 15.0
 
@@ -122,6 +124,10 @@ async def test_demo_quick_reports_every_step_and_exits_0(tmp_path: Path) -> None
         "demo finished in",
     ]:
         assert expected in out, f"{expected!r} missing from the demo's report:\n{out}"
+    # At the end, the path each pair of peers used: the direct one with its address.
+    paths = out[out.index("\npaths:\n") :]
+    assert re.search(r"alice -> carol\s+direct, to 127\.0\.0\.1:\d+$", paths, re.M), paths
+    assert re.search(r"alice -> bob\s+relayed by the coordinator", paths), paths
     # A throwaway certificate: the demo leaves nothing behind.
     assert list(await trio.Path(tmp_path).iterdir()) == []
 
@@ -158,7 +164,10 @@ async def test_coord_serves_clients_and_stops_cleanly_on_sigint(tmp_path: Path) 
             with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
                 await alice.incoming_streams.receive()
         lines = await out.rest()
-    assert "coordinator stopped (SIGINT; 1 client(s) disconnected)" in lines
+    assert any(
+        re.fullmatch(STAMP + r"coordinator stopped \(SIGINT; 1 client\(s\) disconnected\)", line)
+        for line in lines
+    ), lines
     assert not any("Traceback" in line for line in lines), lines
 
 

@@ -99,7 +99,8 @@ class Program:
         accept: Callable[[re.Match[str]], bool] | None = None,
     ) -> re.Match[str]:
         """The first line matching ``pattern`` (and ``accept``), waiting for it if need be."""
-        regex = re.compile(pattern)
+        # The command line's status lines start with a timestamp; fault_node's do not.
+        regex = re.compile(r"(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} )?(?:" + pattern + ")")
         seen = 0
         with trio.move_on_after(within):
             while True:

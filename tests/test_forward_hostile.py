@@ -221,7 +221,9 @@ def expose_argv(coord_port: int, ca: Path, *options: str) -> list[str]:
             "--ca", str(ca), "--allow", "127.0.0.1:1", *options]  # fmt: skip
 
 
-EXPOSING = re.compile(r"^exposing 127\.0\.0\.1:1 to ", re.M)
+# Every status line starts with a timestamp, "2025-01-31 12:00:00.123 ".
+STAMP = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} "
+EXPOSING = re.compile(STAMP + r"exposing 127\.0\.0\.1:1 to ", re.M)
 SELF_ASSERTED = "self-asserted"
 
 

@@ -20,6 +20,7 @@ from aioquic.quic.packet import (
 )
 from aioquic.quic.retry import QuicRetryTokenHandler
 
+from .._util import quiet_aioquic_logs
 from ._aioquic import SUPPORTED_VERSIONS, FlowControlledConnection, new_connection
 from ._conn import Address, Datagrams, QuicConn
 from ._udp import DatagramSocket
@@ -37,6 +38,7 @@ class QuicEndpoint:
     """One UDP socket, many QUIC connections (client and server role)."""
 
     def __init__(self, sock: DatagramSocket, nursery: trio.Nursery) -> None:
+        quiet_aioquic_logs()
         self.sock = sock
         self._nursery = nursery
         self._by_cid: dict[bytes, QuicConn] = {}

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..certs import CA_CERT_FILE, CA_KEY_FILE, issue_cert, load_ca, save_pair, write_ca
-from ..forward.console import error, say
+from ..forward.console import error, show
 
 __all__ = ["add_certs_command", "issue_paths"]
 
@@ -31,7 +31,10 @@ def add_certs_command(subparsers: Any) -> None:
         "replaced.",
     )
     ca.add_argument("dir", metavar="DIR", type=Path)
-    ca.add_argument("--common-name", default="conec-trio CA", help="the CA's name")
+    ca.add_argument(
+        "--common-name",
+        help="the CA's name (default: 'conec-trio CA' and a random tag, unique to this CA)",
+    )
     ca.add_argument("--days", type=int, default=3650, help="validity (default: 3650)")
     ca.set_defaults(run=_run_certs_ca)
 
@@ -65,8 +68,8 @@ def _run_certs_ca(args: argparse.Namespace) -> int:
         cert_path, key_path = write_ca(args.dir, args.common_name, days=args.days)
     except (OSError, ValueError) as exc:
         return error(str(exc))
-    say(f"CA certificate: {cert_path} (clients: --ca; coordinator: --client-ca)")
-    say(f"CA key:         {key_path} (keep it secret: it signs certificates for any name)")
+    show(f"CA certificate: {cert_path} (clients: --ca; coordinator: --client-ca)")
+    show(f"CA key:         {key_path} (keep it secret: it signs certificates for any name)")
     return 0
 
 
@@ -90,6 +93,6 @@ def _run_certs_issue(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         return error(str(exc))
     names = ", ".join([args.name, *args.alt_name])
-    say(f"certificate: {cert_path} (for {names}, signed by {args.ca / CA_CERT_FILE})")
-    say(f"key:         {key_path}")
+    show(f"certificate: {cert_path} (for {names}, signed by {args.ca / CA_CERT_FILE})")
+    show(f"key:         {key_path}")
     return 0

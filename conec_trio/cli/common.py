@@ -4,16 +4,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from .. import ClientConfig, ConecError
-from ..forward import Target, parse_client_id, parse_host_port
+from .. import ClientConfig, ConecError, ConfigError
+from ..forward import Target, parse_client_id
+from ..forward.addresses import parse_coord
 from ..forward.console import error, say
 from ..forward.link import COORD_CONNECT_TIMEOUT
 
@@ -22,6 +24,7 @@ __all__ = [
     "add_client_options",
     "argtype",
     "client_config",
+    "flag_names",
     "read_cert_and_key",
     "read_pem_option",
     "run_until_signal",
@@ -78,9 +81,10 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--coord",
         required=True,
-        metavar="HOST:PORT",
-        type=argtype(parse_host_port),
-        help="the coordinator (HOST is also the name its certificate must be valid for)",
+        metavar="HOST[:PORT]",
+        type=argtype(parse_coord),
+        help="the coordinator (HOST is also the name its certificate must be valid for; "
+        "PORT defaults to 1719)",
     )
     parser.add_argument(
         "--ca",
@@ -125,18 +129,41 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
     if args.idle_timeout is not None and not args.idle_timeout > 0:
         raise ValueError("--idle-timeout must be a positive number of seconds")
     coord: Target = args.coord
-    return ClientConfig(
-        id=args.id,
-        coord_host=coord.host,
-        coord_port=coord.port,
-        ca=read_pem_option(args.ca, "--ca"),
-        cert_chain=None if identity is None else identity[0],
-        private_key=None if identity is None else identity[1],
-        client_ca=read_pem_option(args.client_ca, "--client-ca"),
-        listen=not args.no_listen,
-        idle_timeout=args.idle_timeout,
-        connect_timeout=COORD_CONNECT_TIMEOUT,
-    )
+    with flag_names():
+        return ClientConfig(
+            id=args.id,
+            coord_host=coord.host,
+            coord_port=coord.port,
+            ca=read_pem_option(args.ca, "--ca"),
+            cert_chain=None if identity is None else identity[0],
+            private_key=None if identity is None else identity[1],
+            client_ca=read_pem_option(args.client_ca, "--client-ca"),
+            listen=not args.no_listen,
+            idle_timeout=args.idle_timeout,
+            connect_timeout=COORD_CONNECT_TIMEOUT,
+        )
+
+
+# The command-line flag of each library setting, for messages about them.
+FLAGS = {
+    "ca": "--ca",
+    "cert_chain": "--cert",
+    "private_key": "--key",
+    "client_ca": "--client-ca",
+    "coord_host": "--coord",
+    "coord_port": "--coord",
+}
+
+
+@contextlib.contextmanager
+def flag_names() -> Iterator[None]:
+    """Turn a :class:`ConfigError` about a setting into a ``ValueError`` naming its flag
+    ("--key: key does not match certificate ...")."""
+    try:
+        yield
+    except ConfigError as exc:
+        problem = exc.problem.replace("(cert_chain: ", "(--cert: ")
+        raise ValueError(f"{FLAGS.get(exc.setting, exc.setting)}: {problem}") from None
 
 
 def run_until_signal(

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from .. import ConecError, CoordConfig, Coordinator, open_coordinator
 from ..certs import save_pair, self_signed_cert
 from ..forward.console import error, format_address, say, setup_logging
-from .common import LOOPBACK_NAMES, read_cert_and_key, read_pem_option, run_until_signal
+from .common import LOOPBACK_NAMES, flag_names, read_cert_and_key, read_pem_option, run_until_signal
 
 __all__ = ["COORD_CERT_FILE", "COORD_KEY_FILE", "add_coord_command", "run_coord"]
 
@@ -104,17 +104,28 @@ def run_coord(args: argparse.Namespace) -> int:
     else:
         say(f"clients: only those with a certificate signed by {args.client_ca.resolve()}")
     cert_pem, key_pem = identity
-    configs = [
-        CoordConfig(
-            cert_chain=cert_pem,
-            private_key=key_pem,
-            host=host,
-            port=args.port,
-            client_ca=client_ca,
-            stateless_retry=args.stateless_retry,
+    try:
+        with flag_names():
+            configs = [
+                CoordConfig(
+                    cert_chain=cert_pem,
+                    private_key=key_pem,
+                    host=host,
+                    port=args.port,
+                    client_ca=client_ca,
+                    stateless_retry=args.stateless_retry,
+                )
+                for host in ([args.host] if args.host is not None else ["::", "0.0.0.0"])
+            ]
+    except ValueError as exc:
+        return error(str(exc))
+    if args.cert is None and (args.host is None or _is_unspecified(args.host)):
+        log.warning(
+            "the self-signed certificate is valid for %s only, but the coordinator listens on "
+            "every address: clients on other machines cannot verify it. Give --host NAME (the "
+            "name or address they use) or --cert",
+            ", ".join(LOOPBACK_NAMES),
         )
-        for host in ([args.host] if args.host is not None else ["::", "0.0.0.0"])
-    ]
     running: list[Coordinator] = []
 
     def started(coord: Coordinator) -> None:

@@ -4,6 +4,7 @@ stream and how fast it goes, in a few seconds."""
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from .. import (
     open_nonblocking,
 )
 from ..certs import self_signed_cert
-from ..forward.console import error, format_address, say, setup_logging
+from ..forward.console import error, format_address, setup_logging, show
 from .common import LOOPBACK_NAMES
 
 __all__ = ["DemoError", "add_demo_command", "run_demo"]
@@ -100,7 +101,7 @@ def _check(condition: bool, message: str) -> None:
 
 
 def _line(label: str, text: str) -> None:
-    say(f"  {label:<15} {text}")
+    show(f"  {label:<15} {text}")
 
 
 class _Tap(trio.abc.ReceiveChannel[bytes]):
@@ -147,7 +148,7 @@ async def _demo_steps(quick: bool, progress: _Progress) -> None:
     budget = 0.5 if quick else 2.0
     started = trio.current_time()
 
-    say("conec-trio demo: a coordinator and three clients on 127.0.0.1 (throwaway certificate)")
+    show("conec-trio demo: a coordinator and three clients on 127.0.0.1 (throwaway certificate)")
     cert, key = self_signed_cert(list(LOOPBACK_NAMES))
     progress.step = "starting the coordinator"
     coord_config = CoordConfig(cert_chain=cert, private_key=key, host="127.0.0.1", port=0)
@@ -190,7 +191,29 @@ async def _demo_steps(quick: bool, progress: _Progress) -> None:
             with _step(progress, "broadcast", 5):
                 await _broadcast({"alice": alice, "bob": bob, "carol": carol}, coord)
             progress.step = "shutting down"
-    say(f"demo finished in {trio.current_time() - started:.1f} s")
+    show("paths:")
+    for pair, path in _PATHS.items():
+        _line(pair, path)
+    show(f"demo finished in {trio.current_time() - started:.1f} s")
+
+
+# The path each pair of peers used, in the order the demo used them (shown at the end).
+_PATHS: dict[str, str] = {}
+
+
+class _DirectAddresses(logging.Handler):
+    """The address each direct channel opened to, as the library logs it ("direct channel
+    to PEER open via ADDRESS"): the public API has no query for it yet."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.addresses: dict[str, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == "direct channel to %r open via %s" and isinstance(record.args, tuple):
+            peer, address = record.args
+            if isinstance(address, tuple) and len(address) >= 2:
+                self.addresses[str(peer)] = format_address(str(address[0]), int(address[1]))
 
 
 async def _accept(client: Client, expected_peer: str) -> tuple[Any, Any]:
@@ -203,6 +226,7 @@ async def _accept(client: Client, expected_peer: str) -> tuple[Any, Any]:
 
 
 async def _proxied_exchange(alice: Client, bob: Client) -> None:
+    _PATHS["alice -> bob"] = "relayed by the coordinator (proxied streams)"
     t0 = trio.current_time()
     send, recv = await alice.new_proxied_stream("bob")
     await send.send(b"hello bob")
@@ -222,6 +246,7 @@ async def _proxied_exchange(alice: Client, bob: Client) -> None:
 
 
 async def _coordinator_exchange(alice: Client, coord: Coordinator) -> None:
+    _PATHS["alice -> coordinator"] = "alice's connection to the coordinator"
     send, recv = await alice.new_proxied_stream(None)
     await send.send(b"ping")
     incoming = await coord.incoming_streams.receive()
@@ -239,6 +264,7 @@ async def _coordinator_exchange(alice: Client, coord: Coordinator) -> None:
 
 
 async def _loopback_exchange(alice: Client) -> None:
+    _PATHS["alice -> alice"] = "relayed by the coordinator (a stream to itself)"
     send, recv = await alice.new_proxied_stream("alice")
     await send.send(b"note to self")
     in_send, in_recv = await _accept(alice, "alice")
@@ -307,8 +333,22 @@ async def _bulk(alice: Client, bob: Client, max_bytes: int, budget: float) -> No
 
 async def _direct(alice: Client, carol: Client, max_bytes: int, budget: float) -> None:
     t0 = trio.current_time()
-    await alice.new_channel(carol.id)
+    watcher = _DirectAddresses()
+    direct_log = logging.getLogger("conec_trio.direct")
+    level, propagate = direct_log.level, direct_log.propagate
+    direct_log.addHandler(watcher)
+    if not direct_log.isEnabledFor(logging.INFO):  # raised for the watcher only
+        direct_log.setLevel(logging.INFO)
+        direct_log.propagate = False
+    try:
+        await alice.new_channel(carol.id)
+    finally:
+        direct_log.removeHandler(watcher)
+        direct_log.setLevel(level)
+        direct_log.propagate = propagate
     opened = trio.current_time() - t0
+    where = watcher.addresses.get(carol.id)
+    _PATHS["alice -> carol"] = "direct" + (f", to {where}" if where else "")
     chunk = 64 * 1024
     count, elapsed = await _transfer(
         alice, carol, chunk, math.ceil(max_bytes / chunk), budget, direct=True

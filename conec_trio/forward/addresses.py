@@ -5,11 +5,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import InvalidIdError
+from .. import CoordConfig, InvalidIdError
 from .._config import check_client_id
 from .console import format_address
 
-__all__ = ["Mapping", "Target", "parse_client_id", "parse_host_port", "parse_mapping"]
+__all__ = [
+    "Mapping",
+    "Target",
+    "check_local_ports",
+    "parse_client_id",
+    "parse_coord",
+    "parse_host_port",
+    "parse_mapping",
+]
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,30 @@ def parse_host_port(text: str) -> Target:
     if not host:
         raise ValueError(f"{text!r} has no host")
     return Target(host, _parse_port(port_text, text))
+
+
+def parse_coord(text: str) -> Target:
+    """``HOST[:PORT]`` of a coordinator: without a port, the coordinator's default (1719)."""
+    if text.startswith("[") and text.endswith("]") and len(text) > 2:  # [::1]
+        return Target(text[1:-1], CoordConfig.port)
+    if text and ":" not in text:
+        return Target(text, CoordConfig.port)
+    return parse_host_port(text)
+
+
+def check_local_ports(mappings: list[Mapping]) -> None:
+    """``ValueError`` if two mappings listen on the same local port (0 excepted: each picks
+    a free one)."""
+    seen: dict[int, Mapping] = {}
+    for mapping in mappings:
+        if mapping.local_port == 0:
+            continue
+        if mapping.local_port in seen:
+            raise ValueError(
+                f"port {mapping.local_port} given twice ({seen[mapping.local_port]} and "
+                f"{mapping}): each mapping needs its own local port"
+            )
+        seen[mapping.local_port] = mapping
 
 
 def parse_mapping(text: str) -> Mapping:

@@ -28,7 +28,14 @@ from .. import (
 )
 from .addresses import Mapping
 from .link import CoordinatorLink, Session
-from .protocol import OPEN_TIMEOUT, REPLY_TIMEOUT, clip, encode_request, parse_reply
+from .protocol import (
+    OPEN_TIMEOUT,
+    REPLY_TIMEOUT,
+    clip,
+    encode_answer,
+    encode_request,
+    parse_reply,
+)
 from .splice import close_quietly, splice, summary, tcp_peer, why
 
 __all__ = ["Forwarder"]
@@ -82,7 +89,8 @@ class Forwarder:
     def _refuse_incoming(self, session: Session, incoming: IncomingStream) -> None:
         peer = clip(repr(incoming.peer))
         log.warning("refusing a stream from %s: this program only forwards", peer)
-        session.nursery.start_soon(close_quietly, incoming.send, incoming.recv)
+        answer = encode_answer(f"{self.config.id!r} is not running expose (it runs forward)")
+        session.nursery.start_soon(_answer_and_close, incoming, answer)
 
     async def _accept_loop(
         self, listener: trio.SocketListener, mapping: Mapping, nursery: trio.Nursery
@@ -183,7 +191,8 @@ class Forwarder:
                 await send.abort()
                 await close_quietly(send, recv)
                 problem = {
-                    trio.EndOfChannel: f"{peer!r} ended the stream without an answer",
+                    trio.EndOfChannel: f"{peer!r} ended the stream without an answer "
+                    "(is it running expose?)",
                     trio.TooSlowError: f"no answer from {peer!r} within {REPLY_TIMEOUT:g} s",
                 }.get(type(exc), f"bad answer from {peer!r}: {exc}")
                 log.warning("%s: refused: %s", label, problem)
@@ -194,3 +203,10 @@ class Forwarder:
             await close_quietly(send, recv)
             return None
         return None  # pragma: no cover (the second attempt always returns)
+
+
+async def _answer_and_close(incoming: IncomingStream, answer: bytes) -> None:
+    """Tell a peer that mistook this program for ``expose`` why its stream ends."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await incoming.send.send(answer)
+    await close_quietly(incoming.send, incoming.recv)

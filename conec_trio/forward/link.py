@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .. import Client, ClientConfig, ConecError, IdInUseError, IncomingStream, open_client
+from .. import (
+    Client,
+    ClientConfig,
+    ConecError,
+    ConnectError,
+    IdInUseError,
+    IncomingStream,
+    open_client,
+)
 from .console import format_address, say
 
 __all__ = ["COORD_CONNECT_TIMEOUT", "Backoff", "CoordinatorLink", "Session"]
@@ -27,6 +35,37 @@ log = logging.getLogger(__name__)
 COORD_CONNECT_TIMEOUT = 5.0
 BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
+
+
+# How long the probe of the coordinator's port waits for an ICMP error to come back.
+PROBE_WAIT = 1.0
+
+
+async def unreachable_udp(host: str, port: int) -> str | None:
+    """``host:port`` if every address of ``host`` answers a UDP datagram to ``port`` with an
+    ICMP "port unreachable"; None if any may be listening (or ``host`` does not resolve: the
+    connection attempt says so).
+
+    The probe is one empty datagram per address: not QUIC, so a coordinator drops it.
+    """
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
+    except OSError:
+        return None
+    refused: list[str] = []
+    for family, type_, proto, _, addr in infos:
+        with trio.socket.socket(family, type_, proto) as sock:
+            try:
+                await sock.connect(addr)
+                await sock.send(b"")
+                with trio.move_on_after(PROBE_WAIT):
+                    await sock.recv(1)
+                return None  # an answer, or silence: something may be there
+            except ConnectionRefusedError:
+                refused.append(format_address(str(addr[0]), int(addr[1])))
+            except OSError:
+                return None
+    return refused[0] if refused else None
 
 
 class Backoff:
@@ -94,7 +133,7 @@ class CoordinatorLink:
             while True:
                 lost = trio.Event()
                 try:
-                    await sessions.start(self._session, lost)
+                    await self._attempt(sessions, lost)
                 except (ConecError, OSError) as exc:
                     delay = self.backoff.next_delay()
                     if isinstance(exc, IdInUseError):
@@ -113,6 +152,34 @@ class CoordinatorLink:
                 self.backoff.reset()
                 await lost.wait()
                 await trio.sleep(self.backoff.next_delay())
+
+    async def _attempt(self, sessions: trio.Nursery, lost: trio.Event) -> None:
+        """Start a session in ``sessions``; meanwhile a probe of the coordinator's port turns
+        an ICMP "port unreachable" into an error at once, instead of a wait of
+        ``connect_timeout`` (the library's socket is unconnected, so it never sees the ICMP)."""
+        refused: list[str] = []
+        attempt = trio.CancelScope()
+        probe = trio.CancelScope()
+
+        async def watch() -> None:
+            with probe:
+                where = await unreachable_udp(self.config.coord_host, self.config.coord_port)
+                if where is not None:
+                    refused.append(where)
+                    attempt.cancel()
+
+        # The probe runs beside the attempt, not around it: errors of the attempt stay bare.
+        sessions.start_soon(watch)
+        with attempt:
+            try:
+                await sessions.start(self._session, lost)
+            finally:
+                probe.cancel()
+        if refused:
+            raise ConnectError(
+                f"nothing listens on UDP {refused[0]} (ICMP port unreachable): is the port "
+                "right, and is the coordinator running?",
+            )
 
     async def _session(
         self, lost: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -13,6 +13,7 @@ stops reading the far TCP socket.
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import struct
 from dataclasses import dataclass
@@ -138,7 +139,8 @@ async def splice(
                 try:
                     await tcp.send_eof()
                 except trio.BrokenResourceError as exc:
-                    abort(f"TCP connection broke: {why(exc)}")
+                    if not _gone(exc):
+                        abort(f"TCP connection broke: {why(exc)}")
 
             nursery.start_soon(tcp_to_stream)
             nursery.start_soon(stream_to_tcp)
@@ -149,6 +151,13 @@ async def splice(
     finally:
         await close_all(tcp, send, recv, result.error)
     return result
+
+
+def _gone(exc: BaseException) -> bool:
+    """Whether ``send_eof`` failed only because the TCP peer has closed its end already (every
+    byte was delivered: a clean close, not a broken one)."""
+    cause = exc.__cause__ or exc.__context__
+    return isinstance(cause, OSError) and cause.errno == errno.ENOTCONN
 
 
 def tcp_peer(tcp: trio.SocketStream) -> str:
