@@ -43,6 +43,9 @@ MAX_INT = 2**62 - 1  # ids, counts and versions fit a QUIC varint
 MAX_PORT = 65535
 MAX_NAME_LEN = 1024  # characters in ids, names, reasons and hosts
 MAX_MESSAGE_LEN = 4096  # characters in human-readable explanations
+# Ids in one list (peer lists, broadcast members): far above any coordinator's client count,
+# so that a list's size is bounded by more than the frame that carries it.
+MAX_IDS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -50,11 +53,19 @@ class _MaxLen:
     chars: int
 
 
+@dataclass(frozen=True)
+class _MaxItems:
+    count: int
+
+
 Addr: TypeAlias = tuple[str, int]
 """A ``(host, port)`` pair, encoded as a 2-element array."""
 
 Text: TypeAlias = Annotated[str, _MaxLen(MAX_MESSAGE_LEN)]
 """A human-readable explanation; may be longer than a name."""
+
+IdList: TypeAlias = Annotated[list[str], _MaxItems(MAX_IDS)]
+"""Client ids, sorted by the sender (a receiver does not rely on it)."""
 
 
 class Message:
@@ -121,10 +132,12 @@ def _check_addr(value: object, where: str) -> Addr:
     return _check_name(host, f"{where}.host"), _check_int(port, f"{where}.port", MAX_PORT)
 
 
-def _list_check(item: _Check) -> _Check:
+def _list_check(item: _Check, max_items: int | None = None) -> _Check:
     def check(value: object, where: str) -> list[object]:
         if not isinstance(value, list | tuple):
             _wrong_type(where, "an array", value)
+        if max_items is not None and len(value) > max_items:
+            raise ProtocolError(f"{where} has {len(value)} items; the maximum is {max_items}")
         return [item(v, f"{where}[{i}]") for i, v in enumerate(value)]
 
     return check
@@ -152,6 +165,8 @@ def _check_for(hint: object) -> _Check:
         return _check_addr
     if origin is Annotated and args[0] is str and isinstance(args[1], _MaxLen):
         return _text_check(args[1].chars)
+    if origin is Annotated and get_origin(args[0]) is list and isinstance(args[1], _MaxItems):
+        return _list_check(_check_for(get_args(args[0])[0]), args[1].count)
     if origin is list:
         return _list_check(_check_for(args[0]))
     if origin in (Union, types.UnionType) and len(args) == 2 and type(None) in args:
@@ -305,6 +320,26 @@ class ErrorReply(Message):
     message: Text
 
 
+@_message(33)
+@dataclass(frozen=True)
+class BroadcastMembersRequest(Message):
+    """Client -> coordinator: which clients are members of broadcast ``name``?"""
+
+    rid: int
+    name: str
+
+
+@_message(34)
+@dataclass(frozen=True)
+class BroadcastMembersReply(Message):
+    """Answer to BroadcastMembersRequest ``rid``: the ids of its senders and receivers (a
+    client that joined twice is named once). No such channel: ErrorReply NO_BROADCAST."""
+
+    rid: int
+    senders: IdList
+    receivers: IdList
+
+
 @_message(40)
 @dataclass(frozen=True)
 class ChannelRequest(Message):
@@ -343,6 +378,72 @@ class ChannelOfferReply(Message):
 
     oid: int
     accept: bool
+    message: Text
+
+
+# Presence: who is connected. A client asks for the list once (PeerListRequest), or
+# subscribes: the coordinator answers with a snapshot and then pushes a PresenceEvent for
+# every join and leave, on the control stream, in order after the snapshot. Subscribing is
+# opt-in, so clients that do not ask hear nothing.
+
+
+@_message(60)
+@dataclass(frozen=True)
+class PeerListRequest(Message):
+    """Client -> coordinator: which clients are connected now?"""
+
+    rid: int
+
+
+@_message(61)
+@dataclass(frozen=True)
+class PeerListReply(Message):
+    """Answer to PeerListRequest ``rid``: the ids connected now, the asker's included."""
+
+    rid: int
+    peers: IdList
+
+
+@_message(62)
+@dataclass(frozen=True)
+class PresenceSubscribe(Message):
+    """Client -> coordinator: send me joins and leaves, starting with a PresenceSnapshot
+    ``rid``. Subscribing again only sends a new snapshot."""
+
+    rid: int
+
+
+@_message(63)
+@dataclass(frozen=True)
+class PresenceSnapshot(Message):
+    """Answer to PresenceSubscribe ``rid``: the ids connected now; every PresenceEvent after
+    it on the control stream is relative to it."""
+
+    rid: int
+    peers: IdList
+
+
+@_message(64)
+@dataclass(frozen=True)
+class PresenceUnsubscribe(Message):
+    """Client -> coordinator: no more joins and leaves (events already sent still arrive)."""
+
+
+@_message(65)
+@dataclass(frozen=True)
+class PresenceEvent(Message):
+    """Coordinator -> subscriber: client ``peer`` connected (``joined``) or left."""
+
+    peer: str
+    joined: bool
+
+
+@_message(66)
+@dataclass(frozen=True)
+class PresenceDropped(Message):
+    """Coordinator -> subscriber: your subscription is dropped (you fell too far behind);
+    no events follow until you subscribe again."""
+
     message: Text
 
 
