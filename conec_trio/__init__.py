@@ -26,6 +26,7 @@ from ._exceptions import (
     VersionMismatchError,
 )
 from ._messages import MessageReceiveChannel, MessageSendChannel
+from ._presence import PeerEvent
 from ._stats import ChannelStatistics, ClientStatistics, CoordinatorStatistics
 from ._types import BroadcastMessage, IncomingStream, StreamId
 from .adapters import CborReceiveChannel, CborSendChannel, open_nonblocking, untagged
@@ -56,6 +57,7 @@ __all__ = [
     "MessageReceiveChannel",
     "MessageSendChannel",
     "MessageTooLargeError",
+    "PeerEvent",
     "PeerNotFoundError",
     "ProtocolError",
     "RefusedError",

@@ -121,6 +121,50 @@ class ClientSession:
         self.conn.close(int(code), message)
 
 
+class _PresenceFeed:
+    """Joins and leaves for the clients that subscribed to them, on their control streams.
+
+    A pushed event is written at once, without waiting. A subscriber whose control stream
+    holds more unacknowledged bytes than its last snapshot plus one stream window has
+    fallen behind (a stalled process, a bad link): rather than let its backlog grow, its
+    subscription is dropped and it is told so (PresenceDropped); the client subscribes
+    again, and the new snapshot brings it up to date. One subscriber costs at most about
+    that much, however many joins and leaves it misses.
+    """
+
+    def __init__(self, window: int) -> None:
+        self._window = window
+        self._subscribers: dict[ClientSession, int] = {}  # -> the backlog it may reach
+
+    def subscribe(self, session: ClientSession, rid: int, ids: list[str]) -> None:
+        st = session.control
+        assert st is not None
+        snapshot = control.encode(control.PresenceSnapshot(rid, ids))
+        write_message(st, snapshot)
+        self._subscribers[session] = len(snapshot) + self._window
+
+    def unsubscribe(self, session: ClientSession) -> None:
+        self._subscribers.pop(session, None)
+
+    def publish(self, peer: str, joined: bool) -> None:
+        event = control.encode(control.PresenceEvent(peer, joined))
+        for session, allowance in list(self._subscribers.items()):
+            st = session.control
+            if st is None or not session.conn.is_open or st.send_error is not None:
+                del self._subscribers[session]
+                continue
+            if st.conn.send_backlog(st.stream_id) > allowance:
+                del self._subscribers[session]
+                log.info("client %r falls behind on presence events: dropped", session.id)
+                dropped = control.PresenceDropped(
+                    "presence events were coming faster than this client took them: "
+                    "subscribe again for a new snapshot"
+                )
+                write_message(st, control.encode(dropped))
+                continue
+            write_message(st, event)
+
+
 _Pending: TypeAlias = tuple[ClientSession, IncomingStream]
 
 
@@ -202,6 +246,7 @@ class Coordinator:
         # For statistics(): totals since the start.
         self._relayed_bytes = 0
         self._refusals: Counter[CloseCode] = Counter()
+        self._presence = _PresenceFeed(config.stream_window)
 
     # -- public, non-blocking queries -------------------------------------------------------------
 
@@ -223,7 +268,7 @@ class Coordinator:
         return self.broadcasts.count
 
     def client_ids(self) -> list[str]:
-        """Ids of the clients connected now."""
+        """Ids of the clients connected now, sorted."""
         return sorted(self._clients)
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -265,6 +310,8 @@ class Coordinator:
         if session.id is not None and self._clients.get(session.id) is session:
             del self._clients[session.id]
             log.info("client %r left: %s", session.id, reason or "closed")
+            self._presence.unsubscribe(session)
+            self._presence.publish(session.id, False)
 
     async def _guarded(self, session: ClientSession, task: Any, *args: Any) -> None:
         """Run a task on behalf of one client (see ``_serving``)."""
@@ -368,6 +415,7 @@ class Coordinator:
         )
         session.conn.expedite()
         log.info("client %r connected from %s", client_id, session.observed_addr)
+        self._presence.publish(client_id, True)
         return True
 
     async def _control_loop(self, session: ClientSession, st: StreamState) -> None:
@@ -409,12 +457,41 @@ class Coordinator:
                 return
             self._negotiating.setdefault(pair, session.id)
             self._nursery.start_soon(self._guarded, session, self._broker_channel, msg)
+        elif isinstance(msg, control.PeerListRequest | control.BroadcastMembersRequest):
+            if await self._writable(st):
+                write_message(st, control.encode(self._list_reply(msg)))
+        elif isinstance(msg, control.PresenceSubscribe):
+            if await self._writable(st):
+                self._presence.subscribe(session, msg.rid, self.client_ids())
+        elif isinstance(msg, control.PresenceUnsubscribe):
+            self._presence.unsubscribe(session)
         elif isinstance(msg, control.ChannelOfferReply):
             waiter = session.offers.pop(msg.oid, None)
             if waiter is not None:
                 waiter.send_nowait(msg)
         else:
             session.refuse(CloseCode.PROTOCOL, f"unexpected control message {type(msg).__name__}")
+
+    @staticmethod
+    async def _writable(st: StreamState) -> bool:
+        """Wait until the control stream has room for a reply that may be large (a peer
+        list); False if it broke. A client that asks and does not read its replies stops
+        being read, rather than making the coordinator hold them all."""
+        while st.send_error is None and not st.can_write():
+            await st.wait_writable()
+        return st.send_error is None and st.conn.is_open
+
+    def _list_reply(
+        self, msg: control.PeerListRequest | control.BroadcastMembersRequest
+    ) -> control.Message:
+        if isinstance(msg, control.PeerListRequest):
+            return control.PeerListReply(msg.rid, self.client_ids())
+        members = self.broadcasts.members(msg.name)
+        if members is None:
+            return control.ErrorReply(
+                msg.rid, Reason.NO_BROADCAST, f"no broadcast channel named {_shown(msg.name)}"
+            )
+        return control.BroadcastMembersReply(msg.rid, *members)
 
     async def _broker_channel(self, session: ClientSession, msg: control.ChannelRequest) -> None:
         """Ask the target whether it takes a channel from ``session``; tell the requester."""

@@ -283,13 +283,13 @@ def test_id_lists_are_bounded() -> None:
     many = ["a"] * MAX_IDS
     assert decode(raw(61, 1, many)) == PeerListReply(1, many)
     with pytest.raises(ProtocolError, match=r"PeerListReply.peers has 1000001 items"):
-        decode(raw(61, 1, many + ["b"]))
+        decode(raw(61, 1, [*many, "b"]))
     with pytest.raises(ProtocolError, match=r"PresenceSnapshot.peers\[0\] has 1025 characters"):
         decode(raw(63, 1, ["n" * (MAX_NAME_LEN + 1)]))
     with pytest.raises(ProtocolError, match=r"BroadcastMembersReply.receivers has 1000001"):
-        decode(raw(34, 1, [], many + ["b"]))
+        decode(raw(34, 1, [], [*many, "b"]))
     with pytest.raises(ValueError, match="cannot encode PeerListReply"):
-        encode(PeerListReply(1, many + ["b"]))
+        encode(PeerListReply(1, [*many, "b"]))
 
 
 def test_missing_fields() -> None:
