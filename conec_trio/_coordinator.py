@@ -125,11 +125,12 @@ class _PresenceFeed:
     """Joins and leaves for the clients that subscribed to them, on their control streams.
 
     A pushed event is written at once, without waiting. A subscriber whose control stream
-    holds more unacknowledged bytes than its last snapshot plus one stream window has
-    fallen behind (a stalled process, a bad link): rather than let its backlog grow, its
+    holds a stream window more unacknowledged bytes than it did right after its snapshot
+    (which is written only once the stream has room: ``Coordinator._writable``) has fallen
+    behind (a stalled process, a bad link): rather than let its backlog grow, its
     subscription is dropped and it is told so (PresenceDropped); the client subscribes
-    again, and the new snapshot brings it up to date. One subscriber costs at most about
-    that much, however many joins and leaves it misses.
+    again, and the new snapshot brings it up to date. One subscriber's events cost at most
+    a window on top of its snapshot, however many joins and leaves it misses.
     """
 
     def __init__(self, window: int) -> None:
@@ -141,10 +142,14 @@ class _PresenceFeed:
         assert st is not None
         snapshot = control.encode(control.PresenceSnapshot(rid, ids))
         write_message(st, snapshot)
-        self._subscribers[session] = len(snapshot) + self._window
+        self._subscribers[session] = st.conn.send_backlog(st.stream_id) + self._window
 
     def unsubscribe(self, session: ClientSession) -> None:
         self._subscribers.pop(session, None)
+
+    def clear(self) -> None:
+        """Everyone is leaving: tell no one of each departure."""
+        self._subscribers.clear()
 
     def publish(self, peer: str, joined: bool) -> None:
         event = control.encode(control.PresenceEvent(peer, joined))
@@ -301,6 +306,7 @@ class Coordinator:
 
     async def _shutdown(self) -> None:
         self._incoming_send.close()
+        self._presence.clear()
         for session in list(self._sessions):
             session.conn.close_now(int(CloseCode.SHUTDOWN), "coordinator shutting down")
         await trio.lowlevel.checkpoint()
