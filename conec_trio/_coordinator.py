@@ -17,6 +17,7 @@ from ._config import DEFAULT_IDLE_TIMEOUT, CoordConfig, check_client_id, load_pe
 from ._exceptions import CertificateError, ConecError, InvalidIdError, ProtocolError
 from ._hub import BroadcastHub
 from ._messages import message_channels
+from ._presence import PresenceFeed
 from ._quic import ConnectionSettings, Identity, QuicConn, QuicEndpoint, make_udp_socket
 from ._stats import REFUSAL_CODES, CoordinatorStatistics, refusal_name
 from ._streams import (
@@ -121,55 +122,6 @@ class ClientSession:
         self.conn.close(int(code), message)
 
 
-class _PresenceFeed:
-    """Joins and leaves for the clients that subscribed to them, on their control streams.
-
-    A pushed event is written at once, without waiting. A subscriber whose control stream
-    holds a stream window more unacknowledged bytes than it did right after its snapshot
-    (which is written only once the stream has room: ``Coordinator._writable``) has fallen
-    behind (a stalled process, a bad link): rather than let its backlog grow, its
-    subscription is dropped and it is told so (PresenceDropped); the client subscribes
-    again, and the new snapshot brings it up to date. One subscriber's events cost at most
-    a window on top of its snapshot, however many joins and leaves it misses.
-    """
-
-    def __init__(self, window: int) -> None:
-        self._window = window
-        self._subscribers: dict[ClientSession, int] = {}  # -> the backlog it may reach
-
-    def subscribe(self, session: ClientSession, rid: int, ids: list[str]) -> None:
-        st = session.control
-        assert st is not None
-        snapshot = control.encode(control.PresenceSnapshot(rid, ids))
-        write_message(st, snapshot)
-        self._subscribers[session] = st.conn.send_backlog(st.stream_id) + self._window
-
-    def unsubscribe(self, session: ClientSession) -> None:
-        self._subscribers.pop(session, None)
-
-    def clear(self) -> None:
-        """Everyone is leaving: tell no one of each departure."""
-        self._subscribers.clear()
-
-    def publish(self, peer: str, joined: bool) -> None:
-        event = control.encode(control.PresenceEvent(peer, joined))
-        for session, allowance in list(self._subscribers.items()):
-            st = session.control
-            if st is None or not session.conn.is_open or st.send_error is not None:
-                del self._subscribers[session]
-                continue
-            if st.conn.send_backlog(st.stream_id) > allowance:
-                del self._subscribers[session]
-                log.info("client %r falls behind on presence events: dropped", session.id)
-                dropped = control.PresenceDropped(
-                    "presence events were coming faster than this client took them: "
-                    "subscribe again for a new snapshot"
-                )
-                write_message(st, control.encode(dropped))
-                continue
-            write_message(st, event)
-
-
 _Pending: TypeAlias = tuple[ClientSession, IncomingStream]
 
 
@@ -251,7 +203,7 @@ class Coordinator:
         # For statistics(): totals since the start.
         self._relayed_bytes = 0
         self._refusals: Counter[CloseCode] = Counter()
-        self._presence = _PresenceFeed(config.stream_window)
+        self._presence = PresenceFeed(config.stream_window)
 
     # -- public, non-blocking queries -------------------------------------------------------------
 
@@ -313,10 +265,10 @@ class Coordinator:
 
     def _client_gone(self, session: ClientSession, reason: str) -> None:
         self._sessions.discard(session)
+        self._presence.unsubscribe(session)
         if session.id is not None and self._clients.get(session.id) is session:
             del self._clients[session.id]
             log.info("client %r left: %s", session.id, reason or "closed")
-            self._presence.unsubscribe(session)
             self._presence.publish(session.id, False)
 
     async def _guarded(self, session: ClientSession, task: Any, *args: Any) -> None:

@@ -13,6 +13,8 @@ Messages from the coordinator are handled synchronously, in the order they arriv
 A watcher that does not read keeps its unread events; once more than ``COMPACT_AT`` wait,
 they are merged per peer (see :class:`PeerWatch`), so its memory is bounded by the number
 of peers, not by how long it has not read.
+
+The coordinator's side, :class:`PresenceFeed`, is at the end.
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Set
 from contextlib import asynccontextmanager
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import trio
 
 from ._exceptions import ConecError, DisconnectedError
+from ._quic import QuicConn
+from ._streams import StreamState, write_message
 from ._wire import control
 
 log = logging.getLogger("conec_trio.client")
+coord_log = logging.getLogger("conec_trio.coordinator")
 
 # Unread events a watcher holds before they are merged per peer.
 COMPACT_AT = 1024
@@ -301,3 +306,66 @@ class Presence:
             self.peers.discard(event.peer)
         for watch in self._watches:
             watch.push(event)
+
+
+# --- the coordinator's side -------------------------------------------------------------------
+
+
+class Subscriber(Protocol):
+    """What the feed needs of a coordinator's client session."""
+
+    @property
+    def id(self) -> str | None: ...
+    @property
+    def conn(self) -> QuicConn: ...
+    @property
+    def control(self) -> StreamState | None: ...
+
+
+class PresenceFeed:
+    """Joins and leaves for the clients that subscribed to them, on their control streams.
+
+    A pushed event is written at once, without waiting. A subscriber whose control stream
+    holds a stream window more unacknowledged bytes than it did right after its snapshot
+    (which is written only once the stream has room: ``Coordinator._writable``) has fallen
+    behind (a stalled process, a bad link): rather than let its backlog grow, its
+    subscription is dropped and it is told so (PresenceDropped); the client subscribes
+    again, and the new snapshot brings it up to date. One subscriber's events cost at most
+    a window on top of its snapshot, however many joins and leaves it misses.
+    """
+
+    def __init__(self, window: int) -> None:
+        self._window = window
+        self._subscribers: dict[Subscriber, int] = {}  # -> the backlog it may reach
+
+    def subscribe(self, session: Subscriber, rid: int, ids: list[str]) -> None:
+        st = session.control
+        assert st is not None
+        snapshot = control.encode(control.PresenceSnapshot(rid, ids))
+        write_message(st, snapshot)
+        self._subscribers[session] = st.conn.send_backlog(st.stream_id) + self._window
+
+    def unsubscribe(self, session: Subscriber) -> None:
+        self._subscribers.pop(session, None)
+
+    def clear(self) -> None:
+        """Everyone is leaving: tell no one of each departure."""
+        self._subscribers.clear()
+
+    def publish(self, peer: str, joined: bool) -> None:
+        event = control.encode(control.PresenceEvent(peer, joined))
+        for session, allowance in list(self._subscribers.items()):
+            st = session.control
+            if st is None or not session.conn.is_open or st.send_error is not None:
+                del self._subscribers[session]
+                continue
+            if st.conn.send_backlog(st.stream_id) > allowance:
+                del self._subscribers[session]
+                coord_log.info("client %r falls behind on presence events: dropped", session.id)
+                dropped = control.PresenceDropped(
+                    "presence events were coming faster than this client took them: "
+                    "subscribe again for a new snapshot"
+                )
+                write_message(st, control.encode(dropped))
+                continue
+            write_message(st, event)

@@ -17,8 +17,14 @@ from helpers import ClientFactory, wait_for
 
 import conec_trio
 from conec_trio import BroadcastNotFoundError, DisconnectedError, PeerEvent
-from conec_trio._coordinator import _PresenceFeed
-from conec_trio._presence import COMPACT_AT, PeerWatch, Presence, compact, reconcile
+from conec_trio._presence import (
+    COMPACT_AT,
+    PeerWatch,
+    Presence,
+    PresenceFeed,
+    compact,
+    reconcile,
+)
 from conec_trio._wire import control
 from conec_trio._wire.framing import FrameDecoder
 
@@ -293,7 +299,7 @@ class FakeSession:
 
 def test_a_slow_subscriber_is_dropped_and_told() -> None:
     window = 1000
-    feed = _PresenceFeed(window)
+    feed = PresenceFeed(window)
     slow, quick = FakeSession("slow"), FakeSession("quick")
     feed.subscribe(slow, 1, ["slow", "quick"])  # type: ignore[arg-type]
     feed.subscribe(quick, 1, ["slow", "quick"])  # type: ignore[arg-type]
