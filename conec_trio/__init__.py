@@ -28,6 +28,7 @@ from ._exceptions import (
     VersionMismatchError,
 )
 from ._messages import MessageReceiveChannel, MessageSendChannel
+from ._presence import PeerEvent
 from ._stats import ChannelStatistics, ClientStatistics, CoordinatorStatistics
 from ._types import BroadcastMessage, IncomingStream, StreamId
 from .adapters import CborReceiveChannel, CborSendChannel, open_nonblocking, untagged
@@ -60,6 +61,7 @@ __all__ = [
     "MessageReceiveChannel",
     "MessageSendChannel",
     "MessageTooLargeError",
+    "PeerEvent",
     "PeerNotFoundError",
     "ProtocolError",
     "RefusedError",

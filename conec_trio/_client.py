@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import trio
@@ -35,6 +35,7 @@ from ._exceptions import (
     StreamIdInUseError,
 )
 from ._messages import MessageReceiveChannel, MessageSendChannel, message_channels
+from ._presence import PeerEvent, Presence
 from ._quic import (
     ConnectionSettings,
     DatagramSocket,
@@ -134,6 +135,7 @@ class Client:
             )
         )
         self._idle_timeout = config.idle_timeout or DEFAULT_IDLE_TIMEOUT
+        self._presence = Presence(self._send_control)
 
     # -- connecting ------------------------------------------------------------------------------
 
@@ -199,6 +201,7 @@ class Client:
         await dialer.await_welcome(link)
         self.observed_address = link.observed_address
         self._nursery.start_soon(self._control_loop, link)
+        self._on_link_up(link)
 
     # -- control stream ----------------------------------------------------------------------------
 
@@ -213,6 +216,11 @@ class Client:
                 return
             if isinstance(msg, control.ChannelOffer):
                 self._nursery.start_soon(self._direct.on_offer, msg)
+                continue
+            if isinstance(
+                msg, control.PresenceSnapshot | control.PresenceEvent | control.PresenceDropped
+            ):
+                self._presence.on_message(msg)  # here, in arrival order: see _presence
                 continue
             self._requests.reply(msg)
 
@@ -245,6 +253,7 @@ class Client:
         # The contract: losing the coordinator breaks every stream of this client, direct
         # ones included (their peers were vouched for by a coordinator that is gone).
         self._direct.coordinator_lost()
+        self._presence.close(self._lost)
 
     # -- incoming streams --------------------------------------------------------------------------
 
@@ -448,6 +457,7 @@ class Client:
         """Leave: deliver what was cleanly closed, then break the rest and say goodbye."""
         link = self._link
         self._incoming_send.close()
+        self._presence.close(None)
         tables = [channel.table for channel in self._direct.channels.values()]
         if link is not None:
             tables.append(link.table)
@@ -472,6 +482,53 @@ class Client:
             connected=self._lost is None and link is not None and link.conn.is_open,
             channels=self._direct.statistics(),
         )
+
+    # -- presence ----------------------------------------------------------------------------------
+
+    def _on_link_up(self, link: Link) -> None:
+        """Called after every successful connect and reconnect, once welcomed: watchers of
+        peers subscribe on the new link and catch up with its snapshot."""
+        self._presence.link_up()
+
+    async def list_peers(self) -> frozenset[str]:
+        """Ids of the clients connected to the coordinator now, this one included."""
+        reply = await self._request(control.PeerListRequest)
+        if not isinstance(reply, control.PeerListReply):
+            raise ProtocolError(f"unexpected reply {type(reply).__name__} to a peer list request")
+        return frozenset(reply.peers)
+
+    async def wait_for_peer(self, peer: str) -> None:
+        """Return once client ``peer`` is connected to the coordinator (at once if it is).
+
+        Raises ``DisconnectedError`` if this client loses the coordinator meanwhile.
+        """
+        await self._presence.wait_for(peer)
+
+    def watch_peers(self) -> AbstractAsyncContextManager[trio.abc.ReceiveChannel[PeerEvent]]:
+        """``async with client.watch_peers() as events:`` a ``PeerEvent(peer, joined=True)``
+        for every client connected now (this one included), then each join and leave.
+
+        Events wait unread in the channel; past a thousand or so unread, they are merged
+        per peer (a join and a leave unread cancel out), so a reader that falls behind costs
+        memory in proportion to the number of peers, and its running set is right when it
+        reads on. After a reconnect the channel catches up: it yields the leaves and joins
+        that make its running set equal to the coordinator's again.
+        """
+        return self._presence.watch()
+
+    async def broadcast_members(self, name: str) -> tuple[frozenset[str], frozenset[str]]:
+        """``(senders, receivers)`` of broadcast channel ``name`` now, as client ids.
+
+        Raises ``BroadcastNotFoundError`` if there is no such channel.
+        """
+        reply = await self._request(lambda rid: control.BroadcastMembersRequest(rid, name))
+        if isinstance(reply, control.ErrorReply):
+            raise BroadcastNotFoundError(reply.message)
+        if not isinstance(reply, control.BroadcastMembersReply):
+            raise ProtocolError(
+                f"unexpected reply {type(reply).__name__} to a broadcast members request"
+            )
+        return (frozenset(reply.senders), frozenset(reply.receivers))
 
 
 @asynccontextmanager

@@ -17,6 +17,7 @@ from ._config import DEFAULT_IDLE_TIMEOUT, CoordConfig, canonical_id, check_clie
 from ._exceptions import CertificateError, ConecError, InvalidIdError, ProtocolError
 from ._hub import BroadcastHub
 from ._messages import message_channels
+from ._presence import PresenceFeed
 from ._quic import ConnectionSettings, Identity, QuicConn, QuicEndpoint, make_udp_socket
 from ._stats import REFUSAL_CODES, CoordinatorStatistics, refusal_name
 from ._streams import (
@@ -207,6 +208,7 @@ class Coordinator:
         # For statistics(): totals since the start.
         self._relayed_bytes = 0
         self._refusals: Counter[CloseCode] = Counter()
+        self._presence = PresenceFeed(config.stream_window)
 
     # -- public, non-blocking queries -------------------------------------------------------------
 
@@ -228,7 +230,7 @@ class Coordinator:
         return self.broadcasts.count
 
     def client_ids(self) -> list[str]:
-        """Ids of the clients connected now."""
+        """Ids of the clients connected now, sorted."""
         return sorted(self._clients)
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -261,15 +263,18 @@ class Coordinator:
 
     async def _shutdown(self) -> None:
         self._incoming_send.close()
+        self._presence.clear()
         for session in list(self._sessions):
             session.conn.close_now(int(CloseCode.SHUTDOWN), "coordinator shutting down")
         await trio.lowlevel.checkpoint()
 
     def _client_gone(self, session: ClientSession, reason: str) -> None:
         self._sessions.discard(session)
+        self._presence.unsubscribe(session)
         if session.id is not None and self._clients.get(session.id) is session:
             del self._clients[session.id]
             log.info("client %r left: %s", session.id, reason or "closed")
+            self._presence.publish(session.id, False)
 
     async def _guarded(self, session: ClientSession, task: Any, *args: Any) -> None:
         """Run a task on behalf of one client (see ``_serving``)."""
@@ -376,6 +381,7 @@ class Coordinator:
         )
         session.conn.expedite()
         log.info("client %r connected from %s", client_id, session.observed_addr)
+        self._presence.publish(client_id, True)
         return True
 
     async def _control_loop(self, session: ClientSession, st: StreamState) -> None:
@@ -418,12 +424,41 @@ class Coordinator:
                 return
             self._negotiating.setdefault(pair, session.id)
             self._nursery.start_soon(self._guarded, session, self._broker_channel, msg)
+        elif isinstance(msg, control.PeerListRequest | control.BroadcastMembersRequest):
+            if await self._writable(st):
+                write_message(st, control.encode(self._list_reply(msg)))
+        elif isinstance(msg, control.PresenceSubscribe):
+            if await self._writable(st):
+                self._presence.subscribe(session, msg.rid, self.client_ids())
+        elif isinstance(msg, control.PresenceUnsubscribe):
+            self._presence.unsubscribe(session)
         elif isinstance(msg, control.ChannelOfferReply):
             waiter = session.offers.pop(msg.oid, None)
             if waiter is not None:
                 waiter.send_nowait(msg)
         else:
             session.refuse(CloseCode.PROTOCOL, f"unexpected control message {type(msg).__name__}")
+
+    @staticmethod
+    async def _writable(st: StreamState) -> bool:
+        """Wait until the control stream has room for a reply that may be large (a peer
+        list); False if it broke. A client that asks and does not read its replies stops
+        being read, rather than making the coordinator hold them all."""
+        while st.send_error is None and not st.can_write():
+            await st.wait_writable()
+        return st.send_error is None and st.conn.is_open
+
+    def _list_reply(
+        self, msg: control.PeerListRequest | control.BroadcastMembersRequest
+    ) -> control.Message:
+        if isinstance(msg, control.PeerListRequest):
+            return control.PeerListReply(msg.rid, self.client_ids())
+        members = self.broadcasts.members(msg.name)
+        if members is None:
+            return control.ErrorReply(
+                msg.rid, Reason.NO_BROADCAST, f"no broadcast channel named {_shown(msg.name)}"
+            )
+        return control.BroadcastMembersReply(msg.rid, *members)
 
     async def _broker_channel(self, session: ClientSession, msg: control.ChannelRequest) -> None:
         """Ask the target whether it takes a channel from ``session``; tell the requester."""

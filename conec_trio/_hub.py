@@ -86,6 +86,16 @@ class BroadcastHub:
         chan = self._channels.get(name)
         return None if chan is None else chan.counts()
 
+    def members(self, name: str) -> tuple[list[str], list[str]] | None:
+        """Sorted ids of the senders and receivers of ``name`` (a client that joined twice
+        is named once), or None if there is no such channel."""
+        chan = self._channels.get(name)
+        if chan is None:
+            return None
+        senders = {m.client.id for m in chan.members if m.sending and m.client.id is not None}
+        receivers = {m.client.id for m in chan.members if m.receiving and m.client.id is not None}
+        return sorted(senders), sorted(receivers)
+
     def _refusal(self, client: HubClient, name: str) -> str | None:
         """Why ``client`` may not join ``name`` now, or None if it may."""
         if self._joined[client] >= self.max_per_client:

@@ -65,6 +65,19 @@ _LIMITS = cbor.CborLimits(
     text_keys_only=True,
 )
 
+# Ids in one list (peer lists, broadcast members): far above any coordinator's client count,
+# so that a list's size is bounded by more than the frame that carries it.
+MAX_IDS = 1_000_000
+# A message with an id list may be as large as a stream message may be by default.
+MAX_ID_LIST_MESSAGE_SIZE = 16 * 1024 * 1024
+_ID_LIST_LIMITS = cbor.CborLimits(
+    max_size=MAX_ID_LIST_MESSAGE_SIZE,
+    max_depth=8,
+    max_length=MAX_IDS,
+    max_items=2 * MAX_IDS + 16,  # two lists (broadcast members) and the fields around them
+    text_keys_only=True,
+)
+
 
 @dataclass(frozen=True)
 class _MaxLen:
@@ -91,6 +104,9 @@ Candidates: TypeAlias = Annotated[list[Addr], _MaxItems(MAX_CANDIDATES)]
 
 CertDer: TypeAlias = Annotated[bytes, _MaxLen(MAX_CERT_SIZE)]
 """A DER certificate."""
+
+IdList: TypeAlias = Annotated[list[str], _MaxItems(MAX_IDS)]
+"""Client ids, sorted by the sender (a receiver does not rely on it)."""
 
 
 class Message:
@@ -370,6 +386,26 @@ class ErrorReply(Message):
     message: Text
 
 
+@_message(33)
+@dataclass(frozen=True)
+class BroadcastMembersRequest(Message):
+    """Client -> coordinator: which clients are members of broadcast ``name``?"""
+
+    rid: int
+    name: str
+
+
+@_message(34)
+@dataclass(frozen=True)
+class BroadcastMembersReply(Message):
+    """Answer to BroadcastMembersRequest ``rid``: the ids of its senders and receivers (a
+    client that joined twice is named once). No such channel: ErrorReply NO_BROADCAST."""
+
+    rid: int
+    senders: IdList
+    receivers: IdList
+
+
 @_message(40)
 @dataclass(frozen=True)
 class ChannelRequest(Message):
@@ -411,6 +447,72 @@ class ChannelOfferReply(Message):
     message: Text
 
 
+# Presence: who is connected. A client asks for the list once (PeerListRequest), or
+# subscribes: the coordinator answers with a snapshot and then pushes a PresenceEvent for
+# every join and leave, on the control stream, in order after the snapshot. Subscribing is
+# opt-in, so clients that do not ask hear nothing.
+
+
+@_message(60)
+@dataclass(frozen=True)
+class PeerListRequest(Message):
+    """Client -> coordinator: which clients are connected now?"""
+
+    rid: int
+
+
+@_message(61)
+@dataclass(frozen=True)
+class PeerListReply(Message):
+    """Answer to PeerListRequest ``rid``: the ids connected now, the asker's included."""
+
+    rid: int
+    peers: IdList
+
+
+@_message(62)
+@dataclass(frozen=True)
+class PresenceSubscribe(Message):
+    """Client -> coordinator: send me joins and leaves, starting with a PresenceSnapshot
+    ``rid``. Subscribing again only sends a new snapshot."""
+
+    rid: int
+
+
+@_message(63)
+@dataclass(frozen=True)
+class PresenceSnapshot(Message):
+    """Answer to PresenceSubscribe ``rid``: the ids connected now; every PresenceEvent after
+    it on the control stream is relative to it."""
+
+    rid: int
+    peers: IdList
+
+
+@_message(64)
+@dataclass(frozen=True)
+class PresenceUnsubscribe(Message):
+    """Client -> coordinator: no more joins and leaves (events already sent still arrive)."""
+
+
+@_message(65)
+@dataclass(frozen=True)
+class PresenceEvent(Message):
+    """Coordinator -> subscriber: client ``peer`` connected (``joined``) or left."""
+
+    peer: str
+    joined: bool
+
+
+@_message(66)
+@dataclass(frozen=True)
+class PresenceDropped(Message):
+    """Coordinator -> subscriber: your subscription is dropped (you fell too far behind);
+    no events follow until you subscribe again."""
+
+    message: Text
+
+
 # --- encoding and decoding ----------------------------------------------------------------
 
 
@@ -426,23 +528,48 @@ def encode(msg: Message) -> bytes:
         data = cbor2.dumps([cls.TYPE_CODE, *values])
     except Exception as exc:  # a ProtocolError from a check, or a str cbor2 cannot encode
         raise ValueError(f"cannot encode {name}: {exc}") from exc
-    if len(data) > MAX_CONTROL_MESSAGE_SIZE:
+    limit = _limits_for(cls.TYPE_CODE).max_size
+    if limit is not None and len(data) > limit:
         raise ValueError(
             f"cannot encode {name}: {len(data)} bytes is over the maximum of "
-            f"{MAX_CONTROL_MESSAGE_SIZE} for a control message"
+            f"{limit} for a control message"
         )
     return data
 
 
+# Messages that carry lists of client ids.
+_ID_LIST_CODES = frozenset(
+    {BroadcastMembersReply.TYPE_CODE, PeerListReply.TYPE_CODE, PresenceSnapshot.TYPE_CODE}
+)
+
+
+def _limits_for(code: object) -> cbor.CborLimits:
+    """Messages that carry id lists may be as large as those lists; all others are small."""
+    return _ID_LIST_LIMITS if code in _ID_LIST_CODES else _LIMITS
+
+
+def _peek_code(data: bytes | bytearray | memoryview) -> int | None:
+    """The type code of an encoded message, read from its first bytes (None if unclear)."""
+    try:
+        major, _, pos = _cbor_head(bytes(data[:16]), 0)
+        if major != 4:
+            return None
+        major, code, _ = _cbor_head(bytes(data[:16]), pos)
+    except ProtocolError:
+        return None
+    return code if major == 0 else None
+
+
 def _loads(data: bytes | bytearray | memoryview) -> object:
     """Decode exactly one CBOR item, turning every failure into ProtocolError."""
-    if len(data) > MAX_CONTROL_MESSAGE_SIZE:
+    limits = _limits_for(_peek_code(data))
+    assert limits.max_size is not None
+    if len(data) > limits.max_size:
         raise ProtocolError(
-            f"control message of {len(data)} bytes is over the maximum of "
-            f"{MAX_CONTROL_MESSAGE_SIZE} bytes"
+            f"control message of {len(data)} bytes is over the maximum of {limits.max_size} bytes"
         )
     try:
-        return cbor.loads(data, _LIMITS)
+        return cbor.loads(data, limits)
     except BadCborError as exc:
         raise BadCborError(f"malformed CBOR in control message: {exc}") from exc
 

@@ -15,12 +15,15 @@ from conec_trio._wire import control
 from conec_trio._wire.codes import Reason
 from conec_trio._wire.control import (
     ALPN,
+    MAX_IDS,
     MAX_MESSAGE_LEN,
     MAX_NAME_LEN,
     PROTOCOL_VERSION,
     BroadcastCountReply,
     BroadcastCountRequest,
     BroadcastJoined,
+    BroadcastMembersReply,
+    BroadcastMembersRequest,
     ChannelGrant,
     ChannelOffer,
     ChannelOfferReply,
@@ -33,6 +36,13 @@ from conec_trio._wire.control import (
     Message,
     OpenDirect,
     OpenProxied,
+    PeerListReply,
+    PeerListRequest,
+    PresenceDropped,
+    PresenceEvent,
+    PresenceSnapshot,
+    PresenceSubscribe,
+    PresenceUnsubscribe,
     StreamAccepted,
     StreamRefused,
     Welcome,
@@ -65,6 +75,16 @@ SAMPLES: list[Message] = [
     ChannelOffer(11, "alice", CERT, [("203.0.113.9", 40000), ("10.0.0.2", 40000)]),
     ChannelOfferReply(11, True, ""),
     ChannelOfferReply(12, False, "not listening"),
+    BroadcastMembersRequest(5, "news"),
+    BroadcastMembersReply(5, ["alice", "bob"], []),
+    PeerListRequest(6),
+    PeerListReply(6, ["alice", "bob", "carol"]),
+    PresenceSubscribe(7),
+    PresenceSnapshot(7, []),
+    PresenceUnsubscribe(),
+    PresenceEvent("carol", True),
+    PresenceEvent("carol", False),
+    PresenceDropped("too far behind: subscribe again"),
 ]
 
 TYPE_CODES: dict[type[Message], int] = {
@@ -85,6 +105,15 @@ TYPE_CODES: dict[type[Message], int] = {
     ChannelGrant: 41,
     ChannelOffer: 42,
     ChannelOfferReply: 43,
+    BroadcastMembersRequest: 33,
+    BroadcastMembersReply: 34,
+    PeerListRequest: 60,
+    PeerListReply: 61,
+    PresenceSubscribe: 62,
+    PresenceSnapshot: 63,
+    PresenceUnsubscribe: 64,
+    PresenceEvent: 65,
+    PresenceDropped: 66,
 }
 
 
@@ -178,6 +207,8 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "cert_der": st.binary(max_size=100),
     "addrs": addrs,
     "accept": st.booleans(),
+    "peers": st.lists(names, max_size=5),
+    "joined": st.booleans(),
 }
 
 
@@ -185,6 +216,8 @@ def message_strategy(cls: type[Message]) -> st.SearchStrategy[Message]:
     fields = {f.name: FIELD_STRATEGIES[f.name] for f in dataclasses.fields(cls)}
     if cls is OpenProxied:
         fields["peer"] = st.none() | names
+    if cls is BroadcastMembersReply:  # id lists here, counts in BroadcastCountReply
+        fields["senders"] = fields["receivers"] = st.lists(names, max_size=5)
     return st.builds(cls, **fields)
 
 
@@ -226,6 +259,16 @@ def test_round_trip_any_values(msg: Message) -> None:
         ((41, 1, "p", "cert", []), r"ChannelGrant.cert_der must be bytes, not str"),
         ((43, 1, "yes", ""), r"ChannelOfferReply.accept must be bool, not str"),
         ((20, b"news"), r"JoinBroadcast.name must be str, not bytes"),
+        ((34, 1, "alice", []), r"BroadcastMembersReply.senders must be an array, not str"),
+        ((34, 1, [], [1]), r"BroadcastMembersReply.receivers\[0\] must be str, not int"),
+        ((61, 1, None), r"PeerListReply.peers must be an array, not None"),
+        ((61, 1, ["a", ["b"]]), r"PeerListReply.peers\[1\] must be str, not list"),
+        ((63, True, []), r"PresenceSnapshot.rid must be int, not bool"),
+        ((63, 1, {"a": 1}), r"PresenceSnapshot.peers must be an array, not dict"),
+        ((65, "a", 1), r"PresenceEvent.joined must be bool, not int"),
+        ((65, None, True), r"PresenceEvent.peer must be str, not None"),
+        ((66, 5), r"PresenceDropped.message must be str, not int"),
+        ((62, -1), r"PresenceSubscribe.rid must be in 0\.\.\d+, not -1"),
     ],
 )
 def test_wrong_field(items: tuple[Any, ...], match: str) -> None:
@@ -276,11 +319,28 @@ def test_largest_channel_offer_fits_well_under_the_control_limit() -> None:
     assert decode(encode(offer)) == offer
 
 
+def test_id_lists_are_bounded() -> None:
+    # The count is checked as well as each id's length: a list's size is bounded by more
+    # than the frame that carries it.
+    many = ["a"] * MAX_IDS
+    assert decode(raw(61, 1, many)) == PeerListReply(1, many)
+    with pytest.raises(ProtocolError, match=r"1000001 items"):
+        decode(raw(61, 1, [*many, "b"]))
+    with pytest.raises(ProtocolError, match=r"PresenceSnapshot.peers\[0\] has 1025 characters"):
+        decode(raw(63, 1, ["n" * (MAX_NAME_LEN + 1)]))
+    with pytest.raises(ProtocolError, match=r"1000001 items"):
+        decode(raw(34, 1, [], [*many, "b"]))
+    with pytest.raises(ValueError, match="cannot encode PeerListReply"):
+        encode(PeerListReply(1, [*many, "b"]))
+
+
 def test_missing_fields() -> None:
     with pytest.raises(ProtocolError, match=r"Hello needs 4 fields, got 3"):
         decode(raw(1, 1, "a", True))
     with pytest.raises(ProtocolError, match=r"OpenDirect needs 1 fields, got 0"):
         decode(raw(14))
+    with pytest.raises(ProtocolError, match=r"PresenceEvent needs 2 fields, got 1"):
+        decode(raw(65, "alice"))
 
 
 def test_extra_trailing_fields_are_ignored() -> None:
@@ -410,6 +470,8 @@ def test_decode_arbitrary_fields(code: int, fields: list[Any]) -> None:
     "msg",
     [
         JoinBroadcast("n" * (MAX_NAME_LEN + 1)),
+        PresenceEvent("n" * (MAX_NAME_LEN + 1), True),
+        PeerListReply(1, ["ok", "n" * (MAX_NAME_LEN + 1)]),
         StreamRefused(Reason.LIMIT, "m" * (MAX_MESSAGE_LEN + 1)),
         OpenDirect(-1),
         OpenDirect(2**62),
