@@ -530,6 +530,13 @@ class Client:
             )
         return (frozenset(reply.senders), frozenset(reply.receivers))
 
+    async def list_broadcasts(self) -> frozenset[str]:
+        """The names of the broadcast channels that exist now."""
+        reply = await self._request(lambda rid: control.BroadcastListRequest(rid))
+        if not isinstance(reply, control.BroadcastListReply):
+            raise ProtocolError(f"unexpected reply {type(reply).__name__} to a broadcast list")
+        return frozenset(reply.names)
+
 
 @asynccontextmanager
 async def open_client(config: ClientConfig) -> AsyncIterator[Client]:

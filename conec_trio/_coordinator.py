@@ -38,6 +38,12 @@ log = logging.getLogger("conec_trio.coordinator")
 OFFER_TIMEOUT = 5.0
 
 
+# Requests answered with a list that may be long (ids, names).
+_ListRequest = (
+    control.PeerListRequest | control.BroadcastMembersRequest | control.BroadcastListRequest
+)
+
+
 def _shown(name: object, limit: int = 100) -> str:
     """A client-chosen name for a message: repr'd, and cut short if long (replies have a
     length limit, and a name's repr can be four times the name)."""
@@ -424,7 +430,12 @@ class Coordinator:
                 return
             self._negotiating.setdefault(pair, session.id)
             self._nursery.start_soon(self._guarded, session, self._broker_channel, msg)
-        elif isinstance(msg, control.PeerListRequest | control.BroadcastMembersRequest):
+        elif isinstance(
+            msg,
+            control.PeerListRequest
+            | control.BroadcastMembersRequest
+            | control.BroadcastListRequest,
+        ):
             if await self._writable(st):
                 write_message(st, control.encode(self._list_reply(msg)))
         elif isinstance(msg, control.PresenceSubscribe):
@@ -449,10 +460,15 @@ class Coordinator:
         return st.send_error is None and st.conn.is_open
 
     def _list_reply(
-        self, msg: control.PeerListRequest | control.BroadcastMembersRequest
+        self,
+        msg: control.PeerListRequest
+        | control.BroadcastMembersRequest
+        | control.BroadcastListRequest,
     ) -> control.Message:
         if isinstance(msg, control.PeerListRequest):
             return control.PeerListReply(msg.rid, self.client_ids())
+        if isinstance(msg, control.BroadcastListRequest):
+            return control.BroadcastListReply(msg.rid, self.broadcasts.names())
         members = self.broadcasts.members(msg.name)
         if members is None:
             return control.ErrorReply(

@@ -86,6 +86,10 @@ class BroadcastHub:
         chan = self._channels.get(name)
         return None if chan is None else chan.counts()
 
+    def names(self) -> list[str]:
+        """The names of the channels alive now, sorted."""
+        return sorted(self._channels)
+
     def members(self, name: str) -> tuple[list[str], list[str]] | None:
         """Sorted ids of the senders and receivers of ``name`` (a client that joined twice
         is named once), or None if there is no such channel."""

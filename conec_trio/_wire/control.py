@@ -406,6 +406,23 @@ class BroadcastMembersReply(Message):
     receivers: IdList
 
 
+@_message(35)
+@dataclass(frozen=True)
+class BroadcastListRequest(Message):
+    """Client -> coordinator: which broadcast channels exist?"""
+
+    rid: int
+
+
+@_message(36)
+@dataclass(frozen=True)
+class BroadcastListReply(Message):
+    """Answer to BroadcastListRequest ``rid``: the names of the broadcast channels, sorted."""
+
+    rid: int
+    names: IdList
+
+
 @_message(40)
 @dataclass(frozen=True)
 class ChannelRequest(Message):
@@ -539,7 +556,12 @@ def encode(msg: Message) -> bytes:
 
 # Messages that carry lists of client ids.
 _ID_LIST_CODES = frozenset(
-    {BroadcastMembersReply.TYPE_CODE, PeerListReply.TYPE_CODE, PresenceSnapshot.TYPE_CODE}
+    {
+        BroadcastListReply.TYPE_CODE,
+        BroadcastMembersReply.TYPE_CODE,
+        PeerListReply.TYPE_CODE,
+        PresenceSnapshot.TYPE_CODE,
+    }
 )
 
 

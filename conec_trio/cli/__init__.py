@@ -7,7 +7,9 @@ Subcommands, one module each:
 - ``coord`` (:mod:`.coord`): run a coordinator until Ctrl-C (SIGINT) or SIGTERM;
 - ``certs ca`` / ``certs issue`` (:mod:`.certs`): make a CA, and certificates it signs;
 - ``expose`` / ``forward`` (:mod:`.expose`, :mod:`.forward`): TCP port forwarding over conec,
-  whose logic is :mod:`conec_trio.forward`.
+  whose logic is :mod:`conec_trio.forward`;
+- ``status`` (:mod:`.status`): the coordinator's view: clients, broadcast channels with their
+  members, and this machine's public address as the coordinator sees it.
 
 Each module has one ``add_<name>_command(subparsers)`` function that builds its parser and
 sets ``run`` to a function taking the parsed arguments and returning the exit status; a new
@@ -28,6 +30,7 @@ from .coord import add_coord_command
 from .demo import add_demo_command
 from .expose import add_expose_command
 from .forward import add_forward_command
+from .status import add_status_command
 
 __all__ = ["build_parser", "main"]
 
@@ -63,4 +66,5 @@ def build_parser() -> argparse.ArgumentParser:
     add_certs_command(subparsers)
     add_expose_command(subparsers)
     add_forward_command(subparsers)
+    add_status_command(subparsers)
     return parser

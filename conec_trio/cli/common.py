@@ -75,9 +75,14 @@ def argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def add_client_options(parser: argparse.ArgumentParser) -> None:
+def add_client_options(parser: argparse.ArgumentParser, *, id_required: bool = True) -> None:
     """The options of a program that is a conec client (``expose``, ``forward``)."""
-    parser.add_argument("--id", required=True, metavar="NAME", help="this client's id")
+    parser.add_argument(
+        "--id",
+        required=id_required,
+        metavar="NAME",
+        help="this client's id" + ("" if id_required else " (default: a random one)"),
+    )
     parser.add_argument(
         "--coord",
         required=True,
