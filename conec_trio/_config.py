@@ -125,3 +125,6 @@ class ClientConfig:
     max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
     # How long open_client waits for the coordinator before giving up (ConnectError).
     connect_timeout: float = 10.0
+    # After losing the coordinator, connect again by itself from the same socket (jittered
+    # backoff, 0.2 s doubling to 5 s) while direct channels go on; False: a loss is final.
+    reconnect: bool = True
