@@ -241,28 +241,30 @@ def silence(client: conec_trio.Client) -> None:
 async def test_a_peer_back_with_another_certificate_closes_its_stale_channel_at_once(
     coord: conec_trio.Coordinator, client_config: Callable[..., conec_trio.ClientConfig]
 ) -> None:
-    async with conec_trio.open_client(client_config(coord, "alice")) as alice:
-        async with conec_trio.open_client(client_config(coord, "bob")) as old_bob:
-            flow, _, _ = await direct_and_proxied(alice, old_bob)
-            assert flow.back is not None
-            silence(old_bob)
-            # The coordinator forgets the dead process (as at its idle timeout); the direct
-            # channel would only time out after its own idle timeout (10 s).
-            coord._clients["bob"].conn.close(0, "gone")
-            await wait_for(lambda: coord.client_ids() == ["alice"])
-            async with conec_trio.open_client(client_config(coord, "bob")) as new_bob:
-                # Alice heard at once that bob has another certificate now: her channel to
-                # the dead process closed, and its streams broke.
-                with trio.fail_after(2.0), pytest.raises(trio.BrokenResourceError):
-                    await flow.back.receive()
-                assert "bob" not in alice.statistics().channels
-                # A channel to the new bob opens.
-                with trio.fail_after(DEADLINE):
-                    await alice.new_channel("bob")
-                    send, _ = await alice.new_direct_stream("bob")
-                    await send.send(b"hello new bob")
-                    incoming = await new_bob.incoming_streams.receive()
-                    assert await incoming.recv.receive() == b"hello new bob"
+    async with (
+        conec_trio.open_client(client_config(coord, "alice")) as alice,
+        conec_trio.open_client(client_config(coord, "bob")) as old_bob,
+    ):
+        flow, _, _ = await direct_and_proxied(alice, old_bob)
+        assert flow.back is not None
+        silence(old_bob)
+        # The coordinator forgets the dead process (as at its idle timeout); the direct
+        # channel would only time out after its own idle timeout (10 s).
+        coord._clients["bob"].conn.close(0, "gone")
+        await wait_for(lambda: coord.client_ids() == ["alice"])
+        async with conec_trio.open_client(client_config(coord, "bob")) as new_bob:
+            # Alice heard at once that bob has another certificate now: her channel to
+            # the dead process closed, and its streams broke.
+            with trio.fail_after(2.0), pytest.raises(trio.BrokenResourceError):
+                await flow.back.receive()
+            assert "bob" not in alice.statistics().channels
+            # A channel to the new bob opens.
+            with trio.fail_after(DEADLINE):
+                await alice.new_channel("bob")
+                send, _ = await alice.new_direct_stream("bob")
+                await send.send(b"hello new bob")
+                incoming = await new_bob.incoming_streams.receive()
+                assert await incoming.recv.receive() == b"hello new bob"
 
 
 async def test_an_incurable_refusal_stops_reconnecting_and_surfaces_from_wait_connected(
