@@ -20,16 +20,29 @@ BACK_WITHIN = 2.0  # seconds from the coordinator's return to every client conne
 IDLE = 1.5  # the SIGKILL test: clients notice a silent coordinator within this
 
 
+class Stop:
+    """``set()`` stops a coordinator; ``stopped`` is set once its port is free again."""
+
+    def __init__(self) -> None:
+        self.requested = trio.Event()
+        self.stopped = trio.Event()
+
+    def set(self) -> None:
+        self.requested.set()
+
+
 async def run_coordinator(
     config: conec_trio.CoordConfig,
-    stop: trio.Event,
+    stop: Stop,
     *,
     task_status: trio.TaskStatus[conec_trio.Coordinator] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """A coordinator in its own task, so that a test can stop it and start another."""
+    """A coordinator in its own task, so that a test can stop it and start another: ``stop``
+    is set again once its socket is closed."""
     async with conec_trio.open_coordinator(config) as coord:
         task_status.started(coord)
-        await stop.wait()
+        await stop.requested.wait()
+    stop.stopped.set()
 
 
 class NumberedFlow:
@@ -95,7 +108,7 @@ async def test_direct_stream_flows_through_a_coordinator_restart(
     coord_config: Callable[..., conec_trio.CoordConfig],
     client_config: Callable[..., conec_trio.ClientConfig],
 ) -> None:
-    stop_first, stop_second = trio.Event(), trio.Event()
+    stop_first, stop_second = Stop(), Stop()
     async with trio.open_nursery() as nursery:
         coord = await nursery.start(run_coordinator, coord_config(), stop_first)
         port = coord.address[1]
@@ -111,6 +124,8 @@ async def test_direct_stream_flows_through_a_coordinator_restart(
 
                 stop_first.set()
                 await wait_for(lambda: not alice.connected and not bob.connected)
+                with trio.fail_after(DEADLINE):
+                    await stop_first.stopped.wait()
                 # Streams through the coordinator break; the direct one goes on.
                 with trio.fail_after(DEADLINE):
                     for end in (proxied_out, proxied_in):
@@ -271,7 +286,7 @@ async def test_an_incurable_refusal_stops_reconnecting_and_surfaces_from_wait_co
     coord_config: Callable[..., conec_trio.CoordConfig],
     client_config: Callable[..., conec_trio.ClientConfig],
 ) -> None:
-    stop_first, stop_second = trio.Event(), trio.Event()
+    stop_first, stop_second = Stop(), Stop()
     ca_pem, _ = certs.make_ca()
     async with trio.open_nursery() as nursery:
         coord = await nursery.start(run_coordinator, coord_config(), stop_first)
@@ -281,6 +296,8 @@ async def test_an_incurable_refusal_stops_reconnecting_and_surfaces_from_wait_co
             await alice.wait_connected()  # at once
             stop_first.set()
             await wait_for(lambda: not alice.connected)
+            with trio.fail_after(DEADLINE):
+                await stop_first.stopped.wait()
             # The new coordinator demands certificates from a CA: alice's is self-signed.
             strict = coord_config(port=port, client_ca=ca_pem)
             await nursery.start(run_coordinator, strict, stop_second)
@@ -301,7 +318,7 @@ async def test_wait_connected_with_reconnect_off_raises_disconnected_after_a_los
     coord_config: Callable[..., conec_trio.CoordConfig],
     client_config: Callable[..., conec_trio.ClientConfig],
 ) -> None:
-    stop = trio.Event()
+    stop = Stop()
     async with trio.open_nursery() as nursery:
         coord = await nursery.start(run_coordinator, coord_config(), stop)
         async with conec_trio.open_client(client_config(coord, "alice", reconnect=False)) as alice:
