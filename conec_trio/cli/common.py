@@ -13,7 +13,6 @@ from typing import Any
 import trio
 
 from .. import ClientConfig, ConecError
-from .._util import unwrap_single_exception
 from ..forward import Target, parse_client_id, parse_host_port
 from ..forward.console import error, say
 from ..forward.link import COORD_CONNECT_TIMEOUT
@@ -159,22 +158,25 @@ def run_until_signal(
     async def main() -> int:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             try:
-                with unwrap_single_exception():
-                    async with trio.open_nursery() as nursery:
-                        try:
-                            info = await nursery.start(serve)
-                        except OSError as exc:
-                            return error(str(exc.strerror or exc))
-                        except ConecError as exc:  # say, a key that does not parse
-                            return error(str(exc))
-                        on_started(info)
-                        async for signum in signals:
-                            more = "" if details is None else f"; {details()}"
-                            say(f"{name} stopped ({signal.Signals(signum).name}{more})")
-                            nursery.cancel_scope.cancel()
-                            break
-            except ConecError as exc:  # serving ended for good (an incurable refusal)
-                return error(str(exc))
+                async with trio.open_nursery() as nursery:
+                    try:
+                        info = await nursery.start(serve)
+                    except OSError as exc:
+                        return error(str(exc.strerror or exc))
+                    except ConecError as exc:  # say, a key that does not parse
+                        return error(str(exc))
+                    on_started(info)
+                    async for signum in signals:
+                        more = "" if details is None else f"; {details()}"
+                        say(f"{name} stopped ({signal.Signals(signum).name}{more})")
+                        nursery.cancel_scope.cancel()
+                        break
+            except BaseExceptionGroup as group:
+                # Serving ended for good (an incurable refusal): say why, no traceback.
+                refusal, rest = group.split(ConecError)
+                if refusal is None or rest is not None:
+                    raise
+                return error(str(refusal.exceptions[0]))
         return 0
 
     try:

@@ -32,6 +32,7 @@ from conec_trio._wire.control import (
     Message,
     OpenDirect,
     OpenProxied,
+    PeerCertificateChanged,
     StreamAccepted,
     StreamRefused,
     Welcome,
@@ -63,6 +64,7 @@ SAMPLES: list[Message] = [
     ChannelOffer(11, "alice", CERT, [("203.0.113.9", 40000), ("10.0.0.2", 40000)]),
     ChannelOfferReply(11, True, ""),
     ChannelOfferReply(12, False, "not listening"),
+    PeerCertificateChanged("bob", bytes(32)),
 ]
 
 TYPE_CODES: dict[type[Message], int] = {
@@ -83,6 +85,7 @@ TYPE_CODES: dict[type[Message], int] = {
     ChannelGrant: 41,
     ChannelOffer: 42,
     ChannelOfferReply: 43,
+    PeerCertificateChanged: 44,
 }
 
 
@@ -172,6 +175,7 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "rid": counts,
     "oid": counts,
     "cert_der": st.binary(max_size=100),
+    "cert_sha256": st.binary(min_size=32, max_size=32),
     "addrs": addrs,
     "accept": st.booleans(),
 }
