@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from . import _tls
+from ._backoff import Backoff
 from ._broadcast import join_broadcast
 from ._config import (
     DEFAULT_IDLE_TIMEOUT,
@@ -26,13 +27,17 @@ from ._connect import Dialer, Link
 from ._direct import DirectContext, DirectManager
 from ._exceptions import (
     BroadcastNotFoundError,
+    CertificateError,
     ChannelError,
     ConecError,
     DisconnectedError,
+    IdInUseError,
+    InvalidIdError,
     PeerNotFoundError,
     ProtocolError,
     RefusedError,
     StreamIdInUseError,
+    VersionMismatchError,
 )
 from ._messages import MessageReceiveChannel, MessageSendChannel, message_channels
 from ._presence import PeerEvent, Presence
@@ -60,10 +65,17 @@ log = logging.getLogger("conec_trio.client")
 
 # How long a client waits at exit for its cleanly closed streams to be acknowledged.
 FLUSH_TIMEOUT = 2.0
+# How long one reconnect attempt waits for a handshake: short, because QUIC's own
+# retransmissions of the first packet slow down within an attempt, and a new attempt finds a
+# coordinator that came back sooner.
+RECONNECT_ATTEMPT_TIMEOUT = 3.0
+# Refusals that retrying cannot cure: reconnecting stops (see "Staying connected").
+INCURABLE = (CertificateError, IdInUseError, InvalidIdError, VersionMismatchError)
 
 
 class _IncomingStreams(trio.abc.ReceiveChannel[IncomingStream]):
-    """``client.incoming_streams``: breaks (rather than ends) when the coordinator is lost."""
+    """``client.incoming_streams``: breaks (rather than ends) when the coordinator is lost
+    for good (with reconnecting off, or after an incurable refusal)."""
 
     def __init__(self, client: Client, recv: trio.MemoryReceiveChannel[IncomingStream]) -> None:
         self._client = client
@@ -72,8 +84,8 @@ class _IncomingStreams(trio.abc.ReceiveChannel[IncomingStream]):
     async def receive(self) -> IncomingStream:
         """The next stream another party opened to this client.
 
-        Raises ``trio.BrokenResourceError`` once the coordinator connection is lost and no
-        stream is left, ``trio.EndOfChannel`` after the client block ended.
+        Raises ``trio.BrokenResourceError`` once the coordinator connection is lost for good
+        and no stream is left, ``trio.EndOfChannel`` after the client block ended.
         """
         try:
             return await self._recv.receive()
@@ -93,10 +105,17 @@ class Client:
         self.config = config
         self.id = check_client_id(config.id)
         self._nursery = nursery
-        self._link: Link | None = None  # the coordinator connection, once connected
+        self._link: Link | None = None  # the coordinator connection, while it is up
+        self._socket: QuicEndpoint | None = None  # the one socket, from the first connection
         self._sockets: list[DatagramSocket] = []
+        # Set when the coordinator is lost for good: reconnecting is off, or an incurable
+        # refusal (kept in _refusal for wait_connected) stopped it.
         self._lost: ConecError | None = None
-        self._requests = Requests(self._send_control)
+        self._refusal: ConecError | None = None
+        self._closing = False  # the block is exiting
+        self._link_up = trio.Event()  # set on (re)connecting, giving up, and closing
+        self._reconnecting: trio.CancelScope | None = None
+        self._requests = Requests(self._send_control)  # a new one for each connection
         self._proxied_ids: set[int] = set()
         self._next_proxied = 0
         self.observed_address: tuple[str, int] | None = None
@@ -177,9 +196,14 @@ class Client:
 
     @property
     def _endpoint(self) -> QuicEndpoint | None:
-        return self._link.endpoint if self._link is not None else None
+        return self._socket
 
     async def _connect(self) -> None:
+        """The first connection (``open_client`` raises its failure)."""
+        self._adopt(await self._dial(None, None))
+
+    async def _dial(self, endpoint: QuicEndpoint | None, handshake_timeout: float | None) -> Link:
+        """Connect, from ``endpoint`` if given, and wait for the welcome."""
         dialer = Dialer(
             self.config,
             self.id,
@@ -188,24 +212,115 @@ class Client:
             self._identity,
             self._sockets,
             self._new_stream,
-            self._terminated,
+            self._link_terminated,
         )
-        link = await dialer.dial()
-        self._link = link
-        # Before the welcome: a peer may dial as soon as the coordinator registered us.
-        link.endpoint.raw_datagram_handler = self._direct.raw_datagram
-        if self.config.listen:
-            # Direct channels arrive on this same socket (and so through the same NAT mapping
-            # the coordinator observed).
-            link.endpoint.accept_connections(self._direct.server_settings, self._direct.accepted)
-        await dialer.await_welcome(link)
+        link = await dialer.dial(endpoint, handshake_timeout)
+        if self._socket is None:
+            self._socket = link.endpoint
+            # Before the welcome: a peer may dial as soon as the coordinator registered us.
+            link.endpoint.raw_datagram_handler = self._direct.raw_datagram
+            if self.config.listen:
+                # Direct channels arrive on this same socket (and so through the same NAT
+                # mapping the coordinator observed).
+                link.endpoint.accept_connections(
+                    self._direct.server_settings, self._direct.accepted
+                )
+        try:
+            await dialer.await_welcome(link)
+        except BaseException:
+            if link.conn.is_open:
+                link.conn.close(int(CloseCode.NORMAL), "no welcome")
+            raise
+        return link
+
+    def _adopt(self, link: Link) -> None:
+        """Make a welcomed connection the client's coordinator connection."""
         self.observed_address = link.observed_address
-        self._nursery.start_soon(self._control_loop, link)
+        self._link = link
+        requests = self._requests = Requests(lambda msg: self._send_on(link, msg))
+        self._nursery.start_soon(self._control_loop, link, requests)
         self._on_link_up(link)
+        self._link_up.set()
+        if not link.conn.is_open:  # closed right after its welcome
+            self._link_terminated(
+                link.conn, link.conn.close_error_code or 0, link.conn.close_reason
+            )
+
+    def _link_terminated(self, conn: QuicConn, error_code: int, reason: str) -> None:
+        link = self._link
+        if link is None or conn is not link.conn:
+            return  # an attempt that was never welcomed (its dial raises), or an old link
+        self._link = None
+        if self._link_up.is_set():
+            self._link_up = trio.Event()
+        cause = DisconnectedError(
+            f"client {self.id!r} lost its connection to the coordinator: {reason or 'closed'}"
+        )
+        # Requests waiting on this connection ask again on the next one (see _request).
+        self._requests.connection_lost(cause)
+        self._presence.link_down()
+        if self._closing:
+            return
+        if error_code == CloseCode.REPLACED:
+            # Not stale: another process connected with this id and certificate.
+            self._give_up(
+                cause,
+                IdInUseError(
+                    f"client {self.id!r} was replaced at the coordinator by another connection "
+                    f"with the same id and certificate: {reason}"
+                ),
+            )
+        elif not self.config.reconnect:
+            self._give_up(cause, None)
+        else:
+            log.warning(
+                "client %r lost the coordinator (%s); reconnecting", self.id, reason or "closed"
+            )
+            self._nursery.start_soon(self._reconnect)
+
+    async def _reconnect(self) -> None:
+        """Connect again from the same socket, with backoff, until connected, refused for
+        good, or the block exits."""
+        assert self._socket is not None
+        backoff = Backoff()
+        timeout = min(self.config.connect_timeout, RECONNECT_ATTEMPT_TIMEOUT)
+        with trio.CancelScope() as self._reconnecting:
+            while not self._closing:
+                await trio.sleep(backoff.next_delay())
+                try:
+                    link = await self._dial(self._socket, timeout)
+                except INCURABLE as exc:
+                    log.error("client %r stops reconnecting: %s", self.id, exc)
+                    self._give_up(
+                        DisconnectedError(
+                            f"client {self.id!r} lost the coordinator and stopped reconnecting: "
+                            f"{exc}"
+                        ),
+                        exc,
+                    )
+                    return
+                except (ConecError, OSError) as exc:
+                    log.info("client %r: no coordinator yet: %s", self.id, exc)
+                    continue
+                self._adopt(link)
+                log.warning("client %r reconnected to the coordinator", self.id)
+                return
+
+    def _give_up(self, cause: ConecError, refusal: ConecError | None) -> None:
+        """The coordinator is lost for good: every stream of this client breaks, direct
+        ones included, and calls raise ``DisconnectedError``."""
+        if self._lost is None:
+            self._lost = cause
+            self._refusal = refusal
+        self._incoming_send.close()
+        self._requests.connection_lost(self._lost)
+        self._direct.coordinator_lost()
+        self._presence.close(self._lost)
+        self._link_up.set()  # wakes the calls waiting for a connection: they raise
 
     # -- control stream ----------------------------------------------------------------------------
 
-    async def _control_loop(self, link: Link) -> None:
+    async def _control_loop(self, link: Link, requests: Requests) -> None:
         while True:
             try:
                 msg = control.decode(await read_header(link.control))
@@ -222,38 +337,69 @@ class Client:
             ):
                 self._presence.on_message(msg)  # here, in arrival order: see _presence
                 continue
-            self._requests.reply(msg)
+            if isinstance(msg, control.PeerCertificateChanged):
+                self._direct.peer_certificate_changed(msg.peer, msg.cert_sha256)
+                continue
+            requests.reply(msg)
 
     def _send_control(self, msg: Any) -> None:
         link = self._link
-        if link is not None and link.conn.is_open:
+        if link is not None:
+            self._send_on(link, msg)
+
+    @staticmethod
+    def _send_on(link: Link, msg: Any) -> None:
+        if link.conn.is_open:
             write_message(link.control, control.encode(msg))
 
     async def _request(self, make: Any) -> Any:
-        """Send a control request and wait for its reply (``DisconnectedError`` if the
-        coordinator connection is lost meanwhile)."""
-        self._check_alive()
-        return await self._requests.request(make)
+        """Send a control request and wait for its reply. A request whose connection is lost
+        before the reply is asked again on the next one; ``DisconnectedError`` once the
+        coordinator is lost for good."""
+        while True:
+            await self._wait_link()
+            try:
+                return await self._requests.request(make)
+            except DisconnectedError:
+                self._raise_if_lost()
 
-    def _check_alive(self) -> Link:
+    def _raise_if_lost(self) -> None:
+        """``DisconnectedError`` if the coordinator is lost for good or the block ended."""
         if self._lost is not None:
             raise DisconnectedError(str(self._lost)) from self._lost
-        link = self._link
-        if link is None or not link.conn.is_open:
-            raise DisconnectedError(f"client {self.id!r} is not connected to the coordinator")
-        return link
+        if self._closing:
+            raise DisconnectedError(f"client {self.id!r} has left (its block ended)")
 
-    def _terminated(self, conn: QuicConn, error_code: int, reason: str) -> None:
-        if self._lost is None:
-            self._lost = DisconnectedError(
-                f"client {self.id!r} lost its connection to the coordinator: {reason or 'closed'}"
-            )
-        self._incoming_send.close()
-        self._requests.connection_lost(self._lost)
-        # The contract: losing the coordinator breaks every stream of this client, direct
-        # ones included (their peers were vouched for by a coordinator that is gone).
-        self._direct.coordinator_lost()
-        self._presence.close(self._lost)
+    async def _wait_link(self) -> Link:
+        """The coordinator connection, waiting for a reconnect if it is down now."""
+        while True:
+            self._raise_if_lost()
+            link = self._link
+            if link is not None and link.conn.is_open:
+                return link
+            await self._link_up.wait()
+
+    @property
+    def connected(self) -> bool:
+        """The coordinator connection is up now."""
+        link = self._link
+        return self._lost is None and link is not None and link.conn.is_open
+
+    async def wait_connected(self) -> None:
+        """Return once the coordinator connection is up (at once if it is).
+
+        Raises the ``ConecError`` of an incurable refusal that stopped reconnecting, or
+        ``DisconnectedError`` when the coordinator is lost with reconnecting off.
+        """
+        while True:
+            refusal = self._refusal
+            if refusal is not None:
+                raise type(refusal)(*refusal.args) from refusal
+            self._raise_if_lost()
+            if self.connected:
+                await trio.lowlevel.checkpoint()
+                return
+            await self._link_up.wait()
 
     # -- incoming streams --------------------------------------------------------------------------
 
@@ -308,19 +454,25 @@ class Client:
         or ``RefusedError``, anything else ``ProtocolError``. On any failure, or if cancelled,
         the stream is broken both ways.
         """
-        st = self._check_alive().table.open_stream()
-        if decoder is not None:
-            st.decoder = decoder
-        write_message(st, control.encode(header))
-        try:
-            reply = control.decode(await read_header(st))
-        except ConecError as exc:
-            st.fail(exc, StreamCode.ABORTED)
-            self._check_alive()
-            raise ProtocolError(f"{what} failed: {exc}") from exc
-        except BaseException:
-            st.fail(ConecError(f"{what} was cancelled"), StreamCode.ABORTED)
-            raise
+        while True:
+            link = await self._wait_link()
+            st = link.table.open_stream()
+            if decoder is not None:
+                st.decoder = decoder
+            write_message(st, control.encode(header))
+            try:
+                reply = control.decode(await read_header(st))
+            except ConecError as exc:
+                st.fail(exc, StreamCode.ABORTED)
+                if not link.conn.is_open:
+                    # Lost before the answer: nothing was opened; ask the next connection.
+                    self._raise_if_lost()
+                    continue
+                raise ProtocolError(f"{what} failed: {exc}") from exc
+            except BaseException:
+                st.fail(ConecError(f"{what} was cancelled"), StreamCode.ABORTED)
+                raise
+            break
         if isinstance(reply, control.StreamRefused):
             st.fail(ConecError(reply.message), StreamCode.REFUSED)
             if reply.reason == Reason.NO_PEER:
@@ -347,10 +499,10 @@ class Client:
         """Open a stream relayed by the coordinator to client ``peer`` (this client itself
         allowed), or to the coordinator when ``peer`` is None.
 
-        Raises ``PeerNotFoundError`` if ``peer`` is not connected, ``DisconnectedError`` if
-        this client lost the coordinator.
+        Waits while the client reconnects. Raises ``PeerNotFoundError`` if ``peer`` is not
+        connected, ``DisconnectedError`` if this client lost the coordinator for good.
         """
-        self._check_alive()
+        self._raise_if_lost()
         n = self._take_proxied_id(None)
         try:
             return await self._open_proxied(peer, n)
@@ -367,7 +519,7 @@ class Client:
         reached within 10 s, is already connected, or presents another certificate than
         the coordinator vouched for; ``PeerNotFoundError`` if it is not connected.
         """
-        self._check_alive()
+        self._raise_if_lost()
         await self._direct.open(peer)
 
     async def close_channel(self, peer: str) -> None:
@@ -381,9 +533,10 @@ class Client:
         self, peer: str
     ) -> tuple[MessageSendChannel, MessageReceiveChannel]:
         """A stream over the open direct channel to ``peer`` (``ChannelError`` if none,
-        ``DisconnectedError`` once the coordinator is lost)."""
+        ``DisconnectedError`` once the coordinator is lost for good). Never waits for the
+        coordinator."""
         await trio.lowlevel.checkpoint()
-        self._check_alive()
+        self._raise_if_lost()
         return self._direct.new_stream(peer)
 
     async def _ensure_channel(self, peer: str) -> bool:
@@ -408,7 +561,7 @@ class Client:
         """A stream to ``peer``: direct if a channel exists or can be opened now, otherwise
         proxied through the coordinator (for example when the peer does not listen, or sits
         behind a symmetric NAT). Raises ``PeerNotFoundError`` if ``peer`` is not connected."""
-        self._check_alive()
+        self._raise_if_lost()
         if await self._ensure_channel(peer):
             return self._direct.new_stream(peer)
         return await self.new_proxied_stream(peer)
@@ -420,7 +573,7 @@ class Client:
 
         Raises ``StreamIdInUseError`` if this client already uses that id.
         """
-        self._check_alive()
+        self._raise_if_lost()
         if stream_id.is_direct:
             if peer is None:
                 raise ChannelError("the coordinator cannot be reached over a direct channel")
@@ -439,7 +592,7 @@ class Client:
         self, name: str
     ) -> tuple[trio.abc.SendChannel[bytes], trio.abc.ReceiveChannel[BroadcastMessage[bytes]]]:
         """Join broadcast channel ``name`` (created on first use): ``(send, recv)``."""
-        return await join_broadcast(self, self._check_alive().table, name)
+        return await join_broadcast(self, (await self._wait_link()).table, name)
 
     async def broadcast_count(self, name: str) -> tuple[int, int]:
         """``(senders, receivers)`` of broadcast channel ``name`` now.
@@ -455,6 +608,10 @@ class Client:
 
     async def _shutdown(self) -> None:
         """Leave: deliver what was cleanly closed, then break the rest and say goodbye."""
+        self._closing = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+        self._link_up.set()  # calls waiting for a reconnect raise
         link = self._link
         self._incoming_send.close()
         self._presence.close(None)
@@ -475,11 +632,10 @@ class Client:
     def statistics(self) -> ClientStatistics:
         """A snapshot of this client: its public address, its connection to the
         coordinator, and its direct channels."""
-        link = self._link
         return ClientStatistics(
             id=self.id,
             observed_address=self.observed_address,
-            connected=self._lost is None and link is not None and link.conn.is_open,
+            connected=self.connected,
             channels=self._direct.statistics(),
         )
 

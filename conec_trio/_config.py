@@ -189,6 +189,9 @@ class ClientConfig:
             probing off).
         connect_timeout: Seconds :func:`~conec_trio.open_client` waits for the coordinator
             before giving up with :class:`~conec_trio.ConnectError`.
+        reconnect: After losing the coordinator, connect again by itself from the same
+            socket (jittered backoff, 0.2 s doubling to 5 s) while direct channels go on
+            (default True); False: a loss is final.
     """
 
     id: str
@@ -208,6 +211,7 @@ class ClientConfig:
     connection_window: int = DEFAULT_CONNECTION_WINDOW
     max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
     connect_timeout: float = 10.0
+    reconnect: bool = True
 
     def __post_init__(self) -> None:
         check_files(self, ("ca", "cert_chain", "private_key", "client_ca"))

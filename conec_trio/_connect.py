@@ -136,9 +136,16 @@ class Dialer:
         self._on_terminated = on_terminated
         self._link: Link | None = None
 
-    async def dial(self) -> Link:
+    async def dial(
+        self, endpoint: QuicEndpoint | None = None, handshake_timeout: float | None = None
+    ) -> Link:
         """Connect and say hello (then ``await_welcome``); raises a ``ConecError`` subclass
-        that says what went wrong."""
+        that says what went wrong.
+
+        With ``endpoint`` (a reconnect), every attempt goes out from that one socket: direct
+        channels live on it, and so does the NAT mapping peers know this client by.
+        ``handshake_timeout`` bounds the handshake (default: the config's ``connect_timeout``).
+        """
         cfg = self.config
         host, port = cfg.coord_host, cfg.coord_port
         try:
@@ -146,12 +153,19 @@ class Dialer:
         except OSError as exc:
             raise ConnectError(f"cannot resolve the coordinator host {host!r}: {exc}") from exc
         errors: list[ConecError] = []
-        attempts: list[tuple[trio.CancelScope, QuicEndpoint, QuicConn]] = []
+        # (the scope of the endpoint's task, or None for the given endpoint; endpoint; conn)
+        attempts: list[tuple[trio.CancelScope | None, QuicEndpoint, QuicConn]] = []
         # Every resolved address is tried at once ("localhost" may be ::1 or 127.0.0.1);
         # the first finished handshake wins.
         # Full socket addresses: an AF_INET6 socket reports senders as 4-tuples, and aioquic
         # only accepts packets from the exact address it dialled.
         for family, addr in dict.fromkeys((info[0], tuple(info[4])) for info in infos):
+            if endpoint is not None:
+                if family == endpoint.sock.family:
+                    conn = endpoint.connect(addr, self._settings)
+                    conn.listener = _HelloOnHandshake(self, endpoint)
+                    attempts.append((None, endpoint, conn))
+                continue
             bind_host = "::" if family == socket.AF_INET6 else "0.0.0.0"
             try:
                 sock = make_udp_socket(family, bind_host, 0)
@@ -159,35 +173,42 @@ class Dialer:
                 errors.append(ConnectError(f"cannot open a UDP socket towards {addr}: {exc}"))
                 continue
             scope = trio.CancelScope()
-            endpoint: QuicEndpoint = await self._nursery.start(self._run_endpoint, sock, scope)
-            conn = endpoint.connect(addr, self._settings)
-            conn.listener = _HelloOnHandshake(self, endpoint)
-            attempts.append((scope, endpoint, conn))
+            new_endpoint: QuicEndpoint = await self._nursery.start(self._run_endpoint, sock, scope)
+            conn = new_endpoint.connect(addr, self._settings)
+            conn.listener = _HelloOnHandshake(self, new_endpoint)
+            attempts.append((scope, new_endpoint, conn))
+        if endpoint is not None and not attempts:
+            raise ConnectError(
+                f"the coordinator host {host!r} has no address of this client's socket's family"
+            )
         # The ClientHello carries no certificate: send it, then make an ephemeral identity
         # (and the rest of the hello) while the coordinator answers; a handshake that gets
         # there first makes them itself.
         for _, _, conn in attempts:
             await conn.transmit()
-        for _, endpoint, conn in attempts:
+        for _, attempt_endpoint, conn in attempts:
             listener = conn.listener
             if isinstance(listener, _HelloOnHandshake) and listener.local is None:
-                listener.local = local_addrs(endpoint, conn.peer_address)
+                listener.local = local_addrs(attempt_endpoint, conn.peer_address)
         self._make_identity()
 
-        with trio.move_on_after(cfg.connect_timeout):
+        with trio.move_on_after(
+            cfg.connect_timeout if handshake_timeout is None else handshake_timeout
+        ):
             async with trio.open_nursery() as watchers:
                 for _, _, conn in attempts:
                     watchers.start_soon(self._watch_attempt, conn, attempts, watchers.cancel_scope)
         # The winner (if any) was chosen, and said its hello, when its handshake completed.
         link = self._link
-        for scope, _, conn in attempts:
+        for attempt_scope, _, conn in attempts:
             if link is None or conn is not link.conn:
                 if conn.is_open:
                     conn.close(int(CloseCode.NORMAL), "another address answered first")
                     await conn.transmit()
                 else:
                     errors.append(close_error(conn, host, port))
-                scope.cancel()
+                if attempt_scope is not None:
+                    attempt_scope.cancel()
         if link is None:
             raise self._best_error(errors, host, port)
         return link
@@ -195,7 +216,7 @@ class Dialer:
     @staticmethod
     async def _watch_attempt(
         conn: QuicConn,
-        attempts: list[tuple[trio.CancelScope, QuicEndpoint, QuicConn]],
+        attempts: list[tuple[trio.CancelScope | None, QuicEndpoint, QuicConn]],
         done: trio.CancelScope,
     ) -> None:
         await wait_any(conn.handshake_complete, conn.closed)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import socket
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeAlias
@@ -36,6 +37,11 @@ log = logging.getLogger("conec_trio.coordinator")
 
 # How long the target of a channel offer has to answer it.
 OFFER_TIMEOUT = 5.0
+# What the coordinator remembers of ids across their sessions (see PeerMemory): that many
+# ids' last certificates, and ids with which each had channels brokered, per id and in all.
+MAX_REMEMBERED_IDS = 100_000
+MAX_BROKERED_PER_ID = 1_000
+MAX_BROKERED_PAIRS = 200_000
 
 
 # Requests answered with a list that may be long (ids, names).
@@ -136,6 +142,71 @@ class ClientSession:
 _Pending: TypeAlias = tuple[ClientSession, IncomingStream]
 
 
+class PeerMemory:
+    """What the coordinator remembers of ids across their sessions, within bounds (the least
+    recently used go first): each id's last certificate (a SHA-256), and the ids it had
+    direct channels brokered with, so they hear when it comes back with another certificate
+    (their channel to it leads to a process that is gone)."""
+
+    def __init__(
+        self,
+        max_ids: int = MAX_REMEMBERED_IDS,
+        max_per_id: int = MAX_BROKERED_PER_ID,
+        max_pairs: int = MAX_BROKERED_PAIRS,
+    ) -> None:
+        self._max_ids = max_ids
+        self._max_per_id = max_per_id
+        self._max_pairs = max_pairs
+        self._certs: OrderedDict[str, bytes] = OrderedDict()
+        self._pairs: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()
+        self._pair_count = 0  # entries in all of _pairs' sets
+
+    def registered(self, client_id: str, cert_sha256: bytes) -> list[str]:
+        """Note that ``client_id`` registered with this certificate; if its last one was
+        another, return the ids it had channels brokered with (and forget those)."""
+        previous = self._certs.pop(client_id, None)
+        self._certs[client_id] = cert_sha256
+        while len(self._certs) > self._max_ids:
+            self._certs.popitem(last=False)
+        if previous is None or previous == cert_sha256:
+            return []
+        peers = self._pairs.pop(client_id, OrderedDict())
+        self._pair_count -= len(peers)
+        for peer in peers:
+            theirs = self._pairs.get(peer)
+            if theirs is not None and client_id in theirs:
+                del theirs[client_id]
+                self._pair_count -= 1
+        return list(peers)
+
+    def brokered(self, a: str, b: str) -> None:
+        """The coordinator brokered a channel between ``a`` and ``b``."""
+        self._add(a, b)
+        self._add(b, a)
+
+    def _add(self, owner: str, peer: str) -> None:
+        peers = self._pairs.pop(owner, None)
+        if peers is None:
+            peers = OrderedDict()
+        self._pairs[owner] = peers  # the most recently used last
+        if peer in peers:
+            peers.move_to_end(peer)
+            return
+        peers[peer] = None
+        self._pair_count += 1
+        if len(peers) > self._max_per_id:
+            peers.popitem(last=False)
+            self._pair_count -= 1
+        while self._pair_count > self._max_pairs and len(self._pairs) > 1:
+            _, oldest = self._pairs.popitem(last=False)
+            self._pair_count -= len(oldest)
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """(ids with a remembered certificate, brokered pairs remembered)"""
+        return len(self._certs), self._pair_count
+
+
 class _IncomingStreams(trio.abc.ReceiveChannel[IncomingStream]):
     """``coord.incoming_streams``: the streams clients opened to the coordinator, in the
     order they came. Taking one frees a place in its client's quota of pending opens."""
@@ -190,6 +261,7 @@ class Coordinator:
         self._offer_ids = itertools.count(1)
         # Pairs of clients with a channel negotiation in progress -> the requester.
         self._negotiating: dict[frozenset[str], str] = {}
+        self._memory = PeerMemory()
         self._incoming_send, incoming_recv = trio.open_memory_channel[_Pending](
             config.max_pending_opens
         )
@@ -362,13 +434,17 @@ class Coordinator:
         except CertificateError as exc:
             session.refuse(CloseCode.CERTIFICATE, str(exc))
             return False
-        if client_id in self._clients:
+        cert_der = _tls.cert_der(cert)
+        stale = self._clients.get(client_id)
+        if stale is not None and stale.cert_der != cert_der:
             session.id = None  # must not unregister the client that holds the name
             session.refuse(
-                CloseCode.ID_TAKEN, f"client id {client_id!r} is already connected", client_id
+                CloseCode.ID_TAKEN,
+                f"client id {client_id!r} is already connected (with another certificate)",
+                client_id,
             )
             return False
-        if len(self._clients) >= self.config.max_clients:
+        if stale is None and len(self._clients) >= self.config.max_clients:
             session.id = None
             session.refuse(
                 CloseCode.LIMIT,
@@ -378,6 +454,13 @@ class Coordinator:
             return False
         if not session.conn.is_open:
             return False
+        if stale is not None:
+            # The same id and certificate: the same client, connecting again while its old
+            # connection has not timed out here yet (it restarted, or its network changed).
+            log.info("client %r connected again: replacing its stale session", client_id)
+            del self._clients[client_id]
+            self._presence.publish(client_id, False)  # watchers see the leave, then the join
+            stale.conn.close(int(CloseCode.REPLACED), "replaced by a newer connection")
         session.listen = hello.listen
         session.local_addrs = list(hello.local_addrs)
         session.control = st
@@ -387,8 +470,19 @@ class Coordinator:
         )
         session.conn.expedite()
         log.info("client %r connected from %s", client_id, session.observed_addr)
+        self._certificate_seen(client_id, cert_der)
         self._presence.publish(client_id, True)
         return True
+
+    def _certificate_seen(self, client_id: str, cert_der: bytes) -> None:
+        """Tell the clients that had channels brokered with ``client_id`` if it came back
+        with another certificate: their channels to it are stale."""
+        digest = hashlib.sha256(cert_der).digest()
+        notice = control.encode(control.PeerCertificateChanged(client_id, digest))
+        for peer in self._memory.registered(client_id, digest):
+            target = self._clients.get(peer)
+            if target is not None and target.control is not None and target.conn.is_open:
+                write_message(target.control, notice)
 
     async def _control_loop(self, session: ClientSession, st: StreamState) -> None:
         while True:
@@ -519,6 +613,7 @@ class Coordinator:
                 )
             else:
                 reply = control.ChannelGrant(msg.rid, msg.peer, target.cert_der, target.candidates)
+                self._memory.brokered(requester, msg.peer)
         if session.conn.is_open:
             write_message(session.control, control.encode(reply))
         pair = frozenset((requester, msg.peer))

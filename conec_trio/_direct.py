@@ -11,6 +11,7 @@ only from exactly the certificate the coordinator vouched for.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -467,7 +468,24 @@ class DirectManager:
                 await conn.closed.wait()
         await conn.aclose(int(CloseCode.CHANNEL_CLOSED), "channel closed")
 
+    def peer_certificate_changed(self, peer: str, cert_sha256: bytes) -> None:
+        """The coordinator says ``peer`` came back with the certificate of that hash: a
+        channel pinned to another one leads to a process that is gone; close it at once."""
+        channel = self.channels.get(peer)
+        if channel is None:
+            return
+        cert = channel.conn.peer_certificate
+        pinned = _tls.cert_der(cert) if cert is not None else b""
+        if hashlib.sha256(pinned).digest() == cert_sha256:
+            return
+        log.info("closing the direct channel to %r: it came back with another certificate", peer)
+        del self.channels[peer]
+        channel.conn.close(
+            int(CloseCode.CHANNEL_CLOSED), "the peer came back with another certificate"
+        )
+
     def coordinator_lost(self) -> None:
+        """With reconnecting off, losing the coordinator ends every channel too."""
         for channel in list(self.channels.values()):
             channel.conn.close_now(int(CloseCode.CHANNEL_CLOSED), "peer lost its coordinator")
         self.channels.clear()

@@ -590,7 +590,10 @@ async def test_silent_client_is_dropped_after_its_idle_timeout(
     async with open_fake_network(0) as net:
         build(net, None, None)
         async with open_lab(
-            net, identity, alice={"idle_timeout": idle}, bob={"idle_timeout": idle}
+            net,
+            identity,
+            alice={"idle_timeout": idle, "reconnect": False},  # the loss is final
+            bob={"idle_timeout": idle},
         ) as (coord, alice, _bob):
             assert coord.client_ids() == ["alice", "bob"]
             net.block(ALICE_IP)  # alice vanishes: nothing gets in or out any more

@@ -384,9 +384,12 @@ async def test_coordinator_killed_and_restarted(tmp_path: Path) -> None:
     state_dir = tmp_path / "coord-state"
 
     def config(client_id: str, port: int, ca: str) -> conec_trio.ClientConfig:
+        # reconnect=False: the earlier behaviour, where losing the coordinator is final
+        # (test_reconnect covers the default).
         return conec_trio.ClientConfig(
-            id=client_id, coord_host="127.0.0.1", coord_port=port, ca=ca, idle_timeout=IDLE
-        )
+            id=client_id, coord_host="127.0.0.1", coord_port=port, ca=ca, idle_timeout=IDLE,
+            reconnect=False,
+        )  # fmt: skip
 
     async with run_program("coord", coord_argv(0, state_dir)) as coord:
         ca = (await coord.expect(r"clients pass --ca (.+)"))[1]

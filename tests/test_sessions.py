@@ -278,11 +278,14 @@ async def test_without_keepalive_an_idle_client_is_dropped(
     # The lower of both sides' idle timeouts applies, whichever side sets it.
     async with (
         conec_trio.open_coordinator(coord_config(idle_timeout=coord_idle)) as coord,
-        open_client(coord, "idler", keepalive=False, idle_timeout=client_idle) as idler,
+        open_client(
+            coord, "idler", keepalive=False, idle_timeout=client_idle, reconnect=False
+        ) as idler,
     ):
         assert coord.num_clients == 1
         await wait_for(lambda: coord.num_clients == 0, timeout=4)
-        # The client knows it too: its methods raise ConecError, incoming streams break.
+        # The client knows it too (reconnecting off: the loss is final): its methods raise
+        # ConecError, incoming streams break.
         with trio.fail_after(4):
             with pytest.raises(conec_trio.ConecError):
                 await idler.new_proxied_stream(None)

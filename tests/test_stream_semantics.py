@@ -427,7 +427,9 @@ async def test_coordinator_end_breaks_when_the_client_leaves(coord, open_client)
 
 async def test_peer_connection_idle_timeout_breaks_the_stream(coord, open_client):
     async with open_client(coord, "bob") as bob:
-        async with open_client(coord, "alice", keepalive=False, idle_timeout=1.0) as alice:
+        async with open_client(
+            coord, "alice", keepalive=False, idle_timeout=1.0, reconnect=False
+        ) as alice:
             send, recv, incoming = await open_pair(alice, bob)
             with trio.fail_after(DEADLINE):
                 await send.send(b"hello")
@@ -456,11 +458,14 @@ async def run_coordinator(
         await stop.wait()
 
 
-async def test_client_that_loses_the_coordinator(coord_config, open_client):
+async def test_client_that_loses_the_coordinator_with_reconnect_off(coord_config, open_client):
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         coord = await nursery.start(run_coordinator, coord_config(), stop)
-        async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
+        async with (
+            open_client(coord, "alice", reconnect=False) as alice,
+            open_client(coord, "bob", reconnect=False) as bob,
+        ):
             send, recv, incoming = await open_pair(alice, bob)
             loop_send, loop_recv, _ = await open_pair(alice, alice)
             with trio.fail_after(DEADLINE):

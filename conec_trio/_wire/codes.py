@@ -28,6 +28,9 @@ class CloseCode(IntEnum):
     PROTOCOL = 0x1006
     SHUTDOWN = 0x1007
     CHANNEL_CLOSED = 0x1008
+    # The coordinator took a newer connection of the same id and certificate: this one is
+    # stale, or another process runs with the same identity.
+    REPLACED = 0x1009
 
 
 class StreamCode(IntEnum):

@@ -530,6 +530,17 @@ class PresenceDropped(Message):
     message: Text
 
 
+@_message(44)
+@dataclass(frozen=True)
+class PeerCertificateChanged(Message):
+    """Coordinator -> client: ``peer``, with which the coordinator brokered a channel for
+    this client, registered again with another certificate (SHA-256 of its DER). A direct
+    channel pinned to another certificate is stale: its peer process is gone."""
+
+    peer: str
+    cert_sha256: bytes
+
+
 # --- encoding and decoding ----------------------------------------------------------------
 
 

@@ -189,19 +189,26 @@ def run_until_signal(
 
     async def main() -> int:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                try:
-                    info = await nursery.start(serve)
-                except OSError as exc:
-                    return error(str(exc.strerror or exc))
-                except ConecError as exc:  # say, a key that does not parse
-                    return error(str(exc))
-                on_started(info)
-                async for signum in signals:
-                    more = "" if details is None else f"; {details()}"
-                    say(f"{name} stopped ({signal.Signals(signum).name}{more})")
-                    nursery.cancel_scope.cancel()
-                    break
+            try:
+                async with trio.open_nursery() as nursery:
+                    try:
+                        info = await nursery.start(serve)
+                    except OSError as exc:
+                        return error(str(exc.strerror or exc))
+                    except ConecError as exc:  # say, a key that does not parse
+                        return error(str(exc))
+                    on_started(info)
+                    async for signum in signals:
+                        more = "" if details is None else f"; {details()}"
+                        say(f"{name} stopped ({signal.Signals(signum).name}{more})")
+                        nursery.cancel_scope.cancel()
+                        break
+            except BaseExceptionGroup as group:
+                # Serving ended for good (an incurable refusal): say why, no traceback.
+                refusal, rest = group.split(ConecError)
+                if refusal is None or rest is not None:
+                    raise
+                return error(str(refusal.exceptions[0]))
         return 0
 
     try:

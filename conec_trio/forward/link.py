@@ -1,16 +1,15 @@
-"""Staying connected to the coordinator: both programs keep one client connected and, whenever
-it is lost (or not there yet), connect again with backoff (0.2 s doubling to 5 s, with jitter).
-
-Each connection of a client is a *session*; TCP connections belong to the session that carried
-them, and a lost session lets its connections run to their end (those over a direct channel do
-not need the coordinator) while the next session takes new ones.
+"""Staying connected to the coordinator: both programs keep one client for their whole run and
+let the library reconnect it (from the same socket, so direct channels and the TCP connections
+over them go on while the coordinator is away). Only the first connection is retried here,
+with backoff (0.2 s doubling to 5 s, with jitter); a refusal that retrying cannot cure (the
+certificate is not accepted, the id is held by another certificate, another protocol version)
+ends the program with the reason.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,17 +24,28 @@ from .. import (
     IncomingStream,
     open_client,
 )
+from .._backoff import BACKOFF_INITIAL, BACKOFF_MAX, Backoff
+from .._client import INCURABLE
 from .console import format_address, say
 
-__all__ = ["COORD_CONNECT_TIMEOUT", "Backoff", "CoordinatorLink", "Session"]
+__all__ = [
+    "BACKOFF_INITIAL",
+    "BACKOFF_MAX",
+    "COORD_CONNECT_TIMEOUT",
+    "Backoff",
+    "CoordinatorLink",
+    "Session",
+]
 
 log = logging.getLogger(__name__)
 
 # How long one attempt to reach the coordinator may take before the next one, after a pause.
 COORD_CONNECT_TIMEOUT = 5.0
-BACKOFF_INITIAL = 0.2
-BACKOFF_MAX = 5.0
-
+# How long a first connection refused for its id is retried: longer than a coordinator takes
+# to time out an earlier run of the program (its default idle timeout is 10 s).
+ID_TAKEN_PATIENCE = 30.0
+# How often the programs look whether the client is connected, to log its losses and returns.
+WATCH_INTERVAL = 0.1
 
 # How long the probe of the coordinator's port waits for an ICMP error to come back.
 PROBE_WAIT = 1.0
@@ -68,30 +78,6 @@ async def unreachable_udp(host: str, port: int) -> str | None:
     return refused[0] if refused else None
 
 
-class Backoff:
-    """Pauses between attempts: ``initial`` doubling up to ``maximum``, each with jitter (a
-    random half to all of it), so that many clients of a restarted coordinator spread out."""
-
-    def __init__(
-        self,
-        initial: float = BACKOFF_INITIAL,
-        maximum: float = BACKOFF_MAX,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.initial = initial
-        self.maximum = maximum
-        self._rng = rng or random.Random()
-        self._next = initial
-
-    def reset(self) -> None:
-        self._next = self.initial
-
-    def next_delay(self) -> float:
-        base = self._next
-        self._next = min(self.maximum, base * 2)
-        return base * (0.5 + 0.5 * self._rng.random())
-
-
 @dataclass(eq=False)
 class Session:
     """One connection of the client to the coordinator, and the TCP connections it carries."""
@@ -108,10 +94,12 @@ class Session:
 
 
 class CoordinatorLink:
-    """Keeps a client connected to the coordinator, reconnecting with backoff, forever.
+    """Keeps a client connected to the coordinator for the program's whole run.
 
-    ``current`` is the live session, or None while there is none. ``on_incoming`` is called
-    (synchronously) with each stream another party opens to the client.
+    ``current`` is the session once the first connection succeeded (it stays while the
+    library reconnects), None before. ``on_incoming`` is called (synchronously) with each
+    stream another party opens to the client. ``run`` raises the ``ConecError`` of an
+    incurable refusal.
     """
 
     def __init__(
@@ -119,6 +107,7 @@ class CoordinatorLink:
     ) -> None:
         self.config = config
         self.current: Session | None = None
+        self._served = False  # connected once: a refusal now is about a reconnect
         self._on_incoming = on_incoming
         self._numbers = itertools.count(1)
         self.backoff = Backoff()
@@ -128,38 +117,48 @@ class CoordinatorLink:
         return format_address(self.config.coord_host, self.config.coord_port)
 
     async def run(self) -> None:
-        """Connect, and connect again whenever the connection is lost (never returns)."""
-        async with trio.open_nursery() as sessions:
-            while True:
-                lost = trio.Event()
-                try:
-                    await self._attempt(sessions, lost)
-                except (ConecError, OSError) as exc:
-                    delay = self.backoff.next_delay()
-                    if isinstance(exc, IdInUseError):
-                        why = (
-                            f"the coordinator still has a client named {self.config.id!r} "
-                            "(an earlier run of this program, until it times out?)"
-                        )
-                    else:
-                        why = str(exc)
-                    say(
-                        f"cannot connect to the coordinator at {self.where}: {why}; "
-                        f"retrying in {delay:.1f} s"
-                    )
-                    await trio.sleep(delay)
-                    continue
-                self.backoff.reset()
-                await lost.wait()
-                await trio.sleep(self.backoff.next_delay())
+        """Connect (retrying until the coordinator answers), then serve until cancelled."""
+        id_taken_since: float | None = None
+        while True:
+            try:
+                await self._connect_and_serve()
+            except IdInUseError as exc:
+                # At the start, most likely an earlier run of this program (with another
+                # ephemeral certificate) that the coordinator has not timed out yet.
+                now = trio.current_time()
+                if id_taken_since is None:
+                    id_taken_since = now
+                if self._served or now - id_taken_since > ID_TAKEN_PATIENCE:
+                    raise self._incurable(exc) from exc
+                await self._retry_later(
+                    f"the coordinator still has a client named {self.config.id!r} (an earlier "
+                    "run of this program, until it times out?)"
+                )
+            except INCURABLE as exc:
+                raise self._incurable(exc) from exc
+            except (ConecError, OSError) as exc:
+                await self._retry_later(str(exc))
 
-    async def _attempt(self, sessions: trio.Nursery, lost: trio.Event) -> None:
-        """Start a session in ``sessions``; meanwhile a probe of the coordinator's port turns
-        an ICMP "port unreachable" into an error at once, instead of a wait of
-        ``connect_timeout`` (the library's socket is unconnected, so it never sees the ICMP)."""
+    async def _retry_later(self, why: str) -> None:
+        delay = self.backoff.next_delay()
+        say(f"cannot connect to the coordinator at {self.where}: {why}; retrying in {delay:.1f} s")
+        await trio.sleep(delay)
+
+    def _incurable(self, exc: ConecError) -> ConecError:
+        why = str(exc)
+        if isinstance(exc, IdInUseError):
+            why += (
+                f" (another program holds the id {self.config.id!r}; if it is an earlier run of"
+                " this one, wait for the coordinator to time it out, or use a fixed certificate)"
+            )
+        return type(exc)(f"the coordinator at {self.where} refused this client: {why}")
+
+    async def _connect_and_serve(self) -> None:
+        """Connect and serve; meanwhile a probe of the coordinator's port turns an ICMP "port
+        unreachable" into an error at once, instead of a wait of ``connect_timeout`` (the
+        library's socket is unconnected, so it never sees the ICMP)."""
         refused: list[str] = []
-        attempt = trio.CancelScope()
-        probe = trio.CancelScope()
+        attempt, probe = trio.CancelScope(), trio.CancelScope()
 
         async def watch() -> None:
             with probe:
@@ -168,54 +167,49 @@ class CoordinatorLink:
                     refused.append(where)
                     attempt.cancel()
 
-        # The probe runs beside the attempt, not around it: errors of the attempt stay bare.
-        sessions.start_soon(watch)
-        with attempt:
-            try:
-                await sessions.start(self._session, lost)
-            finally:
-                probe.cancel()
+        async with trio.open_nursery() as probes:
+            probes.start_soon(watch)
+            with attempt:
+                async with open_client(self.config) as client, trio.open_nursery() as nursery:
+                    probe.cancel()
+                    await self._serve(Session(next(self._numbers), client, nursery))
+            probe.cancel()
         if refused:
             raise ConnectError(
                 f"nothing listens on UDP {refused[0]} (ICMP port unreachable): is the port "
                 "right, and is the coordinator running?",
             )
 
-    async def _session(
-        self, lost: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        number = next(self._numbers)
-        started = False
+    async def _serve(self, session: Session) -> None:
+        client = session.client
+        self.current = session
+        say(f"connected to the coordinator at {self.where} as {client.id!r}")
+        session.nursery.start_soon(self._watch, client)
         try:
-            async with open_client(self.config) as client, trio.open_nursery() as nursery:
-                session = Session(number, client, nursery)
-                self.current = session
-                started = True
-                task_status.started()
-                say(f"connected to the coordinator at {self.where} as {client.id!r}")
-                reason = "the client closed"
-                try:
-                    async for incoming in client.incoming_streams:
-                        self._on_incoming(session, incoming)
-                except trio.BrokenResourceError as exc:
-                    reason = str(exc) or "connection lost"
-                finally:
-                    if self.current is session:
-                        self.current = None
-                    lost.set()
-                say(f"lost the coordinator ({reason}); reconnecting")
-                if nursery.child_tasks:
-                    say(
-                        f"{len(nursery.child_tasks)} connection(s) of the lost session go on "
-                        "until they end"
-                    )
-                # Leaving the nursery waits for this session's connections: those over a
-                # direct channel go on without the coordinator.
-        except Exception:
-            if not started:
-                raise
-            # Leaving a lost client's block raises nothing by contract; anything else is a
-            # bug, and must not take the program (and every other connection) down.
-            log.exception("session %d ended with an unexpected error", number)
+            async for incoming in client.incoming_streams:
+                self._on_incoming(session, incoming)
+        except trio.BrokenResourceError:
+            pass  # the library stopped reconnecting: wait_connected says why
         finally:
-            lost.set()
+            self.current = None
+            self._served = True
+        try:
+            await client.wait_connected()
+        except INCURABLE as exc:
+            raise self._incurable(exc) from exc
+        raise ConecError(f"lost the coordinator at {self.where} for good")  # pragma: no cover
+
+    async def _watch(self, client: Client) -> None:
+        """Say when the client loses the coordinator and when it is back."""
+        was_connected = True
+        while True:
+            if client.connected != was_connected:
+                was_connected = client.connected
+                if was_connected:
+                    say(f"reconnected to the coordinator at {self.where}")
+                else:
+                    say(
+                        "lost the coordinator; reconnecting (direct channels and the "
+                        "connections over them go on)"
+                    )
+            await trio.sleep(WATCH_INTERVAL)

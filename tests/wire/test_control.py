@@ -22,6 +22,8 @@ from conec_trio._wire.control import (
     BroadcastCountReply,
     BroadcastCountRequest,
     BroadcastJoined,
+    BroadcastListReply,
+    BroadcastListRequest,
     BroadcastMembersReply,
     BroadcastMembersRequest,
     ChannelGrant,
@@ -36,6 +38,7 @@ from conec_trio._wire.control import (
     Message,
     OpenDirect,
     OpenProxied,
+    PeerCertificateChanged,
     PeerListReply,
     PeerListRequest,
     PresenceDropped,
@@ -85,6 +88,9 @@ SAMPLES: list[Message] = [
     PresenceEvent("carol", True),
     PresenceEvent("carol", False),
     PresenceDropped("too far behind: subscribe again"),
+    PeerCertificateChanged("bob", bytes(32)),
+    BroadcastListRequest(7),
+    BroadcastListReply(7, ["news", "weather"]),
 ]
 
 TYPE_CODES: dict[type[Message], int] = {
@@ -114,6 +120,9 @@ TYPE_CODES: dict[type[Message], int] = {
     PresenceUnsubscribe: 64,
     PresenceEvent: 65,
     PresenceDropped: 66,
+    PeerCertificateChanged: 44,
+    BroadcastListRequest: 35,
+    BroadcastListReply: 36,
 }
 
 
@@ -205,9 +214,11 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "rid": counts,
     "oid": counts,
     "cert_der": st.binary(max_size=100),
+    "cert_sha256": st.binary(min_size=32, max_size=32),
     "addrs": addrs,
     "accept": st.booleans(),
     "peers": st.lists(names, max_size=5),
+    "names": st.lists(names, max_size=5),
     "joined": st.booleans(),
 }
 
