@@ -46,3 +46,26 @@ def system_ca_location() -> tuple[str | None, str | None]:
     """(cafile, capath) of the system trust store, as OpenSSL was built to find it."""
     paths = ssl.get_default_verify_paths()
     return paths.cafile, paths.capath
+
+
+class TokenBucket:
+    """A rate limit: ``burst`` events at once, then ``rate`` a second on average (trio's
+    clock, so tests on a MockClock see it exactly)."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._refilled_at: float | None = None
+
+    def take(self) -> bool:
+        """Count one event: True if it is within the limit, False if it is over."""
+        now = trio.current_time()
+        if self._refilled_at is not None:
+            elapsed = now - self._refilled_at
+            self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
+        self._refilled_at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
