@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import secrets
 import socket
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +20,7 @@ from ._exceptions import CertificateError, ConecError, InvalidIdError, ProtocolE
 from ._hub import BroadcastHub
 from ._messages import message_channels
 from ._presence import PresenceFeed
+from ._punch import candidates_for
 from ._quic import ConnectionSettings, Identity, QuicConn, QuicEndpoint, make_udp_socket
 from ._stats import REFUSAL_CODES, CoordinatorStatistics, refusal_name
 from ._streams import (
@@ -29,7 +31,7 @@ from ._streams import (
     write_message,
 )
 from ._types import IncomingStream, StreamId
-from ._util import unwrap_single_exception, wait_any
+from ._util import TokenBucket, unwrap_single_exception, wait_any
 from ._wire import control
 from ._wire.codes import CloseCode, Reason, StreamCode
 
@@ -48,6 +50,11 @@ MAX_BROKERED_PAIRS = 200_000
 _ListRequest = (
     control.PeerListRequest | control.BroadcastMembersRequest | control.BroadcastListRequest
 )
+
+# Channel requests a client may make: a burst, then this many a second. Each one makes its
+# target punch (see _punch for the bounds on that), so they are limited at the source too.
+CHANNEL_REQUEST_BURST = 20
+CHANNEL_REQUEST_RATE = 5.0
 
 
 def _shown(name: object, limit: int = 100) -> str:
@@ -81,6 +88,7 @@ class ClientSession:
         self.control: StreamState | None = None
         self.hello_seen = trio.Event()
         self.offers: dict[int, trio.MemorySendChannel[control.ChannelOfferReply]] = {}
+        self.channel_requests = TokenBucket(CHANNEL_REQUEST_RATE, CHANNEL_REQUEST_BURST)
         # Counted against its quotas: streams it opened through the coordinator that have
         # not ended both ways, and those of them to the coordinator not yet taken by the
         # application (see _IncomingStreams).
@@ -112,6 +120,11 @@ class ClientSession:
         """Where peers may reach this client: as the coordinator sees it, then its own view."""
         # dict.fromkeys: the first of equal addresses, in order, in linear time
         return list(dict.fromkeys([self.observed_addr, *self.local_addrs]))
+
+    def candidates_for(self, viewer: ClientSession) -> list[tuple[str, int]]:
+        """Where ``viewer`` may punch and dial this client: the observed address, and this
+        client's own private-range addresses only if both share a public IP (see _punch)."""
+        return candidates_for(self.observed_addr, self.local_addrs, viewer.observed_addr[0])
 
     def _describe_loss(self) -> ConecError:
         return ConecError(f"client {self.id!r} disconnected")
@@ -510,6 +523,16 @@ class Coordinator:
             write_message(st, control.encode(reply))
         elif isinstance(msg, control.ChannelRequest):
             assert session.id is not None
+            if not session.channel_requests.take():
+                limited = control.ErrorReply(
+                    msg.rid,
+                    Reason.LIMIT,
+                    f"client {session.id!r} asks for direct channels faster than the "
+                    f"coordinator allows ({CHANNEL_REQUEST_BURST} at once, then "
+                    f"{CHANNEL_REQUEST_RATE:g} a second)",
+                )
+                write_message(st, control.encode(limited))
+                return
             msg = control.ChannelRequest(msg.rid, canonical_id(msg.peer))
             pair = frozenset((session.id, msg.peer))
             if self._negotiating.get(pair) == msg.peer:
@@ -593,7 +616,11 @@ class Coordinator:
             oid = next(self._offer_ids)
             answer_send, answer_recv = trio.open_memory_channel[control.ChannelOfferReply](1)
             target.offers[oid] = answer_send
-            offer = control.ChannelOffer(oid, requester, session.cert_der, session.candidates)
+            # Both sides' punches carry it: a punch from anyone else is ignored.
+            token = secrets.token_bytes(control.PUNCH_TOKEN_SIZE)
+            offer = control.ChannelOffer(
+                oid, requester, session.cert_der, session.candidates_for(target), token
+            )
             write_message(target.control, control.encode(offer))
             answer = None
             with trio.move_on_after(OFFER_TIMEOUT):
@@ -612,8 +639,10 @@ class Coordinator:
                     _clip(f"peer {peer} refused the channel: {answer.message}"),
                 )
             else:
-                reply = control.ChannelGrant(msg.rid, msg.peer, target.cert_der, target.candidates)
                 self._memory.brokered(requester, msg.peer)
+                reply = control.ChannelGrant(
+                    msg.rid, msg.peer, target.cert_der, target.candidates_for(session), token
+                )
         if session.conn.is_open:
             write_message(session.control, control.encode(reply))
         pair = frozenset((requester, msg.peer))

@@ -1,17 +1,21 @@
 """Direct client-to-client channels: brokering, certificate pinning and hole punching.
 
-The coordinator hands each side the other's certificate and candidate addresses (the address
-it observed, which is the NAT's public mapping, plus the peer's own local addresses). Both
-sides then punch: they send small non-QUIC datagrams from their one UDP socket to every
-candidate, so each NAT learns the other side as a known destination. The opener dials QUIC
-to the first address a punch arrived from (or to every candidate, if none did yet); QUIC's
-own retransmission of the Initial is the handshake retry. Each side accepts the connection
-only from exactly the certificate the coordinator vouched for.
+The coordinator hands each side the other's certificate, candidate addresses (the address
+it observed, which is the NAT's public mapping, plus the peer's own local addresses when both
+sit behind the same public IP) and a random token for this channel. Both sides then punch:
+they send small non-QUIC datagrams carrying the token from their one UDP socket to the
+candidates, so each NAT learns the other side as a known destination (``_punch`` says which
+candidates, and how many punches). The opener dials QUIC to the first address a punch with
+the token arrived from (or to every candidate, if none did yet); QUIC's own retransmission of
+the Initial is the handshake retry. A punch without the token is ignored. Each side accepts
+the connection only from exactly the certificate the coordinator vouched for.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,7 +33,7 @@ from ._exceptions import (
     ProtocolError,
 )
 from ._messages import MessageReceiveChannel, MessageSendChannel, message_channels
-from ._punch import punch, punch_packet, punch_sender, usable_candidates
+from ._punch import punch, punch_budget, punch_packet, punch_targets, punch_token
 from ._quic import ConnectionSettings, QuicConn, QuicEndpoint
 from ._stats import ChannelStatistics, channel_statistics
 from ._streams import (
@@ -50,6 +54,10 @@ PUNCH_HEAD_START = 0.3
 CHANNEL_TIMEOUT = 10.0
 # After a failed attempt, new_stream goes proxied without retrying for this long.
 FAILURE_MEMORY = 30.0
+# Punches an opener keeps while it waits for its grant (which brings the token that tells
+# the peer's from forgeries): a flood of forgeries can fill them, and then the opener takes
+# the peer's next punch instead.
+MAX_UNVERIFIED_PUNCHES = 8
 
 
 class DirectChannel:
@@ -63,20 +71,24 @@ class DirectChannel:
 
 
 class _Expected:
-    """A channel the coordinator announced: the pinned certificate and where to punch."""
+    """A channel the coordinator announced: the pinned certificate, where to punch, and the
+    token the punches of both sides carry."""
 
-    def __init__(self, peer: str, cert_der: bytes, addrs: list[tuple[str, int]]) -> None:
+    def __init__(
+        self, peer: str, cert_der: bytes, addrs: list[tuple[str, int]], token: bytes
+    ) -> None:
         self.peer = peer
         self.cert_der = cert_der
         self.addrs = addrs
+        self.token = token
         self.punched_from: tuple[Any, ...] | None = None
         self.punch_seen = trio.Event()
         self.done = trio.Event()
         self.accepting = False  # from the peer's offer (not our own opening)
-        # Our own opening, waiting for the coordinator's grant; and the dial started on the
-        # peer's first punch meanwhile.
+        # Our own opening, waiting for the coordinator's grant; the punches that came
+        # meanwhile (token -> where from), checked once the grant brings the token.
         self.awaiting_grant = False
-        self.early: QuicConn | None = None
+        self.unverified: dict[bytes, tuple[Any, ...]] = {}
 
 
 @dataclass(frozen=True)
@@ -106,40 +118,49 @@ class DirectManager:
         self._failed_at: dict[str, float] = {}
         self._opening: dict[str, trio.Event] = {}  # set when that opening attempt ends
         self._channel_up = trio.lowlevel.ParkingLot()  # unparked by every registration
+        # Every punch this client sends to an address not yet validated draws on it.
+        self._punch_budget = punch_budget()
 
     # -- candidates and punching -----------------------------------------------------------
 
-    def _usable(self, addrs: list[tuple[str, int]]) -> list[tuple[Any, ...]]:
+    def _targets(self, addrs: list[tuple[str, int]]) -> list[tuple[Any, ...]]:
+        """Where to punch and dial, of the candidates the coordinator gave."""
         endpoint = self.ctx.endpoint()
         assert endpoint is not None
-        return usable_candidates(addrs, endpoint.sock.family)
+        return punch_targets(addrs, endpoint.sock.family)
 
     async def _punch(self, expected: _Expected) -> None:
-        """Send punches to every candidate until the channel is up or the time is over."""
+        """Punch the targets until the channel is up or the time is over."""
         endpoint = self.ctx.endpoint()
         assert endpoint is not None
-        targets = self._usable(expected.addrs)
+        targets = self._targets(expected.addrs)
+        packet = punch_packet(expected.token)
         with trio.move_on_after(CHANNEL_TIMEOUT):
-            await punch(endpoint, punch_packet(self.ctx.id), targets, expected.done)
+            await punch(endpoint, packet, targets, expected.done, self._punch_budget)
 
     def raw_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """A non-QUIC datagram arrived on the client's socket: maybe a punch."""
-        sender = punch_sender(data)
-        expected = self._expected.get(canonical_id(sender)) if sender is not None else None
-        if expected is None or expected.punch_seen.is_set():
+        token = punch_token(data)
+        if token is None:
+            return
+        for expected in self._expected.values():
+            if expected.awaiting_grant:
+                if len(expected.unverified) < MAX_UNVERIFIED_PUNCHES:
+                    expected.unverified.setdefault(token, addr)
+            elif hmac.compare_digest(token, expected.token):
+                self._punched(expected, addr)
+                return
+
+    def _punched(self, expected: _Expected, addr: tuple[Any, ...]) -> None:
+        """The peer's punch (it carried the channel's token) came from ``addr``."""
+        if expected.punch_seen.is_set():
             return
         expected.punched_from = addr
         expected.punch_seen.set()
         # Answer at once from this socket: the sender's NAT may only now have a mapping.
         endpoint = self.ctx.endpoint()
-        if endpoint is not None:
-            endpoint.send_raw_nowait(punch_packet(self.ctx.id), addr)
-        if expected.awaiting_grant and self.ctx.config.holepunch:
-            # The peer punches once it has accepted, while its yes still goes through the
-            # coordinator: dial now. The certificate to pin comes with the grant; nothing
-            # is sent on the connection and it counts as a channel only once it matches.
-            expected.early = self._connect(expected, addr)
-            expected.early.expedite()
+        if endpoint is not None and self._punch_budget.take():
+            endpoint.send_raw_nowait(punch_packet(expected.token), addr)
 
     # -- opening (this side dials) ---------------------------------------------------------------
 
@@ -173,9 +194,10 @@ class DirectManager:
             # The peer is opening a channel to this client right now: share it.
             return await self._join(peer)
         # The peer punches before it accepts, so its first punch usually arrives before the
-        # grant: expect it from now on (the certificate and the addresses come with the
-        # grant), and the dial needs no punch round trip of its own.
-        expected = _Expected(peer, b"", [])
+        # grant: keep what comes from now on, and once the grant brings the token, the dial
+        # needs no punch round trip of its own (the certificate and the addresses come with
+        # the grant too).
+        expected = _Expected(peer, b"", [], b"")
         expected.awaiting_grant = True
         self._expected[peer] = expected
         channel: DirectChannel | None = None
@@ -193,7 +215,12 @@ class DirectManager:
             self._check_peer_ca(peer, reply.cert_der)
             expected.cert_der = reply.cert_der
             expected.addrs = list(reply.addrs)
+            expected.token = reply.token
             expected.awaiting_grant = False
+            punched_from = expected.unverified.get(reply.token)
+            expected.unverified.clear()
+            if punched_from is not None:
+                self._punched(expected, punched_from)
             async with trio.open_nursery() as nursery:
                 if ctx.config.holepunch:
                     nursery.start_soon(self._punch, expected)
@@ -206,16 +233,14 @@ class DirectManager:
         finally:
             if self._expected.get(peer) is expected:
                 del self._expected[peer]
-            early = expected.early
-            if early is not None and (channel is None or channel.conn is not early):
-                early.close(int(CloseCode.NORMAL), "channel not opened")
         if failure is not None:
             raise failure
         if channel is not None:
             return channel
+        tried = ", ".join(f"{h}:{p}" for h, p, *_ in self._targets(expected.addrs))
         raise ChannelError(
             f"could not reach peer {peer!r} directly within {CHANNEL_TIMEOUT:g} s (tried "
-            f"{', '.join(f'{h}:{p}' for h, p in self._usable(expected.addrs)) or 'no address'}; "
+            f"{tried or 'no address'}; "
             "a symmetric NAT or a firewall may be in the way)"
         )
 
@@ -236,19 +261,15 @@ class DirectManager:
         """Connect to the first address that works; keeps trying until cancelled."""
         winner: list[QuicConn] = []
         conns: list[QuicConn] = []
-        targets: list[tuple[Any, ...]] = []
-        if expected.early is not None:  # dialling where the punch came from already
-            conns.append(expected.early)
+        if self.ctx.config.holepunch:
+            with trio.move_on_after(PUNCH_HEAD_START):
+                await expected.punch_seen.wait()
+        if expected.punched_from is not None:
+            targets = [expected.punched_from]
         else:
-            if self.ctx.config.holepunch:
-                with trio.move_on_after(PUNCH_HEAD_START):
-                    await expected.punch_seen.wait()
-            if expected.punched_from is not None:
-                targets = [expected.punched_from]
-            else:
-                targets = self._usable(expected.addrs)
-            if not targets:
-                raise ChannelError(f"peer {expected.peer!r} has no address this client can reach")
+            targets = self._targets(expected.addrs)
+        if not targets:
+            raise ChannelError(f"peer {expected.peer!r} has no address this client can reach")
         try:
             async with trio.open_nursery() as attempts:
                 conns.extend(self._connect(expected, addr) for addr in targets)
@@ -310,9 +331,7 @@ class DirectManager:
     async def on_offer(self, offer: control.ChannelOffer) -> None:
         """The coordinator says ``offer.peer`` wants a channel: agree (or not) and punch."""
         ctx = self.ctx
-        offer = control.ChannelOffer(
-            offer.oid, canonical_id(offer.peer), offer.cert_der, offer.addrs
-        )
+        offer = dataclasses.replace(offer, peer=canonical_id(offer.peer))
         reply: control.ChannelOfferReply
         if not ctx.config.listen:
             reply = control.ChannelOfferReply(offer.oid, False, "this client does not listen")
@@ -330,7 +349,10 @@ class DirectManager:
         if old is not None:
             # The peer dials again: it no longer has the old channel.
             old.conn.close(int(CloseCode.CHANNEL_CLOSED), "replaced by a new channel")
-        expected = _Expected(offer.peer, offer.cert_der, list(offer.addrs))
+        earlier = self._expected.get(offer.peer)
+        if earlier is not None and earlier.accepting:
+            earlier.done.set()  # the peer gave that attempt up: stop punching for it
+        expected = _Expected(offer.peer, offer.cert_der, list(offer.addrs), offer.token)
         expected.accepting = True
         self._expected[offer.peer] = expected
         try:

@@ -1,5 +1,23 @@
-"""UDP hole punching for direct channels: the punch datagram, which candidate addresses a
-socket can send to, and the punching loop. No knowledge of clients or channels.
+"""UDP hole punching for direct channels: the punch datagram, which candidate addresses are
+punched, and the punching loop. No knowledge of clients or channels.
+
+What a peer sends to addresses it has not validated, and why it is bounded (a punch goes to
+an address a third party could have named, so it must not make peers a flood):
+
+- Where: the address the coordinator observed for the other side (a QUIC path it validated)
+  and, only when both sides sit behind the same public IP (same NAT or LAN), at most
+  ``MAX_LOCAL_CANDIDATES`` of the other side's own addresses, and only private-range ones
+  (``is_local_candidate``): nowhere else can a local address help, and a public one there
+  could name anyone. The coordinator filters the offer and the grant so; each peer checks
+  again what it is given.
+- How many, per channel attempt: each target ``FAST_PUNCHES`` times at ``PUNCH_INTERVAL``
+  (the first second), then once per ``SLOW_PUNCH_INTERVAL`` until the channel is up or
+  times out: at most ``MAX_PUNCHES_PER_ATTEMPT`` punches in all, plus one answer to the
+  peer's first punch.
+- How many a second, across all attempts: ``PUNCH_RATE`` on average and ``PUNCH_BURST`` at
+  once (a ``TokenBucket`` each client has), whatever the number of offers.
+- Only punches carrying the token of a channel the coordinator brokered count (and are
+  answered); any other datagram that looks like a punch is ignored and costs nothing.
 """
 
 from __future__ import annotations
@@ -11,22 +29,91 @@ from typing import Any
 import trio
 
 from ._quic import QuicEndpoint
+from ._util import TokenBucket
+from ._wire.control import PUNCH_TOKEN_SIZE
 
-# A punch packet: cannot be mistaken for QUIC (no registered connection id) and names its
-# sender, so the receiver knows which pending channel it belongs to.
+# A punch packet: cannot be mistaken for QUIC (the fixed bit of its first byte is clear) and
+# carries the channel's token, so the receiver knows which pending channel it belongs to.
 PUNCH_MAGIC = b"\x00conec-punch\x00"
+PUNCH_SIZE = len(PUNCH_MAGIC) + PUNCH_TOKEN_SIZE
+
 PUNCH_INTERVAL = 0.05
+FAST_PUNCHES = 20  # rounds at PUNCH_INTERVAL: most holes open within the first of them
+SLOW_PUNCH_INTERVAL = 0.5  # then enough to outlast loss and keep the NAT mappings
+PUNCH_TIMEOUT = 10.0  # the caller's bound: a direct channel's timeout
+
+MAX_LOCAL_CANDIDATES = 3
+MAX_TARGETS = 1 + MAX_LOCAL_CANDIDATES
+MAX_PUNCHES_PER_ATTEMPT = MAX_TARGETS * (
+    FAST_PUNCHES + int((PUNCH_TIMEOUT - FAST_PUNCHES * PUNCH_INTERVAL) / SLOW_PUNCH_INTERVAL)
+)  # 4 * (20 + 18) = 152
+
+PUNCH_RATE = 50.0  # punches a second a client sends, across all its channel attempts
+PUNCH_BURST = 100
+
+# Where a host's own address helps a peer behind the same public IP: private (RFC 1918),
+# shared (RFC 6598: carrier-grade NAT), loopback and link-local; unique local for IPv6.
+_LOCAL_NETWORKS = [
+    ipaddress.ip_network(net)
+    for net in (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+    )
+]
 
 
-def punch_packet(sender: str) -> bytes:
-    return PUNCH_MAGIC + sender.encode()
+def punch_budget() -> TokenBucket:
+    """A client's budget of punches, shared by all its channel attempts."""
+    return TokenBucket(PUNCH_RATE, PUNCH_BURST)
 
 
-def punch_sender(data: bytes) -> str | None:
-    """The sender a punch names, or None if ``data`` is no punch."""
-    if not data.startswith(PUNCH_MAGIC):
+def punch_packet(token: bytes) -> bytes:
+    assert len(token) == PUNCH_TOKEN_SIZE
+    return PUNCH_MAGIC + token
+
+
+def punch_token(data: bytes) -> bytes | None:
+    """The token a punch carries, or None if ``data`` is no punch."""
+    if len(data) != PUNCH_SIZE or not data.startswith(PUNCH_MAGIC):
         return None
-    return data[len(PUNCH_MAGIC) :].decode(errors="replace")
+    return data[len(PUNCH_MAGIC) :]
+
+
+def is_local_candidate(host: str) -> bool:
+    """Whether ``host`` is an address only a peer behind the same public IP could use."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in _LOCAL_NETWORKS)
+
+
+def candidates_for(
+    observed: tuple[str, int], local_addrs: list[tuple[str, int]], viewer_ip: str
+) -> list[tuple[str, int]]:
+    """Where a peer whose public IP is ``viewer_ip`` may punch and dial a client that the
+    coordinator observed at ``observed`` and that gave ``local_addrs`` as its own view."""
+    out = [observed]
+    if viewer_ip == observed[0]:  # behind the same NAT, or on the same LAN
+        local = [a for a in local_addrs if a != observed and is_local_candidate(a[0])]
+        out.extend(local[:MAX_LOCAL_CANDIDATES])
+    return out
+
+
+def punch_targets(addrs: list[tuple[str, int]], family: int) -> list[tuple[Any, ...]]:
+    """Of the candidates the coordinator gave (the observed address first), those this
+    client punches and dials, in a form its socket can send to."""
+    chosen = addrs[:1] + [a for a in addrs[1:] if is_local_candidate(a[0])][:MAX_LOCAL_CANDIDATES]
+    return usable_candidates(chosen, family)
 
 
 def usable_candidates(addrs: list[tuple[str, int]], family: int) -> list[tuple[Any, ...]]:
@@ -57,11 +144,15 @@ async def punch(
     packet: bytes,
     targets: list[tuple[Any, ...]],
     done: trio.Event,
+    budget: TokenBucket,
 ) -> None:
-    """Send ``packet`` to every target each ``PUNCH_INTERVAL`` until ``done`` (the caller
-    bounds it in time)."""
+    """Send ``packet`` to every target, on the schedule above and within ``budget``, until
+    ``done`` (the caller bounds it in time: ``PUNCH_TIMEOUT``)."""
+    rounds = 0
     while not done.is_set():
-        for addr in targets:
-            await endpoint.send_raw(packet, addr)
-        with trio.move_on_after(PUNCH_INTERVAL):
+        for addr in targets[:MAX_TARGETS]:
+            if budget.take():
+                await endpoint.send_raw(packet, addr)
+        rounds += 1
+        with trio.move_on_after(PUNCH_INTERVAL if rounds < FAST_PUNCHES else SLOW_PUNCH_INTERVAL):
             await done.wait()

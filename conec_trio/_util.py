@@ -61,3 +61,26 @@ def quiet_aioquic_logs() -> None:
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.ERROR)
+
+
+class TokenBucket:
+    """A rate limit: ``burst`` events at once, then ``rate`` a second on average (trio's
+    clock, so tests on a MockClock see it exactly)."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._refilled_at: float | None = None
+
+    def take(self) -> bool:
+        """Count one event: True if it is within the limit, False if it is over."""
+        now = trio.current_time()
+        if self._refilled_at is not None:
+            elapsed = now - self._refilled_at
+            self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
+        self._refilled_at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True

@@ -7,7 +7,7 @@
   first (the client itself, or the server's request for it), the coordinator sees it.
 - PADDING is skipped in one step: the frames after it are still read.
 - A direct peer's streams reach the application only once its certificate matched the one
-  the coordinator vouched for, although the opener may dial before the grant.
+  the coordinator vouched for, although the connection may be up before that check.
 """
 
 from __future__ import annotations
@@ -279,9 +279,10 @@ def _another_cert_der(name: str) -> bytes:
 async def test_opener_takes_no_stream_before_the_peers_certificate_is_checked(
     coord: conec_trio.Coordinator, open_client: ClientFactory
 ) -> None:
-    """alice dials on bob's punch, before her grant; bob, whose side is up, opens a stream
-    at once. The grant (tampered) names another certificate for bob: alice must refuse the
-    connection, and bob's stream must never reach her application."""
+    """alice's connection to bob is up, but she has not checked his certificate yet; bob,
+    whose side is up, opens a stream at once. Her grant (tampered) names another certificate
+    for bob: alice must refuse the connection, and bob's stream must never reach her
+    application."""
     async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
         fake = _another_cert_der("bob")
         request = alice._request
@@ -296,11 +297,18 @@ async def test_opener_takes_no_stream_before_the_peers_certificate_is_checked(
         async def tampered(make: Any) -> Any:
             reply = await request(make)
             if isinstance(reply, control.ChannelGrant):
-                with trio.fail_after(DEADLINE):
-                    await spoke.wait()
                 reply = dataclasses.replace(reply, cert_der=fake)
             return reply
 
+        handshake = alice._direct._await_handshake
+
+        async def check_after_bob_spoke(conn: Any, winner: Any, done: Any) -> None:
+            await conn.settled.wait()
+            with trio.fail_after(DEADLINE):
+                await spoke.wait()
+            await handshake(conn, winner, done)
+
+        alice._direct._await_handshake = check_after_bob_spoke  # type: ignore[method-assign]
         alice._direct.ctx = dataclasses.replace(alice._direct.ctx, request=tampered)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(bob_speaks_first)

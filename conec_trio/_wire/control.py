@@ -55,6 +55,9 @@ MAX_CANDIDATES = MAX_LOCAL_ADDRS + 1
 # Bytes of one encoded control message. The largest legitimate one, a ChannelOffer, carries
 # a client certificate (at most MAX_CERT_SIZE) and MAX_CANDIDATES addresses.
 MAX_CERT_SIZE = 16 * 1024
+# Bytes of the random token the coordinator gives both sides of a channel it brokers: their
+# punches carry it, so a punch from anyone else is ignored.
+PUNCH_TOKEN_SIZE = 16
 MAX_CONTROL_MESSAGE_SIZE = 64 * 1024
 
 _LIMITS = cbor.CborLimits(
@@ -89,6 +92,11 @@ class _MaxItems:
     items: int
 
 
+@dataclass(frozen=True)
+class _ExactLen:
+    size: int
+
+
 Addr: TypeAlias = tuple[str, int]
 """A ``(ip, port)`` pair, encoded as a 2-element array: an IP literal (in its canonical
 form once decoded) and a port in 1..65535."""
@@ -107,6 +115,9 @@ CertDer: TypeAlias = Annotated[bytes, _MaxLen(MAX_CERT_SIZE)]
 
 IdList: TypeAlias = Annotated[list[str], _MaxItems(MAX_IDS)]
 """Client ids, sorted by the sender (a receiver does not rely on it)."""
+
+PunchToken: TypeAlias = Annotated[bytes, _ExactLen(PUNCH_TOKEN_SIZE)]
+"""The token of one brokered channel: exactly PUNCH_TOKEN_SIZE random bytes."""
 
 
 class Message:
@@ -157,6 +168,16 @@ def _bytes_check(max_len: int) -> Callable[[object, str], bytes]:
         value = _check_bytes(value, where)
         if len(value) > max_len:
             raise ProtocolError(f"{where} has {len(value)} bytes; the maximum is {max_len}")
+        return value
+
+    return check
+
+
+def _exact_bytes_check(size: int) -> Callable[[object, str], bytes]:
+    def check(value: object, where: str) -> bytes:
+        value = _check_bytes(value, where)
+        if len(value) != size:
+            raise ProtocolError(f"{where} has {len(value)} bytes; it must have {size}")
         return value
 
     return check
@@ -229,6 +250,8 @@ def _check_for(hint: object) -> _Check:
         return _text_check(args[1].chars)
     if origin is Annotated and args[0] is bytes and isinstance(args[1], _MaxLen):
         return _bytes_check(args[1].chars)
+    if origin is Annotated and args[0] is bytes and isinstance(args[1], _ExactLen):
+        return _exact_bytes_check(args[1].size)
     if origin is Annotated and get_origin(args[0]) is list and isinstance(args[1], _MaxItems):
         item_hint = get_args(args[0])[0]
         # A list of addresses is a set of places to try: a repeat is only wasted work.
@@ -435,23 +458,28 @@ class ChannelRequest(Message):
 @_message(41)
 @dataclass(frozen=True)
 class ChannelGrant(Message):
-    """Coordinator -> requester: ``peer`` agreed; its certificate and addresses to dial."""
+    """Coordinator -> requester: ``peer`` agreed; its certificate, addresses to dial (first
+    the one the coordinator observed), and the token of this channel's punches."""
 
     rid: int
     peer: str
     cert_der: CertDer
     addrs: Candidates
+    token: PunchToken
 
 
 @_message(42)
 @dataclass(frozen=True)
 class ChannelOffer(Message):
-    """Coordinator -> target: ``peer`` wants a direct channel; its certificate and addresses."""
+    """Coordinator -> target: ``peer`` wants a direct channel; its certificate, addresses
+    (first the one the coordinator observed), and the token of this channel's punches (the
+    same as in the requester's grant)."""
 
     oid: int
     peer: str
     cert_der: CertDer
     addrs: Candidates
+    token: PunchToken
 
 
 @_message(43)

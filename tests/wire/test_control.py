@@ -55,6 +55,7 @@ from conec_trio._wire.control import (
 )
 
 CERT = b"0\x82\x01\x00fake-der"
+TOKEN = bytes(range(control.PUNCH_TOKEN_SIZE))
 IP = "192.0.2.1"
 
 SAMPLES: list[Message] = [
@@ -74,8 +75,8 @@ SAMPLES: list[Message] = [
     BroadcastCountReply(1, 0, 0),
     ErrorReply(9, "not-found", "no broadcast named 'news'"),
     ChannelRequest(4, "bob"),
-    ChannelGrant(4, "bob", CERT, [("203.0.113.5", 1719)]),
-    ChannelOffer(11, "alice", CERT, [("203.0.113.9", 40000), ("10.0.0.2", 40000)]),
+    ChannelGrant(4, "bob", CERT, [("203.0.113.5", 1719)], TOKEN),
+    ChannelOffer(11, "alice", CERT, [("203.0.113.9", 40000), ("10.0.0.2", 40000)], TOKEN),
     ChannelOfferReply(11, True, ""),
     ChannelOfferReply(12, False, "not listening"),
     BroadcastMembersRequest(5, "news"),
@@ -220,6 +221,7 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "peers": st.lists(names, max_size=5),
     "names": st.lists(names, max_size=5),
     "joined": st.booleans(),
+    "token": st.binary(min_size=control.PUNCH_TOKEN_SIZE, max_size=control.PUNCH_TOKEN_SIZE),
 }
 
 
@@ -263,11 +265,16 @@ def test_round_trip_any_values(msg: Message) -> None:
         ((1, 1, "a", True, [[IP, 0]]), r"Hello.local_addrs\[0\].port must be in 1\.\.65535"),
         ((1, 1, "a", True, [[IP, False]]), r"Hello.local_addrs\[0\].port must be int, not bool"),
         ((1, 1, "a", True, [[IP, p] for p in range(1, 18)]), r"local_addrs has 17 items; the max"),
-        ((42, 1, "p", b"c", [[IP, p] for p in range(1, 19)]), r"ChannelOffer.addrs has 18 items"),
-        ((42, 1, "p", b"c" * (16 * 1024 + 1), []), r"ChannelOffer.cert_der has 16385 bytes"),
+        ((42, 1, "p", b"c", [[IP, p] for p in range(1, 19)], TOKEN), r"ChannelOffer.addrs has 18"),
+        ((42, 1, "p", b"c" * (16 * 1024 + 1), [], TOKEN), r"ChannelOffer.cert_der has 16385 b"),
+        ((42, 1, "p", b"c", [], TOKEN[:-1]), r"ChannelOffer.token has 15 bytes; it must have 16"),
+        ((42, 1, "p", b"c", [], TOKEN + b"x"), r"ChannelOffer.token has 17 bytes; it must have 16"),
+        ((42, 1, "p", b"c", [], "t" * 16), r"ChannelOffer.token must be bytes, not str"),
+        ((42, 1, "p", b"c", []), r"ChannelOffer needs 5 fields, got 4"),
+        ((41, 1, "p", b"c", [], None), r"ChannelGrant.token must be bytes, not None"),
         ((2, 1, "h:1"), r"Welcome.observed_addr must be a \[host, port\] array, not str"),
         ((10, 1, 2), r"OpenProxied.peer must be str, not int"),
-        ((41, 1, "p", "cert", []), r"ChannelGrant.cert_der must be bytes, not str"),
+        ((41, 1, "p", "cert", [], TOKEN), r"ChannelGrant.cert_der must be bytes, not str"),
         ((43, 1, "yes", ""), r"ChannelOfferReply.accept must be bool, not str"),
         ((20, b"news"), r"JoinBroadcast.name must be str, not bytes"),
         ((34, 1, "alice", []), r"BroadcastMembersReply.senders must be an array, not str"),
@@ -325,6 +332,7 @@ def test_largest_channel_offer_fits_well_under_the_control_limit() -> None:
         "\U0010ffff" * MAX_NAME_LEN,  # four bytes a character in UTF-8
         b"\xff" * control.MAX_CERT_SIZE,
         [(longest_host, port) for port in range(65535 - control.MAX_CANDIDATES, 65535)],
+        TOKEN,
     )
     assert len(encode(offer)) < control.MAX_CONTROL_MESSAGE_SIZE // 2
     assert decode(encode(offer)) == offer
