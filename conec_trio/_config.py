@@ -18,7 +18,7 @@ DEFAULT_IDLE_TIMEOUT = 10.0
 # internet round-trip times), and each keepalive costs a coordinator one datagram each way.
 KEEPALIVE_FRACTION = 0.5
 # Per-stream receive window: how many bytes of complete, unread messages a receiver lets a
-# sender put in flight. The relay holds at most about two windows per direction per stream.
+# sender put in flight.
 DEFAULT_STREAM_WINDOW = 1024 * 1024
 DEFAULT_CONNECTION_WINDOW = 16 * 1024 * 1024
 # Path MTU probing raises the datagram size from QUIC's safe 1200 bytes up to this much where
@@ -108,6 +108,9 @@ class CoordConfig:
     # incoming_streams (so one client cannot fill its queue and keep others waiting).
     max_pending_opens_per_client: int = 100
     stream_window: int = DEFAULT_STREAM_WINDOW
+    # Per-client budget of relayed bytes, however many streams: the coordinator holds at
+    # most this much received from a client and not yet passed on, and hands a reader no
+    # more than its connection granted, with at most this much of it waiting to be sent.
     connection_window: int = DEFAULT_CONNECTION_WINDOW
     max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
     # A client that has not said hello this long after connecting is dropped.

@@ -80,6 +80,7 @@ class ClientSession:
             on_new_stream=self._new_stream,
             on_terminated=self._terminated,
             describe_loss=self._describe_loss,
+            relay_budget=coord.config.connection_window,
         )
 
     @property

@@ -88,8 +88,10 @@ class CoordinatorStatistics:
     held_bytes: int
     """Bytes of relayed streams the coordinator holds now for readers that have not taken
     them yet: received from the writer and not passed on, plus passed on and not yet
-    acknowledged by the reader. Flow control bounds it by about two stream windows per
-    relayed stream."""
+    acknowledged by the reader. Flow control bounds it per pair of connections, not per
+    stream: the writer's connection window on one side, and on the other what the reader's
+    connection granted (at most ``connection_window`` waiting to be sent) plus what is in
+    flight."""
     refused: dict[str, int]
     """Clients refused since the coordinator started, by reason: ``"version"``,
     ``"id-taken"``, ``"bad-id"``, ``"certificate"``, ``"limit"`` and ``"protocol"`` (a bad
