@@ -35,6 +35,10 @@ log = logging.getLogger("conec_trio.coordinator")
 
 # How long the target of a channel offer has to answer it.
 OFFER_TIMEOUT = 5.0
+# A client's control requests are not read while this many bytes of replies to it are
+# unacknowledged (a client that grants no credit on its control stream stops being served,
+# and its unread requests then hold back its own sending).
+CONTROL_REPLY_BACKLOG = 64 * 1024
 
 
 def _shown(name: object, limit: int = 100) -> str:
@@ -371,7 +375,12 @@ class Coordinator:
         return True
 
     async def _control_loop(self, session: ClientSession, st: StreamState) -> None:
+        conn = session.conn
         while True:
+            while conn.send_backlog(st.stream_id) > CONTROL_REPLY_BACKLOG:
+                if st.send_error is not None or not conn.is_open:
+                    return
+                await st.wait_writable()
             try:
                 payload = await read_header(st)
                 msg = control.decode(payload)
@@ -557,6 +566,11 @@ class Coordinator:
             relayed_streams=len({frozenset((st, st.linked)) for st in halves}),
             relayed_bytes=self._relayed_bytes,
             held_bytes=sum(st.held + st.conn.send_backlog(st.stream_id) for st in halves),
+            reply_backlog=sum(
+                session.conn.send_backlog(session.control.stream_id)
+                for session in self._sessions
+                if session.control is not None
+            ),
             refused={refusal_name(code): self._refusals[code] for code in REFUSAL_CODES},
         )
 

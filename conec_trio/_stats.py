@@ -92,6 +92,10 @@ class CoordinatorStatistics:
     stream: the writer's connection window on one side, and on the other what the reader's
     connection granted (at most ``connection_window`` waiting to be sent) plus what is in
     flight."""
+    reply_backlog: int
+    """Bytes of control messages (replies, offers) written to clients and not yet
+    acknowledged. A client's requests are not read while more than 64 KiB of replies to it
+    wait, so each client holds at most that plus one message here."""
     refused: dict[str, int]
     """Clients refused since the coordinator started, by reason: ``"version"``,
     ``"id-taken"``, ``"bad-id"``, ``"certificate"``, ``"limit"`` and ``"protocol"`` (a bad

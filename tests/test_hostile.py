@@ -914,3 +914,34 @@ async def test_row14_junk_with_a_clients_connection_id_does_not_move_its_address
         assert spoofed[1] != before[1]
         assert session.candidates[0] == before
         assert session.conn.is_open
+
+
+async def test_row06_a_client_that_takes_no_replies_is_not_read_beyond_a_bound(arena: Arena):
+    """Hostile input, row 6: a client grants no credit on its control stream and sends
+    request after request. The coordinator used to write every reply into an unbounded
+    backlog (3M requests: +156 MB, 28 s of CPU); it now stops reading the client's requests
+    while 64 KiB of replies to it are unacknowledged. Once the client takes its replies,
+    every request is answered, in order."""
+    bound = 64 * 1024 + 2 * 4096  # the coordinator's bound, one reply past it, and others'
+    requests = 3000  # about 170 KB of replies
+    async with open_raw_client(arena.coord.address, arena.ca, stream_window=16 * 1024) as raw:
+        await raw.hello()
+        sid = raw.control_sid
+        assert sid is not None
+        raw.withhold_credit(sid)
+        raw.write(
+            sid,
+            b"".join(
+                encode_frame(control.encode(control.BroadcastCountRequest(rid, "nonexistent")))
+                for rid in range(requests)
+            ),
+        )
+        await wait_for(lambda: arena.coord.statistics().reply_backlog > 32 * 1024, DEADLINE)
+        await arena.check_unharmed()
+        assert arena.coord.statistics().reply_backlog <= bound
+        raw.release_credit(sid)
+        for rid in range(requests):
+            reply = await raw.read_control(sid)
+            assert isinstance(reply, control.ErrorReply)
+            assert reply.rid == rid
+    await arena.check_unharmed()
