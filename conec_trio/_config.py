@@ -115,6 +115,16 @@ class CoordConfig:
     max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
     # A client that has not said hello this long after connecting is dropped.
     hello_timeout: float = 10.0
+    # Connections that have not said hello yet (handshaking, or connected and silent): each
+    # costs tens of KiB until its hello or hello_timeout. Beyond max_pending_connections in
+    # all, or max_pending_connections_per_address from one IP address, new connections are
+    # ignored (a client retransmits its first packet, and finds room once one of them said
+    # hello or was dropped). Beyond retry_above_pending in all, a new connection must first
+    # prove its address with a QUIC Retry round trip, so spoofed packets make no state
+    # (stateless_retry=True asks for that always).
+    max_pending_connections: int = 512
+    max_pending_connections_per_address: int = 32
+    retry_above_pending: int = 64
 
 
 @dataclass

@@ -92,6 +92,9 @@ class CoordinatorStatistics:
     stream: the writer's connection window on one side, and on the other what the reader's
     connection granted (at most ``connection_window`` waiting to be sent) plus what is in
     flight."""
+    pending_connections: int
+    """Connections that have not said hello yet (see
+    ``CoordConfig.max_pending_connections``)."""
     reply_backlog: int
     """Bytes of control messages (replies, offers) written to clients and not yet
     acknowledged. A client's requests are not read while more than 64 KiB of replies to it
