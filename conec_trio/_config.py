@@ -22,7 +22,7 @@ DEFAULT_IDLE_TIMEOUT = 10.0
 # internet round-trip times), and each keepalive costs a coordinator one datagram each way.
 KEEPALIVE_FRACTION = 0.5
 # Per-stream receive window: how many bytes of complete, unread messages a receiver lets a
-# sender put in flight. The relay holds at most about two windows per direction per stream.
+# sender put in flight.
 DEFAULT_STREAM_WINDOW = 1024 * 1024
 DEFAULT_CONNECTION_WINDOW = 16 * 1024 * 1024
 # Path MTU probing raises the datagram size from QUIC's safe 1200 bytes up to this much where
@@ -141,9 +141,22 @@ class CoordConfig:
     max_open_streams_per_client: int = 1_000
     max_pending_opens_per_client: int = 100
     stream_window: int = DEFAULT_STREAM_WINDOW
+    # Per-client budget of relayed bytes, however many streams: the coordinator holds at
+    # most this much received from a client and not yet passed on, and hands a reader no
+    # more than its connection granted, with at most this much of it waiting to be sent.
     connection_window: int = DEFAULT_CONNECTION_WINDOW
     max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
     hello_timeout: float = 10.0
+    # Connections that have not said hello yet (handshaking, or connected and silent): each
+    # costs tens of KiB until its hello or hello_timeout. Beyond max_pending_connections in
+    # all, or max_pending_connections_per_address from one IP address, new connections are
+    # ignored (a client retransmits its first packet, and finds room once one of them said
+    # hello or was dropped). Beyond retry_above_pending in all, a new connection must first
+    # prove its address with a QUIC Retry round trip, so spoofed packets make no state
+    # (stateless_retry=True asks for that always).
+    max_pending_connections: int = 512
+    max_pending_connections_per_address: int = 32
+    retry_above_pending: int = 64
 
     def __post_init__(self) -> None:
         check_files(self, ("cert_chain", "private_key", "client_ca"))

@@ -21,7 +21,14 @@ from ._hub import BroadcastHub
 from ._messages import message_channels
 from ._presence import PresenceFeed
 from ._punch import candidates_for
-from ._quic import ConnectionSettings, Identity, QuicConn, QuicEndpoint, make_udp_socket
+from ._quic import (
+    Admission,
+    ConnectionSettings,
+    Identity,
+    QuicConn,
+    QuicEndpoint,
+    make_udp_socket,
+)
 from ._stats import REFUSAL_CODES, CoordinatorStatistics, refusal_name
 from ._streams import (
     StreamState,
@@ -56,6 +63,11 @@ _ListRequest = (
 CHANNEL_REQUEST_BURST = 20
 CHANNEL_REQUEST_RATE = 5.0
 
+# A client's control requests are not read while this many bytes of replies to it are
+# unacknowledged (a client that grants no credit on its control stream stops being served,
+# and its unread requests then hold back its own sending).
+CONTROL_REPLY_BACKLOG = 64 * 1024
+
 
 def _shown(name: object, limit: int = 100) -> str:
     """A client-chosen name for a message: repr'd, and cut short if long (replies have a
@@ -67,6 +79,13 @@ def _shown(name: object, limit: int = 100) -> str:
 def _clip(text: str) -> str:
     limit = control.MAX_MESSAGE_LEN
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _plain_host(address: tuple[Any, ...]) -> str:
+    host = str(address[0])
+    if host.startswith("::ffff:"):  # an IPv4 client on a dual-stack socket
+        host = host[len("::ffff:") :]
+    return host
 
 
 def _refuse_stream(st: StreamState, reason: Reason, message: str) -> None:
@@ -94,6 +113,8 @@ class ClientSession:
         # application (see _IncomingStreams).
         self.open_streams = 0
         self.pending_opens = 0
+        # Counted under CoordConfig.max_pending_connections until its hello (or its end).
+        self.pending_host: str | None = None
         self.table = StreamTable(
             conn,
             window=coord.config.stream_window,
@@ -101,6 +122,7 @@ class ClientSession:
             on_new_stream=self._new_stream,
             on_terminated=self._terminated,
             describe_loss=self._describe_loss,
+            relay_budget=coord.config.connection_window,
         )
 
     @property
@@ -110,10 +132,7 @@ class ClientSession:
 
     @property
     def observed_addr(self) -> tuple[str, int]:
-        host = str(self.conn.peer_address[0])
-        if host.startswith("::ffff:"):  # an IPv4 client on a dual-stack socket
-            host = host[len("::ffff:") :]
-        return (host, int(self.conn.peer_address[1]))
+        return (_plain_host(self.conn.peer_address), int(self.conn.peer_address[1]))
 
     @property
     def candidates(self) -> list[tuple[str, int]]:
@@ -300,6 +319,9 @@ class Coordinator:
         self._relayed_bytes = 0
         self._refusals: Counter[CloseCode] = Counter()
         self._presence = PresenceFeed(config.stream_window)
+        # Connections that have not said hello yet, in all and by source IP address.
+        self._pending = 0
+        self._pending_by_host: Counter[str] = Counter()
 
     # -- public, non-blocking queries -------------------------------------------------------------
 
@@ -333,24 +355,59 @@ class Coordinator:
         sock = make_udp_socket(family, str(sockaddr[0]), int(sockaddr[1]))
         self._endpoint = QuicEndpoint(sock, self._nursery)
         self._endpoint.accept_connections(
-            self._server_settings, self._accepted, stateless_retry=self.config.stateless_retry
+            self._server_settings,
+            self._accepted,
+            stateless_retry=self.config.stateless_retry,
+            admit=self._admit,
         )
         await self._nursery.start(self._endpoint.run)
 
     def _server_settings(self) -> ConnectionSettings:
         return self._settings
 
+    def _admit(self, address: tuple[Any, ...], validated: bool) -> Admission:
+        """Whether a new connection from ``address`` may make state now (see
+        ``CoordConfig.max_pending_connections``)."""
+        config = self.config
+        if (
+            self._pending >= config.max_pending_connections
+            or self._pending_by_host[_plain_host(address)]
+            >= config.max_pending_connections_per_address
+        ):
+            return Admission.DROP
+        if not validated and self._pending >= config.retry_above_pending:
+            return Admission.RETRY
+        return Admission.ACCEPT
+
     def _accepted(self, conn: QuicConn) -> None:
         session = ClientSession(self, conn)
         self._sessions.add(session)
+        host = _plain_host(conn.peer_address)
+        session.pending_host = host
+        self._pending += 1
+        self._pending_by_host[host] += 1
         self._nursery.start_soon(self._expect_hello, session)
 
-    async def _expect_hello(self, session: ClientSession) -> None:
-        with trio.move_on_after(self.config.hello_timeout):
-            await wait_any(session.hello_seen, session.conn.closed)
+    def _settle(self, session: ClientSession) -> None:
+        """``session`` said hello or is gone: it no longer counts as pending."""
+        host = session.pending_host
+        if host is None:
             return
-        if session.conn.is_open:
-            session.refuse(CloseCode.PROTOCOL, "no hello within the allowed time")
+        session.pending_host = None
+        self._pending -= 1
+        self._pending_by_host[host] -= 1
+        if not self._pending_by_host[host]:
+            del self._pending_by_host[host]
+
+    async def _expect_hello(self, session: ClientSession) -> None:
+        try:
+            with trio.move_on_after(self.config.hello_timeout):
+                await wait_any(session.hello_seen, session.conn.closed)
+                return
+            if session.conn.is_open:
+                session.refuse(CloseCode.PROTOCOL, "no hello within the allowed time")
+        finally:
+            self._settle(session)
 
     async def _shutdown(self) -> None:
         self._incoming_send.close()
@@ -362,6 +419,7 @@ class Coordinator:
     def _client_gone(self, session: ClientSession, reason: str) -> None:
         self._sessions.discard(session)
         self._presence.unsubscribe(session)
+        self._settle(session)
         if session.id is not None and self._clients.get(session.id) is session:
             del self._clients[session.id]
             log.info("client %r left: %s", session.id, reason or "closed")
@@ -498,7 +556,12 @@ class Coordinator:
                 write_message(target.control, notice)
 
     async def _control_loop(self, session: ClientSession, st: StreamState) -> None:
+        conn = session.conn
         while True:
+            while conn.send_backlog(st.stream_id) > CONTROL_REPLY_BACKLOG:
+                if st.send_error is not None or not conn.is_open:
+                    return
+                await st.wait_writable()
             try:
                 payload = await read_header(st)
                 msg = control.decode(payload)
@@ -740,6 +803,12 @@ class Coordinator:
             relayed_streams=len({frozenset((st, st.linked)) for st in halves}),
             relayed_bytes=self._relayed_bytes,
             held_bytes=sum(st.held + st.conn.send_backlog(st.stream_id) for st in halves),
+            pending_connections=self._pending,
+            reply_backlog=sum(
+                session.conn.send_backlog(session.control.stream_id)
+                for session in self._sessions
+                if session.control is not None
+            ),
             refused={refusal_name(code): self._refusals[code] for code in REFUSAL_CODES},
         )
 

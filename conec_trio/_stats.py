@@ -88,8 +88,17 @@ class CoordinatorStatistics:
     held_bytes: int
     """Bytes of relayed streams the coordinator holds now for readers that have not taken
     them yet: received from the writer and not passed on, plus passed on and not yet
-    acknowledged by the reader. Flow control bounds it by about two stream windows per
-    relayed stream."""
+    acknowledged by the reader. Flow control bounds it per pair of connections, not per
+    stream: the writer's connection window on one side, and on the other what the reader's
+    connection granted (at most ``connection_window`` waiting to be sent) plus what is in
+    flight."""
+    pending_connections: int
+    """Connections that have not said hello yet (see
+    ``CoordConfig.max_pending_connections``)."""
+    reply_backlog: int
+    """Bytes of control messages (replies, offers) written to clients and not yet
+    acknowledged. A client's requests are not read while more than 64 KiB of replies to it
+    wait, so each client holds at most that plus one message here."""
     refused: dict[str, int]
     """Clients refused since the coordinator started, by reason: ``"version"``,
     ``"id-taken"``, ``"bad-id"``, ``"certificate"``, ``"limit"`` and ``"protocol"`` (a bad

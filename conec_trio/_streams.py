@@ -145,7 +145,16 @@ class StreamState:
     # -- send side ----------------------------------------------------------------------------
 
     def can_write(self) -> bool:
+        if self.linked is not None:
+            return self.relay_room() > 0
         return self.conn.send_backlog(self.stream_id) < self.table.window
+
+    def relay_room(self) -> int:
+        """How many bytes the relay may write to this stream now: no more than the reader
+        granted (stream and connection credit), no more than a window unacknowledged on this
+        stream, and no more than the table's ``relay_budget`` waiting on the connection."""
+        backlog_room = self.table.window - self.conn.send_backlog(self.stream_id)
+        return min(backlog_room, self.conn.send_room(self.stream_id, self.table.relay_budget))
 
     async def wait_writable(self) -> None:
         """Wait until acknowledgements or credit arrive (or the stream breaks): call when
@@ -227,9 +236,12 @@ class StreamTable(ConnectionListener):
         on_new_stream: Callable[[StreamState], None],
         on_terminated: Callable[[QuicConn, int, str], None] | None = None,
         describe_loss: Callable[[], ConecError] | None = None,
+        relay_budget: int | None = None,
     ) -> None:
         self.conn = conn
         self.window = window
+        # Relayed bytes that may wait on this connection for the reader's credit (relay_room).
+        self.relay_budget = window if relay_budget is None else relay_budget
         self.max_message_size = max_message_size
         self.streams: dict[int, StreamState] = {}
         self._on_new_stream = on_new_stream
@@ -358,19 +370,23 @@ async def relay(
     """Copy raw bytes from ``src`` to ``dst`` until the end, with backpressure;
     ``passed_on(n)`` hears of every ``n`` bytes written to ``dst``.
 
-    ``src`` counts bytes as consumed only once ``dst`` took them, so the relay holds at most
-    one window on each side plus one chunk. Ends and breaks are passed on: FIN as FIN,
-    reset as reset, and a ``dst`` that stopped reading stops ``src``.
+    ``dst`` takes only what its reader granted (``StreamState.relay_room``) and ``src``
+    counts bytes as consumed only once ``dst`` took them, so the sender's credit follows what
+    the reader consumed: the coordinator holds at most the sender's connection window on one
+    side and what the reader granted on the other, however many streams there are. Ends and
+    breaks are passed on: FIN as FIN, reset as reset, and a ``dst`` that stopped reading
+    stops ``src``.
     """
     while True:
         if dst.send_error is not None or dst.send_finished:
             src.stop_receiving(StreamCode.STOPPED)
             return
         if src.raw:
-            if not dst.can_write():
+            room = dst.relay_room()
+            if room <= 0:
                 await dst.wait_writable()
                 continue
-            chunk = src.take_raw(RELAY_CHUNK)
+            chunk = src.take_raw(min(room, RELAY_CHUNK))
             dst.write(chunk)
             src.release_raw(len(chunk))
             if passed_on is not None:

@@ -63,6 +63,8 @@ class RawClient(ConnectionListener):
         self.control_sid: int | None = None
         self._changed = trio.lowlevel.ParkingLot()
         self._rid = 1000
+        # Streams whose data is recorded but not consumed: no credit goes back until release.
+        self.withheld: dict[int, int] = {}
         conn.listener = self
 
     # -- ConnectionListener: record everything, consume at once (never hold a sender back) ----
@@ -76,7 +78,10 @@ class RawClient(ConnectionListener):
         st.decoder.feed(data)
         st.messages.extend(st.decoder)
         st.fin = st.fin or fin
-        conn.add_consumed(stream_id, len(data))
+        if stream_id in self.withheld:
+            self.withheld[stream_id] += len(data)
+        else:
+            conn.add_consumed(stream_id, len(data))
         self._changed.unpark_all()
 
     def stream_reset(self, conn: QuicConn, stream_id: int, error_code: int) -> None:
@@ -92,6 +97,14 @@ class RawClient(ConnectionListener):
 
     def terminated(self, conn: QuicConn, error_code: int, reason: str) -> None:
         self._changed.unpark_all()
+
+    def withhold_credit(self, sid: int) -> None:
+        """From now on, grant the peer no more credit on stream ``sid``."""
+        self.withheld.setdefault(sid, 0)
+
+    def release_credit(self, sid: int) -> None:
+        """Consume what arrived on ``sid`` meanwhile, and from now on as it comes."""
+        self.conn.add_consumed(sid, self.withheld.pop(sid, 0))
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -180,6 +193,7 @@ async def open_raw_client(
     *,
     identity: tuple[bytes, bytes] | None = None,
     max_streams: int = 1000,
+    stream_window: int = 1 << 20,
 ) -> AsyncIterator[RawClient]:
     """Connect to the coordinator at ``address`` (IPv4) trusting ``ca``; handshake done, no
     hello said yet. ``identity`` is ``(cert_pem, key_pem)``; default: self-signed for the id."""
@@ -193,7 +207,7 @@ async def open_raw_client(
             settings = ConnectionSettings(
                 alpn=control.ALPN,
                 idle_timeout=DEADLINE,
-                stream_window=1 << 20,
+                stream_window=stream_window,
                 connection_window=16 << 20,
                 max_streams=max_streams,
                 identity=Identity(chain[0], tuple(chain[1:]), _tls.load_private_key(key_pem)),

@@ -294,3 +294,58 @@ async def test_a_full_socket_buffer_delays_messages_and_loses_none(coord, open_c
     assert got == [pattern(i, 64) for i in range(100)] + [pattern(i, 300) for i in range(100, 400)]
     assert refused > 50
     assert sum(lost) == 0, f"{sum(lost)} packets were lost on loopback"
+
+
+async def test_row05_relay_holds_what_the_reader_granted_not_a_window_per_stream(
+    coord_config, open_client
+):
+    """Hostile input, row 5: a client opens many streams to an accomplice that reads none of
+    them. The coordinator used to hold up to a window per stream on the accomplice's side
+    (300 streams: +336 MB); it now hands on only what the accomplice's connection granted
+    and takes from the sender only what it handed on, so it holds about two connection
+    windows however many streams there are. Others' streams flow meanwhile, and once the
+    accomplice reads, everything arrives."""
+    window = 64 * KIB
+    flow = {"stream_window": window, "connection_window": 4 * window}
+    streams, count, size = 24, 8, 32 * KIB  # 24 streams x 256 KiB: 6 MiB in all
+    # What mallory's connection may hold unread at the coordinator, what the accomplice's
+    # connection granted, and a relay chunk in between.
+    bound = 2 * flow["connection_window"] + RELAY_CHUNK
+    async with (
+        conec_trio.open_coordinator(coord_config(**flow)) as coord,
+        open_client(coord, "mallory", **flow) as mallory,
+        open_client(coord, "accomplice", **flow) as accomplice,
+        open_client(coord, "alice") as alice,
+        open_client(coord, "bob") as bob,
+    ):
+        with trio.fail_after(DEADLINE):
+            senders = [Sender((await mallory.new_proxied_stream("accomplice"))[0], count, size)]
+            for _ in range(streams - 1):
+                senders.append(
+                    Sender((await mallory.new_proxied_stream("accomplice"))[0], count, size)
+                )
+            async with trio.open_nursery() as nursery:
+                for sender in senders:
+                    nursery.start_soon(sender.run)
+                await wait_until_stalled()
+                assert not all(sender.done.is_set() for sender in senders)
+                held = coord.statistics().held_bytes
+                assert held >= window, "nothing held: is the attack running?"
+                assert held <= bound, (held, bound)
+
+                # alice and bob are not held up by it.
+                send, recv, incoming = await open_pair(alice, bob)
+                await send.send(b"ping")
+                assert await incoming.recv.receive() == b"ping"
+                await incoming.send.send(b"pong")
+                assert await recv.receive() == b"pong"
+                assert coord.statistics().held_bytes <= bound + 2 * HEADER_SLACK
+
+                # The accomplice reads at last: every stream delivers everything, in order,
+                # without waiting for a keepalive (5 s) to carry the credit it frees.
+                with trio.fail_after(4.0):
+                    async with trio.open_nursery() as readers:
+                        for _ in range(streams):
+                            taken = await accomplice.incoming_streams.receive()
+                            readers.start_soon(read_all, taken.recv, count, size)
+        await wait_for(lambda: coord.statistics().held_bytes == 0)

@@ -18,6 +18,8 @@ from typing import Any
 import cbor2
 import pytest
 import trio
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography import x509
 from helpers import wait_for
 from hypothesis import HealthCheck, event, given, settings
@@ -914,3 +916,109 @@ async def test_row14_junk_with_a_clients_connection_id_does_not_move_its_address
         assert spoofed[1] != before[1]
         assert session.candidates[0] == before
         assert session.conn.is_open
+
+
+async def test_row06_a_client_that_takes_no_replies_is_not_read_beyond_a_bound(arena: Arena):
+    """Hostile input, row 6: a client grants no credit on its control stream and sends
+    request after request. The coordinator used to write every reply into an unbounded
+    backlog (3M requests: +156 MB, 28 s of CPU); it now stops reading the client's requests
+    while 64 KiB of replies to it are unacknowledged. Once the client takes its replies,
+    every request is answered, in order."""
+    bound = 64 * 1024 + 2 * 4096  # the coordinator's bound, one reply past it, and others'
+    requests = 3000  # about 170 KB of replies
+    async with open_raw_client(arena.coord.address, arena.ca, stream_window=16 * 1024) as raw:
+        await raw.hello()
+        sid = raw.control_sid
+        assert sid is not None
+        raw.withhold_credit(sid)
+        raw.write(
+            sid,
+            b"".join(
+                encode_frame(control.encode(control.BroadcastCountRequest(rid, "nonexistent")))
+                for rid in range(requests)
+            ),
+        )
+        await wait_for(lambda: arena.coord.statistics().reply_backlog > 32 * 1024, DEADLINE)
+        await arena.check_unharmed()
+        assert arena.coord.statistics().reply_backlog <= bound
+        raw.release_credit(sid)
+        for rid in range(requests):
+            reply = await raw.read_control(sid)
+            assert isinstance(reply, control.ErrorReply)
+            assert reply.rid == rid
+    await arena.check_unharmed()
+
+
+# --- row 7: connections that never say hello ---------------------------------------------------
+
+
+def first_initial(target: tuple[str, int]) -> bytes:
+    """The first datagram of a new QUIC connection to ``target`` (an Initial, padded)."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    quic = QuicConnection(
+        configuration=QuicConfiguration(is_client=True, alpn_protocols=[control.ALPN])
+    )
+    quic.connect(target, now=0.0)
+    return quic.datagrams_to_send(now=0.0)[0][0]
+
+
+@asynccontextmanager
+async def udp_from(host: str) -> AsyncIterator[trio.socket.SocketType]:
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    with sock:
+        await sock.bind((host, 0))
+        yield sock
+
+
+async def send_initials(sock: trio.socket.SocketType, target: tuple[str, int], n: int) -> None:
+    for _ in range(n):
+        await sock.sendto(first_initial(target), target)
+        await trio.sleep(0.002)
+
+
+async def test_row07_initials_from_one_address_are_capped_and_a_newcomer_gets_in(
+    coord_config, client_config
+):
+    """Hostile input, row 7: Initials that never go on with the handshake. Each used to make
+    a session and tasks (5,000: 528 MB, and a newcomer needed 10.7 s); beyond
+    ``max_pending_connections_per_address`` from one address they make nothing now, and a
+    newcomer from elsewhere gets in at once while the flood goes on."""
+    config = coord_config(max_pending_connections_per_address=8, retry_above_pending=30)
+    async with conec_trio.open_coordinator(config) as coord:
+        target = coord.address
+        async with udp_from("127.0.0.2") as flood, trio.open_nursery() as nursery:
+            nursery.start_soon(send_initials, flood, target, 100)
+            await wait_for(lambda: coord.statistics().pending_connections >= 8, DEADLINE)
+            with trio.fail_after(2.0):
+                await newcomer_roundtrip(client_config(coord, "newcomer"))
+        # The newcomer's Initial came after the whole flood: the flood was seen by now.
+        await newcomer_roundtrip(client_config(coord, "latecomer"))
+        assert coord.statistics().pending_connections == 8
+        assert coord.client_ids() == []
+
+
+async def test_row07_under_load_new_connections_must_prove_their_address(
+    coord_config, client_config
+):
+    """Above ``retry_above_pending`` connections without a hello, a new connection gets a
+    QUIC Retry and no state (so a flood with forged source addresses makes none), while a
+    real client passes the Retry and gets in."""
+    config = coord_config(max_pending_connections_per_address=6, retry_above_pending=6)
+    async with conec_trio.open_coordinator(config) as coord:
+        target = coord.address
+        async with udp_from("127.0.0.2") as flood:
+            await send_initials(flood, target, 6)
+            await wait_for(lambda: coord.statistics().pending_connections == 6, DEADLINE)
+        async with udp_from("127.0.0.3") as other:
+            await send_initials(other, target, 20)
+            with trio.fail_after(DEADLINE):
+                while True:
+                    data, _ = await other.recvfrom(65536)
+                    header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+                    if header.packet_type == QuicPacketType.RETRY:
+                        break
+        with trio.fail_after(2.0):
+            await newcomer_roundtrip(client_config(coord, "newcomer"))
+        assert coord.statistics().pending_connections == 6

@@ -6,7 +6,7 @@ and ``ConnectionListener``; nothing outside this package sees an aioquic object.
 
 from ._aioquic import FlowControlledConnection
 from ._conn import ConnectionListener, ConnState, QuicConn
-from ._endpoint import QuicEndpoint
+from ._endpoint import Admission, QuicEndpoint
 from ._pmtu import PMTU_LADDER
 from ._udp import (
     DatagramSocket,
@@ -19,6 +19,7 @@ from .settings import ConnectionSettings, Identity, TrustStore
 
 __all__ = [
     "PMTU_LADDER",
+    "Admission",
     "ConnState",
     "ConnectionListener",
     "ConnectionSettings",

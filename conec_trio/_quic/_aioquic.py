@@ -115,6 +115,10 @@ class FlowControlledConnection(PathMtuProbing):
         self._connection_window = connection_window
         self._stream_consumed: dict[int, int] = {}
         self._consumed_total = 0
+        # Stream bytes written, and of those, bytes a reset dropped before they were sent:
+        # what is written and not yet sent is what waits for the peer's credit (send_room).
+        self._stream_written = 0
+        self._unsent_dropped = 0
         self.delivered_total = 0  # stream bytes handed to the application layer
         self.written_total = 0  # stream bytes the application layer wrote
         self._ping_received = False  # a PING arrived in the datagram being processed
@@ -222,12 +226,24 @@ class FlowControlledConnection(PathMtuProbing):
         consumed = self._stream_consumed.get(stream_id, 0) + nbytes
         self._stream_consumed[stream_id] = consumed
         self._consumed_total += nbytes
+        if self._connection_credit_due():
+            return True
         stream = self._streams.get(stream_id)
         if stream is None or not stream.max_stream_data_local:
             return False
         return consumed + self._stream_window - stream.max_stream_data_local >= (
             self._stream_window // 4
         )
+
+    def _connection_credit_due(self) -> bool:
+        """A quarter connection window of new connection credit is waiting to be announced.
+        A reader that takes a little from each of many streams frees connection credit
+        without any one stream's credit being worth a packet; without this the sender
+        would wait for an unrelated packet (a keepalive) to carry the MAX_DATA."""
+        max_data = self._local_max_data
+        held = self.delivered_total - self._consumed_total
+        target = max_data.used - held + self._connection_window
+        return target - max_data.sent >= self._connection_window // 4
 
     def add_discarded(self, nbytes: int) -> bool:
         """Bytes that arrived for a stream nobody reads any more: their credit comes back."""
@@ -279,6 +295,49 @@ class FlowControlledConnection(PathMtuProbing):
             super()._write_connection_limits(builder, space)
         finally:
             max_data.used = used
+
+    # -- sending no more than the peer granted --------------------------------------------
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        super().send_stream_data(stream_id, data, end_stream)
+        self._stream_written += len(data)
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        self._drop_unsent(stream_id)
+        super().reset_stream(stream_id, error_code)
+
+    def _handle_stop_sending_frame(self, context: Any, frame_type: int, buf: Buffer) -> None:
+        # aioquic resets our send side itself on STOP_SENDING: its unsent bytes never leave.
+        start = buf.tell()
+        stream_id = buf.pull_uint_var()
+        buf.seek(start)
+        self._drop_unsent(stream_id)
+        super()._handle_stop_sending_frame(context, frame_type, buf)
+
+    def _drop_unsent(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        sender = stream.sender
+        if sender._reset_error_code is None and not sender.is_finished:
+            self._unsent_dropped += sender._buffer_stop - sender.highest_offset
+
+    @property
+    def unsent(self) -> int:
+        """Stream bytes written and not yet sent once (mostly: waiting for the peer's credit)."""
+        return self._stream_written - self._unsent_dropped - self._remote_max_data_used
+
+    def send_room(self, stream_id: int, budget: int) -> int:
+        """How many bytes may be written to a stream now so that none waits for credit the
+        peer has not granted (its stream and its connection credit), and the connection's
+        unsent bytes stay within ``budget`` (against a peer that grants more than it
+        acknowledges)."""
+        unsent = self.unsent
+        room = min(self._remote_max_data - self._remote_max_data_used, budget) - unsent
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            room = min(room, stream.max_stream_data_remote - stream.sender._buffer_stop)
+        return room
 
     # -- small read-only views used by the stream layer -----------------------------------
 

@@ -150,6 +150,11 @@ class QuicConn(Transmitting):
         """Bytes written to a stream and not yet acknowledged by the peer."""
         return self.quic.send_backlog(stream_id)
 
+    def send_room(self, stream_id: int, budget: int) -> int:
+        """Bytes that may be written to a stream now without waiting for credit the peer has
+        not granted, with at most ``budget`` unsent on the connection."""
+        return self.quic.send_room(stream_id, budget)
+
     def fin_acked(self, stream_id: int) -> bool:
         """The stream's send side is done (FIN or reset acknowledged, or gone)."""
         return self.quic.fin_acked(stream_id)

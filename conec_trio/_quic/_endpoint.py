@@ -4,6 +4,7 @@ connections (with QUIC Retry and version negotiation), and the receive loop.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 from collections.abc import Callable
@@ -34,6 +35,14 @@ RECEIVE_BATCH = 32
 SMALLEST_INITIAL = 1200
 
 
+class Admission(enum.Enum):
+    """What to do with a new connection's first Initial (``accept_connections(admit=...)``)."""
+
+    ACCEPT = "accept"
+    RETRY = "retry"  # make the client prove its address first (QUIC Retry), statelessly
+    DROP = "drop"  # ignore it (the client's retransmission may find room later)
+
+
 class QuicEndpoint:
     """One UDP socket, many QUIC connections (client and server role)."""
 
@@ -45,6 +54,8 @@ class QuicEndpoint:
         self._accept: Callable[[], ConnectionSettings] | None = None
         self._on_accept: Callable[[QuicConn], None] | None = None
         self._retry: QuicRetryTokenHandler | None = None
+        self._always_retry = False
+        self._admit: Callable[[Address, bool], Admission] | None = None
         # connections with something to send at once, before the next receive (see expedite)
         self.urgent: dict[QuicConn, None] = {}
         # datagrams that are not QUIC (hole punching) go here
@@ -60,13 +71,18 @@ class QuicEndpoint:
         on_accept: Callable[[QuicConn], None],
         *,
         stateless_retry: bool = False,
+        admit: Callable[[Address, bool], Admission] | None = None,
     ) -> None:
         """Serve server-role connections: ``make_settings`` gives the settings of each;
         ``on_accept`` is called with each new connection (before its handshake completes) so
-        its owner can set a listener."""
+        its owner can set a listener. ``admit(address, validated)`` decides on each new
+        connection before any state is made for it (``validated``: it carried a valid Retry
+        token); with ``stateless_retry`` every new connection goes through a Retry."""
         self._accept = make_settings
         self._on_accept = on_accept
-        self._retry = QuicRetryTokenHandler() if stateless_retry else None
+        self._always_retry = stateless_retry
+        self._admit = admit
+        self._retry = QuicRetryTokenHandler() if stateless_retry or admit else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The receive loop: reads batches of datagrams and dispatches them."""
@@ -136,25 +152,8 @@ class QuicEndpoint:
             return None
         original_dcid: bytes = header.destination_cid
         retry_scid: bytes | None = None
-        if self._retry is not None:
-            if not header.token:
-                source_cid = os.urandom(CID_LENGTH)
-                self.send_raw_nowait(
-                    encode_quic_retry(
-                        version=header.version,
-                        source_cid=source_cid,
-                        destination_cid=header.source_cid,
-                        original_destination_cid=header.destination_cid,
-                        retry_token=self._retry.create_token(
-                            address=addr,
-                            original_destination_connection_id=header.destination_cid,
-                            retry_source_connection_id=source_cid,
-                            now=trio.current_time(),
-                        ),
-                    ),
-                    addr,
-                )
-                return None
+        validated = False
+        if self._retry is not None and header.token:
             try:
                 original_dcid = self._retry.validate_token(
                     address=addr,
@@ -165,6 +164,31 @@ class QuicEndpoint:
             except ValueError:
                 return None
             retry_scid = header.destination_cid
+            validated = True
+        admission = Admission.ACCEPT
+        if self._admit is not None:
+            admission = self._admit(addr, validated)
+            if admission is Admission.DROP:
+                return None
+        if not validated and (self._always_retry or admission is Admission.RETRY):
+            assert self._retry is not None
+            source_cid = os.urandom(CID_LENGTH)
+            self.send_raw_nowait(
+                encode_quic_retry(
+                    version=header.version,
+                    source_cid=source_cid,
+                    destination_cid=header.source_cid,
+                    original_destination_cid=header.destination_cid,
+                    retry_token=self._retry.create_token(
+                        address=addr,
+                        original_destination_connection_id=header.destination_cid,
+                        retry_source_connection_id=source_cid,
+                        now=trio.current_time(),
+                    ),
+                ),
+                addr,
+            )
+            return None
         settings = self._accept()
         quic = new_connection(
             settings,
