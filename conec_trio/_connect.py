@@ -7,6 +7,7 @@ knows the ``Client`` class.
 
 from __future__ import annotations
 
+import math
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,16 +135,27 @@ class Dialer:
         self._on_new_stream = on_new_stream
         self._on_terminated = on_terminated
         self._link: Link | None = None
+        self._deadline = math.inf  # set by dial: when connecting gives up
 
     async def dial(self) -> Link:
         """Connect and say hello (then ``await_welcome``); raises a ``ConecError`` subclass
         that says what went wrong."""
         cfg = self.config
         host, port = cfg.coord_host, cfg.coord_port
-        try:
-            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        except OSError as exc:
-            raise ConnectError(f"cannot resolve the coordinator host {host!r}: {exc}") from exc
+        # One deadline for the whole of connecting: resolution, handshake, welcome.
+        self._deadline = trio.current_time() + cfg.connect_timeout
+        infos = None
+        # trio resolves in a worker thread that it abandons when cancelled, so a resolver
+        # that hangs cannot hold open_client past connect_timeout.
+        with trio.move_on_at(self._deadline):
+            try:
+                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            except OSError as exc:
+                raise ConnectError(f"cannot resolve the coordinator host {host!r}: {exc}") from exc
+        if infos is None:
+            raise ConnectError(
+                f"resolving {host} took longer than connect_timeout ({cfg.connect_timeout:g} s)"
+            )
         errors: list[ConecError] = []
         attempts: list[tuple[trio.CancelScope, QuicEndpoint, QuicConn]] = []
         # Every resolved address is tried at once ("localhost" may be ::1 or 127.0.0.1);
@@ -173,7 +185,7 @@ class Dialer:
                 listener.local = local_addrs(endpoint, conn.peer_address)
         self._make_identity()
 
-        with trio.move_on_after(cfg.connect_timeout):
+        with trio.move_on_at(self._deadline):
             async with trio.open_nursery() as watchers:
                 for _, _, conn in attempts:
                     watchers.start_soon(self._watch_attempt, conn, attempts, watchers.cancel_scope)
@@ -262,7 +274,7 @@ class Dialer:
         conn, st = link.conn, link.control
         host, port = self.config.coord_host, self.config.coord_port
         try:
-            with trio.fail_after(self.config.connect_timeout):
+            with trio.fail_at(self._deadline):
                 reply = control.decode(await read_header(st))
         except trio.TooSlowError:
             raise ConnectError(
