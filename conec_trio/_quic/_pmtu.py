@@ -41,11 +41,14 @@ BLACK_HOLE_LOSSES = 4
 # after this long, doubling each time they fail again, up to RFC 8899's PMTU_RAISE_TIMER.
 PMTU_RAISE_FIRST = 1.0
 PMTU_RAISE_MAX = 600.0
+# The longest wait between PTO probes, unless the path's own PTO is longer.
+MAX_PTO_INTERVAL = 1.0
 
 
 class _SizeWatchingRecovery(QuicPacketRecovery):
     """aioquic's loss recovery, telling the connection what acknowledgements, losses and
-    PTOs say about the datagram size (its class is swapped in by ``_init_pmtu``)."""
+    PTOs say about the datagram size (its class is swapped in by ``_init_pmtu``), with the
+    PTO's exponential back-off capped at ``MAX_PTO_INTERVAL``."""
 
     pmtu: PathMtuProbing
 
@@ -65,6 +68,13 @@ class _SizeWatchingRecovery(QuicPacketRecovery):
         if self._get_loss_space() is None:  # a PTO, not a loss timer
             self.pmtu._pmtu_on_pto(now)
         super().on_loss_detection_timeout(now=now)
+        # Doubling without end leaves a lossy but live path silent for 20-60 s (a probe and
+        # its ACK both get through only half the time at 30% loss), past the idle and setup
+        # timeouts. Probes stay at most one (two datagrams) per interval, and loss still
+        # shrinks the congestion window as before.
+        base = self.get_probe_timeout(include_max_ack_delay=self.handshake_confirmed)
+        while self._pto_count and base * 2**self._pto_count > MAX_PTO_INTERVAL:
+            self._pto_count -= 1
 
     def _on_packets_lost(
         self,
