@@ -7,6 +7,7 @@ knows the ``Client`` class.
 
 from __future__ import annotations
 
+import math
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,6 +136,7 @@ class Dialer:
         self._on_new_stream = on_new_stream
         self._on_terminated = on_terminated
         self._link: Link | None = None
+        self._deadline = math.inf  # set by dial: when connecting gives up
 
     async def dial(
         self, endpoint: QuicEndpoint | None = None, handshake_timeout: float | None = None
@@ -144,14 +146,23 @@ class Dialer:
 
         With ``endpoint`` (a reconnect), every attempt goes out from that one socket: direct
         channels live on it, and so does the NAT mapping peers know this client by.
-        ``handshake_timeout`` bounds the handshake (default: the config's ``connect_timeout``).
+        ``handshake_timeout`` bounds this attempt (default: the config's ``connect_timeout``).
         """
         cfg = self.config
         host, port = cfg.coord_host, cfg.coord_port
-        try:
-            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        except OSError as exc:
-            raise ConnectError(f"cannot resolve the coordinator host {host!r}: {exc}") from exc
+        # One deadline for the whole of connecting: resolution, handshake, welcome.
+        timeout = cfg.connect_timeout if handshake_timeout is None else handshake_timeout
+        self._deadline = trio.current_time() + timeout
+        infos = None
+        # trio resolves in a worker thread that it abandons when cancelled, so a resolver
+        # that hangs cannot hold open_client past connect_timeout.
+        with trio.move_on_at(self._deadline):
+            try:
+                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            except OSError as exc:
+                raise ConnectError(f"cannot resolve the coordinator host {host!r}: {exc}") from exc
+        if infos is None:
+            raise ConnectError(f"resolving {host} took longer than connect_timeout ({timeout:g} s)")
         errors: list[ConecError] = []
         # (the scope of the endpoint's task, or None for the given endpoint; endpoint; conn)
         attempts: list[tuple[trio.CancelScope | None, QuicEndpoint, QuicConn]] = []
@@ -192,9 +203,7 @@ class Dialer:
                 listener.local = local_addrs(attempt_endpoint, conn.peer_address)
         self._make_identity()
 
-        with trio.move_on_after(
-            cfg.connect_timeout if handshake_timeout is None else handshake_timeout
-        ):
+        with trio.move_on_at(self._deadline):
             async with trio.open_nursery() as watchers:
                 for _, _, conn in attempts:
                     watchers.start_soon(self._watch_attempt, conn, attempts, watchers.cancel_scope)
@@ -284,7 +293,7 @@ class Dialer:
         conn, st = link.conn, link.control
         host, port = self.config.coord_host, self.config.coord_port
         try:
-            with trio.fail_after(self.config.connect_timeout):
+            with trio.fail_at(self._deadline):
                 reply = control.decode(await read_header(st))
         except trio.TooSlowError:
             raise ConnectError(

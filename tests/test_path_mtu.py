@@ -54,6 +54,10 @@ async def test_bulk_data_grows_the_datagrams_on_loopback(
         # Probes go out one size at a time, each confirmed by its ACK.
         with trio.fail_after(DEADLINE):
             await wait_for(lambda: quic._max_datagram_size == _quic.PMTU_LADDER[-1])
+        # Congestion control and pacing count in the new size: a window of at least two.
+        assert quic._loss._cc._max_datagram_size == _quic.PMTU_LADDER[-1]
+        assert quic._loss._pacer._max_datagram_size == _quic.PMTU_LADDER[-1]
+        assert quic._loss.congestion_window >= 2 * _quic.PMTU_LADDER[-1]
         # The coordinator only sent ACKs and flow-control credit: it did not probe.
         assert coordinator_side(coord, "alice")._max_datagram_size == 1200
 

@@ -8,7 +8,7 @@ What it adds to aioquic's ``QuicConnection``:
    chain, name and pin checks are the roles' (see ``_tls``).
 2. Receive credit follows what the application consumed, not what arrived.
 3. Idle connections keep no growing ACK bookkeeping and no handshake buffers.
-4. Path MTU probing (``_pmtu``).
+4. Path MTU probing and black-hole fallback, and a cap on PTO back-off (``_pmtu``).
 5. Read-only views the driver and the stream layer need (``is_client``, ``bytes_in_flight``,
    ``send_backlog`` ...), so nothing outside this package touches aioquic objects.
 

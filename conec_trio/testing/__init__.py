@@ -40,7 +40,8 @@ such an ip ("address-restricted"), or from anyone ("open").
 
 Impairments: ``loss``, ``duplicate`` and ``reorder`` are probabilities per datagram,
 ``delay`` is (min, max) seconds drawn per datagram, and datagrams over ``mtu`` bytes are
-dropped. Randomness is drawn from one seeded generator per path (sender address,
+dropped; ``net.set_mtu(n)`` changes that limit mid-run (a path whose MTU drops, or comes
+back). Randomness is drawn from one seeded generator per path (sender address,
 destination), so what happens on one path does not depend on how trio interleaves tasks
 sending on other paths.
 

@@ -77,8 +77,7 @@ class FakeNetwork:
                 raise ValueError(f"{name} is a probability between 0 and 1, not {p!r}")
         if len(delay) != 2 or not 0 <= delay[0] <= delay[1]:
             raise ValueError(f"delay must be (min, max) with 0 <= min <= max, not {delay!r}")
-        if mtu is not None and mtu < 0:
-            raise ValueError(f"mtu must be a number of bytes or None, not {mtu!r}")
+        self._check_mtu(mtu)
         self.seed = seed
         self.loss = loss
         self.duplicate = duplicate
@@ -99,6 +98,18 @@ class FakeNetwork:
         self._current_host: contextvars.ContextVar[str | None] = contextvars.ContextVar(
             f"fakenet_host_{id(self)}", default=None
         )
+
+    @staticmethod
+    def _check_mtu(mtu: int | None) -> None:
+        if mtu is not None and (isinstance(mtu, bool) or not isinstance(mtu, int) or mtu < 0):
+            raise ValueError(f"mtu must be a number of bytes or None, not {mtu!r}")
+
+    def set_mtu(self, mtu: int | None) -> None:
+        """Change the largest datagram the network carries, mid-run (None: no limit), as
+        when a route moves to a tunnel or a VPN comes up. Datagrams sent from now on over
+        ``mtu`` bytes are dropped ("too-big"); those already in flight still arrive."""
+        self._check_mtu(mtu)
+        self.mtu = mtu
 
     # -- building the network ---------------------------------------------------------------
 
