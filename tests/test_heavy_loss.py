@@ -5,6 +5,7 @@ is never silent for long enough to hit a setup or idle timeout."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 
@@ -22,7 +23,9 @@ LOSS = 0.3
 DELAY = (0.01, 0.05)
 CLIENTS = 20
 TRANSFER = 10 * 1000 * 1000
-HELLO_TIMEOUT = conec_trio.CoordConfig(b"", b"").hello_timeout
+HELLO_TIMEOUT = {f.name: f.default for f in dataclasses.fields(conec_trio.CoordConfig)}[
+    "hello_timeout"
+]
 PATIENCE = 3600.0  # simulated seconds: the transfer's bound (it costs no wall time)
 
 

@@ -15,283 +15,125 @@ can be answered with a clear "version mismatch".
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
-import types
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import (
-    Annotated,
-    Any,
-    ClassVar,
-    NoReturn,
-    TypeAlias,
-    TypeVar,
-    Union,
-    get_args,
-    get_origin,
-    get_type_hints,
+from typing import Annotated, TypeAlias
+
+from .fields import (
+    MAX_HOST_LEN,
+    MAX_INT,
+    MAX_MESSAGE_LEN,
+    MAX_NAME_LEN,
+    MAX_PORT,
+    Addr,
+    ExactLen,
+    MaxItems,
+    MaxLen,
+)
+from .registry import (
+    MAX_CONTROL_MESSAGE_SIZE,
+    MAX_ID_LIST_MESSAGE_SIZE,
+    MAX_IDS,
+    Message,
+    decode,
+    decode_hello_version,
+    encode,
+    message,
 )
 
-import cbor2
-
-from .._exceptions import BadCborError, ProtocolError
-from . import cbor
+__all__ = [
+    "ALPN",
+    "MAX_CANDIDATES",
+    "MAX_CERT_SIZE",
+    "MAX_CONTROL_MESSAGE_SIZE",
+    "MAX_HOST_LEN",
+    "MAX_IDS",
+    "MAX_ID_LIST_MESSAGE_SIZE",
+    "MAX_INT",
+    "MAX_LOCAL_ADDRS",
+    "MAX_MESSAGE_LEN",
+    "MAX_NAME_LEN",
+    "MAX_PORT",
+    "PROTOCOL_VERSION",
+    "PUNCH_TOKEN_SIZE",
+    "Addr",
+    "BroadcastCountReply",
+    "BroadcastCountRequest",
+    "BroadcastJoined",
+    "BroadcastListReply",
+    "BroadcastListRequest",
+    "BroadcastMembersReply",
+    "BroadcastMembersRequest",
+    "Candidates",
+    "CertDer",
+    "ChannelGrant",
+    "ChannelOffer",
+    "ChannelOfferReply",
+    "ChannelRequest",
+    "DirectClose",
+    "ErrorReply",
+    "Hello",
+    "IdList",
+    "IncomingProxied",
+    "JoinBroadcast",
+    "LocalAddrs",
+    "Message",
+    "OpenDirect",
+    "OpenProxied",
+    "PeerCertificateChanged",
+    "PeerListReply",
+    "PeerListRequest",
+    "PresenceDropped",
+    "PresenceEvent",
+    "PresenceSnapshot",
+    "PresenceSubscribe",
+    "PresenceUnsubscribe",
+    "PunchToken",
+    "StreamAccepted",
+    "StreamRefused",
+    "Text",
+    "Welcome",
+    "decode",
+    "decode_hello_version",
+    "encode",
+]
 
 PROTOCOL_VERSION = 1
 ALPN = "conec-trio"
 
-MAX_INT = 2**62 - 1  # ids, counts and versions fit a QUIC varint
-MAX_PORT = 65535
-MAX_NAME_LEN = 1024  # characters in ids, names and reasons
-# Characters of an IP literal in an address: 45 for the longest IPv6 form, and room for a
-# scope (an interface name or number).
-MAX_HOST_LEN = 64
-MAX_MESSAGE_LEN = 4096  # characters in human-readable explanations
 # Addresses a client may give as its own view of where it can be reached. Offers and grants
 # carry them plus the address the coordinator observed.
 MAX_LOCAL_ADDRS = 16
 MAX_CANDIDATES = MAX_LOCAL_ADDRS + 1
-# Bytes of one encoded control message. The largest legitimate one, a ChannelOffer, carries
-# a client certificate (at most MAX_CERT_SIZE) and MAX_CANDIDATES addresses.
+# A client certificate, as offers carry it; with MAX_CANDIDATES addresses it stays well under
+# MAX_CONTROL_MESSAGE_SIZE.
 MAX_CERT_SIZE = 16 * 1024
 # Bytes of the random token the coordinator gives both sides of a channel it brokers: their
 # punches carry it, so a punch from anyone else is ignored.
 PUNCH_TOKEN_SIZE = 16
-MAX_CONTROL_MESSAGE_SIZE = 64 * 1024
 
-_LIMITS = cbor.CborLimits(
-    max_size=MAX_CONTROL_MESSAGE_SIZE,
-    max_depth=8,  # the deepest legitimate value is [code, [[host, port]]]
-    max_length=1024,  # longer than any list a field allows: those get the field's own message
-    max_items=4096,
-    text_keys_only=True,
-)
-
-# Ids in one list (peer lists, broadcast members): far above any coordinator's client count,
-# so that a list's size is bounded by more than the frame that carries it.
-MAX_IDS = 1_000_000
-# A message with an id list may be as large as a stream message may be by default.
-MAX_ID_LIST_MESSAGE_SIZE = 16 * 1024 * 1024
-_ID_LIST_LIMITS = cbor.CborLimits(
-    max_size=MAX_ID_LIST_MESSAGE_SIZE,
-    max_depth=8,
-    max_length=MAX_IDS,
-    max_items=2 * MAX_IDS + 16,  # two lists (broadcast members) and the fields around them
-    text_keys_only=True,
-)
-
-
-@dataclass(frozen=True)
-class _MaxLen:
-    chars: int
-
-
-@dataclass(frozen=True)
-class _MaxItems:
-    items: int
-
-
-@dataclass(frozen=True)
-class _ExactLen:
-    size: int
-
-
-Addr: TypeAlias = tuple[str, int]
-"""A ``(ip, port)`` pair, encoded as a 2-element array: an IP literal (in its canonical
-form once decoded) and a port in 1..65535."""
-
-Text: TypeAlias = Annotated[str, _MaxLen(MAX_MESSAGE_LEN)]
+Text: TypeAlias = Annotated[str, MaxLen(MAX_MESSAGE_LEN)]
 """A human-readable explanation; may be longer than a name."""
 
-LocalAddrs: TypeAlias = Annotated[list[Addr], _MaxItems(MAX_LOCAL_ADDRS)]
+LocalAddrs: TypeAlias = Annotated[list[Addr], MaxItems(MAX_LOCAL_ADDRS)]
 """A client's own addresses; duplicates are dropped when decoded."""
 
-Candidates: TypeAlias = Annotated[list[Addr], _MaxItems(MAX_CANDIDATES)]
+Candidates: TypeAlias = Annotated[list[Addr], MaxItems(MAX_CANDIDATES)]
 """Where a peer may be reached; duplicates are dropped when decoded."""
 
-CertDer: TypeAlias = Annotated[bytes, _MaxLen(MAX_CERT_SIZE)]
+CertDer: TypeAlias = Annotated[bytes, MaxLen(MAX_CERT_SIZE)]
 """A DER certificate."""
 
-IdList: TypeAlias = Annotated[list[str], _MaxItems(MAX_IDS)]
+IdList: TypeAlias = Annotated[list[str], MaxItems(MAX_IDS)]
 """Client ids, sorted by the sender (a receiver does not rely on it)."""
 
-PunchToken: TypeAlias = Annotated[bytes, _ExactLen(PUNCH_TOKEN_SIZE)]
+PunchToken: TypeAlias = Annotated[bytes, ExactLen(PUNCH_TOKEN_SIZE)]
 """The token of one brokered channel: exactly PUNCH_TOKEN_SIZE random bytes."""
-
-
-class Message:
-    """Base class of all control messages."""
-
-    TYPE_CODE: ClassVar[int]
-    # Set by @dataclass on each subclass; declared so type checkers see dataclasses.
-    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
-
-
-# --- field checks -------------------------------------------------------------------------
-# A check takes a value and a description of where it sits ("Hello.client_id") and returns
-# the value in its Python form, or raises ProtocolError.
-
-_Check: TypeAlias = Callable[[object, str], object]
-
-
-def _kind(value: object) -> str:
-    return "None" if value is None else type(value).__name__
-
-
-def _wrong_type(where: str, expected: str, value: object) -> NoReturn:
-    raise ProtocolError(f"{where} must be {expected}, not {_kind(value)}")
-
-
-def _check_int(value: object, where: str, top: int = MAX_INT) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):  # bool is an int subclass
-        _wrong_type(where, "int", value)
-    if not 0 <= value <= top:
-        raise ProtocolError(f"{where} must be in 0..{top}, not {value}")
-    return value
-
-
-def _check_bool(value: object, where: str) -> bool:
-    if not isinstance(value, bool):
-        _wrong_type(where, "bool", value)
-    return value
-
-
-def _check_bytes(value: object, where: str) -> bytes:
-    if not isinstance(value, bytes):
-        _wrong_type(where, "bytes", value)
-    return value
-
-
-def _bytes_check(max_len: int) -> Callable[[object, str], bytes]:
-    def check(value: object, where: str) -> bytes:
-        value = _check_bytes(value, where)
-        if len(value) > max_len:
-            raise ProtocolError(f"{where} has {len(value)} bytes; the maximum is {max_len}")
-        return value
-
-    return check
-
-
-def _exact_bytes_check(size: int) -> Callable[[object, str], bytes]:
-    def check(value: object, where: str) -> bytes:
-        value = _check_bytes(value, where)
-        if len(value) != size:
-            raise ProtocolError(f"{where} has {len(value)} bytes; it must have {size}")
-        return value
-
-    return check
-
-
-def _text_check(max_len: int) -> Callable[[object, str], str]:
-    def check(value: object, where: str) -> str:
-        if not isinstance(value, str):
-            _wrong_type(where, "str", value)
-        if len(value) > max_len:
-            raise ProtocolError(f"{where} has {len(value)} characters; the maximum is {max_len}")
-        return value
-
-    return check
-
-
-_check_name = _text_check(MAX_NAME_LEN)
-_check_host = _text_check(MAX_HOST_LEN)
-
-
-def _check_addr(value: object, where: str) -> Addr:
-    if not isinstance(value, list | tuple) or len(value) != 2:
-        _wrong_type(where, "a [host, port] array", value)
-    host, port = value
-    host = _check_host(host, f"{where}.host")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ProtocolError(f"{where}.host must be an IP address, not {host[:100]!r}") from None
-    port = _check_int(port, f"{where}.port", MAX_PORT)
-    if port == 0:  # nobody can be reached at port 0
-        raise ProtocolError(f"{where}.port must be in 1..{MAX_PORT}, not 0")
-    return str(ip), port
-
-
-def _list_check(item: _Check, max_items: int | None = None, unique: bool = False) -> _Check:
-    def check(value: object, where: str) -> list[object]:
-        if not isinstance(value, list | tuple):
-            _wrong_type(where, "an array", value)
-        if max_items is not None and len(value) > max_items:
-            raise ProtocolError(f"{where} has {len(value)} items; the maximum is {max_items}")
-        items = [item(v, f"{where}[{i}]") for i, v in enumerate(value)]
-        # dict keeps the first of equal items, in order, in linear time
-        return list(dict.fromkeys(items)) if unique else items
-
-    return check
-
-
-def _optional_check(inner: _Check) -> _Check:
-    def check(value: object, where: str) -> object:
-        return None if value is None else inner(value, where)
-
-    return check
-
-
-_SIMPLE_CHECKS: dict[object, _Check] = {
-    int: _check_int,
-    bool: _check_bool,
-    bytes: _check_bytes,
-    str: _check_name,
-}
-
-
-def _check_for(hint: object) -> _Check:
-    """Build the check for a field annotation (resolved by get_type_hints)."""
-    origin, args = get_origin(hint), get_args(hint)
-    if hint == Addr:
-        return _check_addr
-    if origin is Annotated and args[0] is str and isinstance(args[1], _MaxLen):
-        return _text_check(args[1].chars)
-    if origin is Annotated and args[0] is bytes and isinstance(args[1], _MaxLen):
-        return _bytes_check(args[1].chars)
-    if origin is Annotated and args[0] is bytes and isinstance(args[1], _ExactLen):
-        return _exact_bytes_check(args[1].size)
-    if origin is Annotated and get_origin(args[0]) is list and isinstance(args[1], _MaxItems):
-        item_hint = get_args(args[0])[0]
-        # A list of addresses is a set of places to try: a repeat is only wasted work.
-        return _list_check(_check_for(item_hint), args[1].items, unique=item_hint == Addr)
-    if origin is list:
-        return _list_check(_check_for(args[0]))
-    if origin in (Union, types.UnionType) and len(args) == 2 and type(None) in args:
-        return _optional_check(_check_for(next(a for a in args if a is not type(None))))
-    if origin is None and hint in _SIMPLE_CHECKS:
-        return _SIMPLE_CHECKS[hint]
-    raise TypeError(f"unsupported control message field type: {hint!r}")
-
-
-# --- registry -----------------------------------------------------------------------------
-
-_BY_CODE: dict[int, type[Message]] = {}
-_FIELDS: dict[type[Message], tuple[tuple[str, _Check], ...]] = {}
-
-_M = TypeVar("_M", bound=Message)
-
-
-def _message(code: int) -> Callable[[type[_M]], type[_M]]:
-    """Register a message dataclass under ``code`` (apply above ``@dataclass``)."""
-
-    def register(cls: type[_M]) -> type[_M]:
-        if code in _BY_CODE:
-            raise ValueError(f"type code {code} is already used by {_BY_CODE[code].__name__}")
-        hints = get_type_hints(cls, include_extras=True)
-        _FIELDS[cls] = tuple((f.name, _check_for(hints[f.name])) for f in dataclasses.fields(cls))
-        cls.TYPE_CODE = code
-        _BY_CODE[code] = cls
-        return cls
-
-    return register
 
 
 # --- messages -----------------------------------------------------------------------------
 
 
-@_message(1)
+@message(1)
 @dataclass(frozen=True)
 class Hello(Message):
     """Client -> coordinator, first frame on the control stream. ``version`` stays first."""
@@ -302,7 +144,7 @@ class Hello(Message):
     local_addrs: LocalAddrs
 
 
-@_message(2)
+@message(2)
 @dataclass(frozen=True)
 class Welcome(Message):
     """Coordinator -> client: accepted; tells the client its address as the coordinator sees it."""
@@ -315,7 +157,7 @@ class Welcome(Message):
 # refuses a client by closing the connection with a CloseCode. Do not reuse the code.
 
 
-@_message(10)
+@message(10)
 @dataclass(frozen=True)
 class OpenProxied(Message):
     """Client -> coordinator, first frame on a new relayed stream (``peer`` None: coordinator)."""
@@ -324,13 +166,13 @@ class OpenProxied(Message):
     peer: str | None
 
 
-@_message(11)
+@message(11)
 @dataclass(frozen=True)
 class StreamAccepted(Message):
     """Reply on a newly opened stream: it is open."""
 
 
-@_message(12)
+@message(12)
 @dataclass(frozen=True)
 class StreamRefused(Message):
     """Reply on a newly opened stream: refused; ``reason`` is a ``codes.Reason`` value."""
@@ -339,7 +181,7 @@ class StreamRefused(Message):
     message: Text
 
 
-@_message(13)
+@message(13)
 @dataclass(frozen=True)
 class IncomingProxied(Message):
     """Coordinator -> target client, first frame of a relayed stream; ``peer`` opened it."""
@@ -348,7 +190,7 @@ class IncomingProxied(Message):
     peer: str
 
 
-@_message(14)
+@message(14)
 @dataclass(frozen=True)
 class OpenDirect(Message):
     """Client -> client on a direct connection, first frame of a new stream."""
@@ -356,14 +198,14 @@ class OpenDirect(Message):
     sid: int
 
 
-@_message(15)
+@message(15)
 @dataclass(frozen=True)
 class DirectClose(Message):
     """Client -> client on a direct connection: I am closing this channel. The receiver
     forgets the channel and closes the connection, so the closer knows both sides are done."""
 
 
-@_message(20)
+@message(20)
 @dataclass(frozen=True)
 class JoinBroadcast(Message):
     """Client -> coordinator, first frame on a broadcast stream."""
@@ -371,7 +213,7 @@ class JoinBroadcast(Message):
     name: str
 
 
-@_message(21)
+@message(21)
 @dataclass(frozen=True)
 class BroadcastJoined(Message):
     """Reply to JoinBroadcast: how many senders and receivers the channel has now."""
@@ -380,7 +222,7 @@ class BroadcastJoined(Message):
     receivers: int
 
 
-@_message(30)
+@message(30)
 @dataclass(frozen=True)
 class BroadcastCountRequest(Message):
     """Client -> coordinator: how many members does broadcast ``name`` have?"""
@@ -389,7 +231,7 @@ class BroadcastCountRequest(Message):
     name: str
 
 
-@_message(31)
+@message(31)
 @dataclass(frozen=True)
 class BroadcastCountReply(Message):
     """Answer to BroadcastCountRequest ``rid``."""
@@ -399,7 +241,7 @@ class BroadcastCountReply(Message):
     receivers: int
 
 
-@_message(32)
+@message(32)
 @dataclass(frozen=True)
 class ErrorReply(Message):
     """Request ``rid`` failed; ``reason`` is a ``codes.Reason`` value."""
@@ -409,7 +251,7 @@ class ErrorReply(Message):
     message: Text
 
 
-@_message(33)
+@message(33)
 @dataclass(frozen=True)
 class BroadcastMembersRequest(Message):
     """Client -> coordinator: which clients are members of broadcast ``name``?"""
@@ -418,7 +260,7 @@ class BroadcastMembersRequest(Message):
     name: str
 
 
-@_message(34)
+@message(34, id_list=True)
 @dataclass(frozen=True)
 class BroadcastMembersReply(Message):
     """Answer to BroadcastMembersRequest ``rid``: the ids of its senders and receivers (a
@@ -429,7 +271,7 @@ class BroadcastMembersReply(Message):
     receivers: IdList
 
 
-@_message(35)
+@message(35)
 @dataclass(frozen=True)
 class BroadcastListRequest(Message):
     """Client -> coordinator: which broadcast channels exist?"""
@@ -437,7 +279,7 @@ class BroadcastListRequest(Message):
     rid: int
 
 
-@_message(36)
+@message(36, id_list=True)
 @dataclass(frozen=True)
 class BroadcastListReply(Message):
     """Answer to BroadcastListRequest ``rid``: the names of the broadcast channels, sorted."""
@@ -446,7 +288,7 @@ class BroadcastListReply(Message):
     names: IdList
 
 
-@_message(40)
+@message(40)
 @dataclass(frozen=True)
 class ChannelRequest(Message):
     """Client -> coordinator: please set up a direct channel to ``peer``."""
@@ -455,7 +297,7 @@ class ChannelRequest(Message):
     peer: str
 
 
-@_message(41)
+@message(41)
 @dataclass(frozen=True)
 class ChannelGrant(Message):
     """Coordinator -> requester: ``peer`` agreed; its certificate, addresses to dial (first
@@ -468,7 +310,7 @@ class ChannelGrant(Message):
     token: PunchToken
 
 
-@_message(42)
+@message(42)
 @dataclass(frozen=True)
 class ChannelOffer(Message):
     """Coordinator -> target: ``peer`` wants a direct channel; its certificate, addresses
@@ -482,7 +324,7 @@ class ChannelOffer(Message):
     token: PunchToken
 
 
-@_message(43)
+@message(43)
 @dataclass(frozen=True)
 class ChannelOfferReply(Message):
     """Target -> coordinator: answer to ChannelOffer ``oid``."""
@@ -498,7 +340,7 @@ class ChannelOfferReply(Message):
 # opt-in, so clients that do not ask hear nothing.
 
 
-@_message(60)
+@message(60)
 @dataclass(frozen=True)
 class PeerListRequest(Message):
     """Client -> coordinator: which clients are connected now?"""
@@ -506,7 +348,7 @@ class PeerListRequest(Message):
     rid: int
 
 
-@_message(61)
+@message(61, id_list=True)
 @dataclass(frozen=True)
 class PeerListReply(Message):
     """Answer to PeerListRequest ``rid``: the ids connected now, the asker's included."""
@@ -515,7 +357,7 @@ class PeerListReply(Message):
     peers: IdList
 
 
-@_message(62)
+@message(62)
 @dataclass(frozen=True)
 class PresenceSubscribe(Message):
     """Client -> coordinator: send me joins and leaves, starting with a PresenceSnapshot
@@ -524,7 +366,7 @@ class PresenceSubscribe(Message):
     rid: int
 
 
-@_message(63)
+@message(63, id_list=True)
 @dataclass(frozen=True)
 class PresenceSnapshot(Message):
     """Answer to PresenceSubscribe ``rid``: the ids connected now; every PresenceEvent after
@@ -534,13 +376,13 @@ class PresenceSnapshot(Message):
     peers: IdList
 
 
-@_message(64)
+@message(64)
 @dataclass(frozen=True)
 class PresenceUnsubscribe(Message):
     """Client -> coordinator: no more joins and leaves (events already sent still arrive)."""
 
 
-@_message(65)
+@message(65)
 @dataclass(frozen=True)
 class PresenceEvent(Message):
     """Coordinator -> subscriber: client ``peer`` connected (``joined``) or left."""
@@ -549,7 +391,7 @@ class PresenceEvent(Message):
     joined: bool
 
 
-@_message(66)
+@message(66)
 @dataclass(frozen=True)
 class PresenceDropped(Message):
     """Coordinator -> subscriber: your subscription is dropped (you fell too far behind);
@@ -558,7 +400,7 @@ class PresenceDropped(Message):
     message: Text
 
 
-@_message(44)
+@message(44)
 @dataclass(frozen=True)
 class PeerCertificateChanged(Message):
     """Coordinator -> client: ``peer``, with which the coordinator brokered a channel for
@@ -567,131 +409,3 @@ class PeerCertificateChanged(Message):
 
     peer: str
     cert_sha256: bytes
-
-
-# --- encoding and decoding ----------------------------------------------------------------
-
-
-def encode(msg: Message) -> bytes:
-    """Encode a control message; raises ValueError if a field breaks the protocol's rules."""
-    cls = type(msg)
-    fields = _FIELDS.get(cls)
-    if fields is None:
-        raise TypeError(f"{cls.__name__} is not a registered control message")
-    name = cls.__name__
-    try:
-        values = [check(getattr(msg, field), f"{name}.{field}") for field, check in fields]
-        data = cbor2.dumps([cls.TYPE_CODE, *values])
-    except Exception as exc:  # a ProtocolError from a check, or a str cbor2 cannot encode
-        raise ValueError(f"cannot encode {name}: {exc}") from exc
-    limit = _limits_for(cls.TYPE_CODE).max_size
-    if limit is not None and len(data) > limit:
-        raise ValueError(
-            f"cannot encode {name}: {len(data)} bytes is over the maximum of "
-            f"{limit} for a control message"
-        )
-    return data
-
-
-# Messages that carry lists of client ids.
-_ID_LIST_CODES = frozenset(
-    {
-        BroadcastListReply.TYPE_CODE,
-        BroadcastMembersReply.TYPE_CODE,
-        PeerListReply.TYPE_CODE,
-        PresenceSnapshot.TYPE_CODE,
-    }
-)
-
-
-def _limits_for(code: object) -> cbor.CborLimits:
-    """Messages that carry id lists may be as large as those lists; all others are small."""
-    return _ID_LIST_LIMITS if code in _ID_LIST_CODES else _LIMITS
-
-
-def _peek_code(data: bytes | bytearray | memoryview) -> int | None:
-    """The type code of an encoded message, read from its first bytes (None if unclear)."""
-    try:
-        major, _, pos = _cbor_head(bytes(data[:16]), 0)
-        if major != 4:
-            return None
-        major, code, _ = _cbor_head(bytes(data[:16]), pos)
-    except ProtocolError:
-        return None
-    return code if major == 0 else None
-
-
-def _loads(data: bytes | bytearray | memoryview) -> object:
-    """Decode exactly one CBOR item, turning every failure into ProtocolError."""
-    limits = _limits_for(_peek_code(data))
-    assert limits.max_size is not None
-    if len(data) > limits.max_size:
-        raise ProtocolError(
-            f"control message of {len(data)} bytes is over the maximum of {limits.max_size} bytes"
-        )
-    try:
-        return cbor.loads(data, limits)
-    except BadCborError as exc:
-        raise BadCborError(f"malformed CBOR in control message: {exc}") from exc
-
-
-def decode(data: bytes | bytearray | memoryview) -> Message:
-    """Decode a control message; raises ProtocolError (and nothing else) if malformed."""
-    items = _loads(data)
-    if not isinstance(items, list):
-        _wrong_type("a control message", "a CBOR array", items)
-    if not items:
-        raise ProtocolError("control message is an empty array")
-    code = items[0]
-    if not isinstance(code, int) or isinstance(code, bool):
-        _wrong_type("a control message type code", "int", code)
-    cls = _BY_CODE.get(code)
-    if cls is None:
-        raise ProtocolError(f"unknown control message type code {code}")
-    fields = _FIELDS[cls]
-    values = items[1:]
-    if len(values) < len(fields):
-        raise ProtocolError(f"{cls.__name__} needs {len(fields)} fields, got {len(values)}")
-    # zip stops at the known fields: trailing ones come from a newer version and are ignored.
-    args = [
-        check(value, f"{cls.__name__}.{field}")
-        for (field, check), value in zip(fields, values, strict=False)
-    ]
-    return cls(*args)
-
-
-def _cbor_head(data: bytes, pos: int) -> tuple[int, int | None, int]:
-    """Read the CBOR item head at ``pos``: (major type, argument or None if indefinite, end)."""
-    if pos >= len(data):
-        raise ProtocolError("Hello is truncated")
-    first = data[pos]
-    major, info = first >> 5, first & 0x1F
-    if info < 24:
-        return major, info, pos + 1
-    if info == 31:
-        return major, None, pos + 1
-    if info > 27:
-        raise ProtocolError(f"malformed CBOR in Hello: reserved head byte 0x{first:02x}")
-    end = pos + 1 + (1 << (info - 24))
-    if end > len(data):
-        raise ProtocolError("Hello is truncated")
-    return major, int.from_bytes(data[pos + 1 : end], "big"), end
-
-
-def decode_hello_version(data: bytes | bytearray | memoryview) -> int:
-    """Read only the version of a Hello of any protocol version: ``[1, version, ...]``.
-
-    Use it before :func:`decode` so that a Hello from another version, whose other fields
-    may differ, gets a clear version mismatch rather than a protocol error.
-    """
-    data = bytes(data)
-    major, count, pos = _cbor_head(data, 0)
-    if major != 4 or (count is not None and count < 2):
-        raise ProtocolError("first control message is not a Hello: expected [1, version, ...]")
-    major, code, pos = _cbor_head(data, pos)
-    if major != 0 or code != Hello.TYPE_CODE:
-        raise ProtocolError("first control message is not a Hello: expected type code 1")
-    major, version, pos = _cbor_head(data, pos)
-    if major != 0 or version is None:
-        raise ProtocolError("Hello.version must be an unsigned int")
-    return version
