@@ -31,6 +31,10 @@ from .. import _tls
 from ._pmtu import PathMtuProbing
 from .settings import LARGEST_DATAGRAM, ConnectionSettings, Identity
 
+# Pacing waits shorter than this are not slept (trio's timers have millisecond resolution);
+# what is due within it is sent at once, in at most this many extra rounds per transmit.
+PACING_SLACK = 0.001
+MAX_PACING_ROUNDS = 64
 # aioquic gives every connection three 16 KiB buffers for TLS handshake output. Once the
 # handshake is over, TLS writes nothing more on a QUIC connection (no tickets are issued, key
 # updates are QUIC's own), so they shrink to this.
@@ -177,6 +181,18 @@ class FlowControlledConnection(PathMtuProbing):
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         first = self._packet_number
         datagrams: list[tuple[bytes, Any]] = super().datagrams_to_send(now)
+        # aioquic's pacer asks for waits well under a millisecond, and trio sleeps in whole
+        # milliseconds: what is due within PACING_SLACK goes now, the pacer's bucket credited
+        # with that time (packets keep their real send time, so RTT samples stay true).
+        for _ in range(MAX_PACING_ROUNDS):
+            pacing_at = self._pacing_at
+            if pacing_at is None or pacing_at > now + PACING_SLACK:
+                break
+            self._loss._pacer.update_bucket(now=pacing_at)
+            more = super().datagrams_to_send(now)
+            if not more:
+                break
+            datagrams += more
         if self._packet_number != first:
             self._forget_ack_only(first)
         if not self._handshake_trimmed:
