@@ -327,7 +327,7 @@ class PresenceFeed:
 
     A pushed event is written at once, without waiting. A subscriber whose control stream
     holds a stream window more unacknowledged bytes than it did right after its snapshot
-    (which is written only once the stream has room: ``Coordinator._writable``) has fallen
+    (which is written only once the stream has room: ``_requests._writable``) has fallen
     behind (a stalled process, a bad link): rather than let its backlog grow, its
     subscription is dropped and it is told so (PresenceDropped); the client subscribes
     again, and the new snapshot brings it up to date. One subscriber's events cost at most

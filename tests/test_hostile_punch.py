@@ -19,7 +19,6 @@ from helpers import wait_for
 
 import conec_trio
 from conec_trio import _connect, certs
-from conec_trio._coordinator import CHANNEL_REQUEST_BURST, CHANNEL_REQUEST_RATE
 from conec_trio._direct import CHANNEL_TIMEOUT
 from conec_trio._punch import (
     MAX_PUNCHES_PER_ATTEMPT,
@@ -28,6 +27,7 @@ from conec_trio._punch import (
     PUNCH_RATE,
     candidates_for,
 )
+from conec_trio._session import CHANNEL_REQUEST_BURST, CHANNEL_REQUEST_RATE
 from conec_trio._wire import control
 from conec_trio._wire.codes import Reason
 from conec_trio.testing import Datagram, FakeNetwork, open_fake_network
