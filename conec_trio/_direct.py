@@ -489,6 +489,8 @@ class DirectManager:
 class DirectTable(StreamTable):
     """The stream table of a direct connection; knows its peer once the cert is checked."""
 
+    direct = True
+
     def __init__(self, manager: DirectManager, peer: str | None, conn: QuicConn) -> None:
         ctx = manager.ctx
         self.manager = manager

@@ -230,6 +230,9 @@ def _check_for(hint: object) -> _Check:
 
 _BY_CODE: dict[int, type[Message]] = {}
 _FIELDS: dict[type[Message], tuple[tuple[str, _Check], ...]] = {}
+# Fields a message must carry: those without a default. Fields added later have defaults, so
+# a message from an older version, which lacks them, still decodes.
+_REQUIRED: dict[type[Message], int] = {}
 
 _M = TypeVar("_M", bound=Message)
 
@@ -241,7 +244,13 @@ def _message(code: int) -> Callable[[type[_M]], type[_M]]:
         if code in _BY_CODE:
             raise ValueError(f"type code {code} is already used by {_BY_CODE[code].__name__}")
         hints = get_type_hints(cls, include_extras=True)
-        _FIELDS[cls] = tuple((f.name, _check_for(hints[f.name])) for f in dataclasses.fields(cls))
+        fields = dataclasses.fields(cls)
+        _FIELDS[cls] = tuple((f.name, _check_for(hints[f.name])) for f in fields)
+        _REQUIRED[cls] = sum(
+            1
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
         cls.TYPE_CODE = code
         _BY_CODE[code] = cls
         return cls
@@ -276,13 +285,25 @@ class Welcome(Message):
 # refuses a client by closing the connection with a CloseCode. Do not reuse the code.
 
 
+# What a relayed stream is for (``OpenProxied.kind``, passed on in ``IncomingProxied.kind``).
+PROXIED_PLAIN = 0  # a stream for the application that stays proxied
+PROXIED_MOVABLE = 1  # from new_stream: moves onto a direct channel once one is up (MoveProxied)
+PROXIED_PING = 2  # a ping: the target's library answers one empty message and ends it
+PROXIED_KINDS = (PROXIED_PLAIN, PROXIED_MOVABLE, PROXIED_PING)
+
+
 @_message(10)
 @dataclass(frozen=True)
 class OpenProxied(Message):
-    """Client -> coordinator, first frame on a new relayed stream (``peer`` None: coordinator)."""
+    """Client -> coordinator, first frame on a new relayed stream (``peer`` None: coordinator).
+
+    ``kind`` is one of ``PROXIED_KINDS``; ``token`` names a movable stream in its
+    ``MoveProxied`` (random, so that a reused ``sid`` is never taken for an older stream)."""
 
     sid: int
     peer: str | None
+    kind: int = PROXIED_PLAIN
+    token: int = 0
 
 
 @_message(11)
@@ -307,6 +328,8 @@ class IncomingProxied(Message):
 
     sid: int
     peer: str
+    kind: int = PROXIED_PLAIN
+    token: int = 0
 
 
 @_message(14)
@@ -322,6 +345,24 @@ class OpenDirect(Message):
 class DirectClose(Message):
     """Client -> client on a direct connection: I am closing this channel. The receiver
     forgets the channel and closes the connection, so the closer knows both sides are done."""
+
+
+@_message(16)
+@dataclass(frozen=True)
+class MoveProxied(Message):
+    """Client -> client on a direct connection, first frame of the stream that carries on the
+    movable proxied stream ``sid`` (with ``token``) that the sender opened. The sender's
+    direction of the proxied stream ended with the moved marker (``framing.MOVED``), and the
+    receiver's direction moves here the same way."""
+
+    sid: int
+    token: int
+
+
+@_message(17)
+@dataclass(frozen=True)
+class Ping(Message):
+    """Client -> client on a direct connection: answer one empty message and end the stream."""
 
 
 @_message(20)
@@ -462,8 +503,8 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
         raise ProtocolError(f"unknown control message type code {code}")
     fields = _FIELDS[cls]
     values = items[1:]
-    if len(values) < len(fields):
-        raise ProtocolError(f"{cls.__name__} needs {len(fields)} fields, got {len(values)}")
+    if len(values) < _REQUIRED[cls]:
+        raise ProtocolError(f"{cls.__name__} needs {_REQUIRED[cls]} fields, got {len(values)}")
     # zip stops at the known fields: trailing ones come from a newer version and are ignored.
     args = [
         check(value, f"{cls.__name__}.{field}")
