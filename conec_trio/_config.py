@@ -136,3 +136,6 @@ class ClientConfig:
     max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
     # How long open_client waits for the coordinator before giving up (ConnectError).
     connect_timeout: float = 10.0
+    # Seconds new_stream gives a direct channel before it returns a proxied stream (which
+    # moves onto the channel once it is up), as in Happy Eyeballs.
+    direct_head_start: float = 0.3
