@@ -363,3 +363,38 @@ def _scale_cases(n: int) -> None:
 
 for _n in SCALE_COUNTS:
     _scale_cases(_n)
+
+
+# A stream that moves from the proxied path to the direct channel mid-transfer (``Paths`` in
+# the API contract): absolute figures from one measurement per round.
+MOVE_PAUSE_TARGET = 50.0  # ms on loopback
+
+
+def _stream_move_source(quick: bool) -> dict[str, float]:
+    from . import subject_conec
+
+    return subject_conec.stream_move(sizes(quick).bulk_bytes)
+
+
+for _row, _key, _unit, _higher, _description, _target_value in (
+    ("before", "before_mbps", "MB/s", True,
+     "bulk stream from new_stream (direct_head_start=0): MB/s while it is proxied", None),
+    ("after", "after_mbps", "MB/s", True,
+     "the same stream once it moved onto the direct channel", None),
+    ("pause", "pause_ms", "ms", False,
+     "receiver's gap from the last proxied message to the first direct one",
+     MOVE_PAUSE_TARGET),
+):  # fmt: skip
+    register(
+        Case(
+            name=f"stream_move_{_row}",
+            description=_description,
+            unit=_unit,
+            higher_is_better=_higher,
+            baseline=None,
+            subject=Metric(_stream_move_source, _key),
+            baseline_name="stream_move (absolute)",
+            target_value=_target_value,
+            absolute=True,
+        )
+    )

@@ -27,6 +27,7 @@ Processes, per measurement:
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import statistics
@@ -150,6 +151,26 @@ def _oneway_small_case(what: str, count: int, direct: bool) -> float:
     )
     _check_received(what, stats["b"], count * SMALL_MESSAGE)
     return value
+
+
+def stream_move(nbytes: int) -> dict[str, float]:
+    """A bulk stream that starts proxied and moves onto the direct channel mid-transfer: A
+    opens it with ``new_stream`` and ``direct_head_start=0`` (so it starts proxied while the
+    channel opens in the background) and sends ``nbytes`` in 64 KiB messages; B notes when
+    each message arrives and by which path. Returns B's view: ``before_mbps`` (MB/s over the
+    messages that came proxied), ``after_mbps`` (over those that came direct), ``pause_ms``
+    (from the last proxied message to the first direct one) and ``gap_ms`` (the median gap
+    between two messages, for scale)."""
+    _check_positive(nbytes, "nbytes")
+    _, stats = _run(
+        "plain", "move_bulk", {"target": "bench-b", "nbytes": nbytes}, "movesink",
+        _bulk_timeout(nbytes),
+    )  # fmt: skip
+    _check_received("stream_move", stats["b"], nbytes)
+    move: dict[str, float] | None = stats["b"].get("move")
+    if move is None:
+        raise RuntimeError("stream_move: the stream did not move during the transfer")
+    return move
 
 
 def open_client(connections: int = 20) -> float:
@@ -382,6 +403,24 @@ class _Counter:
         self.received = 0
         self.streams = 0
         self.broken = 0
+        self.move: dict[str, float] | None = None  # mode movesink: what the move looked like
+
+
+def _move_figures(arrivals: list[tuple[float, int, conec_trio.Path]]) -> dict[str, float] | None:
+    """Throughput on each side of the move and the pause at it, from ``(time, bytes, path)``
+    per message as the receiver saw them; None if the stream did not move."""
+    proxied = [a for a in arrivals if a[2] is conec_trio.Path.PROXIED]
+    direct = [a for a in arrivals if a[2] is conec_trio.Path.DIRECT]
+    if len(proxied) < 2 or len(direct) < 2:
+        return None
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(arrivals)]
+    return {
+        "before_mbps": sum(a[1] for a in proxied[1:]) / (proxied[-1][0] - proxied[0][0]) / 1e6,
+        "after_mbps": sum(a[1] for a in direct[1:]) / (direct[-1][0] - direct[0][0]) / 1e6,
+        "pause_ms": (direct[0][0] - proxied[-1][0]) * 1000,
+        "gap_ms": statistics.median(gaps) * 1000,
+        "moved_at_fraction": sum(a[1] for a in proxied) / sum(a[1] for a in arrivals),
+    }
 
 
 async def _serve_stream(
@@ -392,6 +431,7 @@ async def _serve_stream(
 ) -> None:
     """``sink``: count what arrives, answer the end with one message. ``echo``: send back."""
     counter.streams += 1
+    arrivals: list[tuple[float, int, conec_trio.Path]] = []
     try:
         while True:
             try:
@@ -399,9 +439,13 @@ async def _serve_stream(
             except trio.EndOfChannel:
                 break
             counter.received += len(msg)
+            if mode == "movesink":
+                arrivals.append((time.perf_counter(), len(msg), recv.path))  # type: ignore[attr-defined]
             if mode == "echo":
                 await send.send(msg)
-        if mode == "sink":
+        if mode == "movesink":
+            counter.move = _move_figures(arrivals)
+        if mode in ("sink", "movesink"):
             await send.send(REPLY)
         await send.aclose()
     except trio.BrokenResourceError:
@@ -472,7 +516,12 @@ async def _peer(link: Link, port: int, cert_pem: bytes, id: str, mode: str) -> d
             nursery.start_soon(_serve_incoming, client.incoming_streams, mode, counter)
             await from_parent(link, math.inf)
             nursery.cancel_scope.cancel()
-    return {"received": counter.received, "streams": counter.streams, "broken": counter.broken}
+    return {
+        "received": counter.received,
+        "streams": counter.streams,
+        "broken": counter.broken,
+        "move": counter.move,
+    }
 
 
 async def _send_bulk(send: trio.abc.SendChannel[bytes], nbytes: int) -> None:
@@ -698,8 +747,27 @@ async def _broadcast_receivers(link: Link, port: int, cert_pem: bytes, ids: list
     return "done"
 
 
+async def _move_bulk(link: Link, port: int, cert_pem: bytes, target: str, nbytes: int) -> str:
+    """A of ``stream_move``: a bulk transfer on a stream that starts proxied and moves."""
+    config = _client_config("bench-a", port, cert_pem)
+    config.direct_head_start = 0
+    async with conec_trio.open_client(config) as client:
+        link.send("ready")
+        await _expect_from_parent(link, "go", STARTUP_TIMEOUT)
+        send, recv = await client.new_stream(target)
+        start = time.perf_counter()
+        await _send_bulk(send, nbytes)
+        reply = await recv.receive()
+        elapsed = time.perf_counter() - start
+        if reply != REPLY:
+            raise RuntimeError(f"stream_move: unexpected reply {reply!r}")
+        link.send(nbytes / elapsed / 1e6)
+    return "done"
+
+
 _ROLES: dict[str, Role] = {
     "peer": _peer,
+    "move_bulk": _move_bulk,
     "bulk": _bulk,
     "pingpong": _pingpong,
     "oneway_small": _oneway_small,

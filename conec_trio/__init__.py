@@ -30,7 +30,7 @@ from ._exceptions import (
 from ._messages import MessageReceiveChannel, MessageSendChannel
 from ._presence import PeerEvent
 from ._stats import ChannelStatistics, ClientStatistics, CoordinatorStatistics
-from ._types import BroadcastMessage, IncomingStream, StreamId
+from ._types import BroadcastMessage, IncomingStream, Path, PingResult, StreamId
 from .adapters import CborReceiveChannel, CborSendChannel, open_nonblocking, untagged
 
 __version__ = "0.1.0"
@@ -61,8 +61,10 @@ __all__ = [
     "MessageReceiveChannel",
     "MessageSendChannel",
     "MessageTooLargeError",
+    "Path",
     "PeerEvent",
     "PeerNotFoundError",
+    "PingResult",
     "ProtocolError",
     "RefusedError",
     "StreamId",

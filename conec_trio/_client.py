@@ -19,7 +19,6 @@ from ._config import (
     DEFAULT_IDLE_TIMEOUT,
     KEEPALIVE_FRACTION,
     ClientConfig,
-    canonical_id,
     check_client_id,
     load_pem,
 )
@@ -40,6 +39,7 @@ from ._exceptions import (
     VersionMismatchError,
 )
 from ._messages import MessageReceiveChannel, MessageSendChannel, message_channels
+from ._paths import Paths, PathsContext, answer_ping
 from ._presence import PeerEvent, Presence
 from ._quic import (
     ConnectionSettings,
@@ -56,7 +56,7 @@ from ._streams import (
     read_header,
     write_message,
 )
-from ._types import BroadcastMessage, IncomingStream, StreamId
+from ._types import BroadcastMessage, IncomingStream, PingResult, StreamId
 from ._util import system_ca_location, unwrap_single_exception
 from ._wire import control
 from ._wire.codes import CloseCode, Reason, StreamCode
@@ -151,6 +151,20 @@ class Client:
                 deliver_incoming=self._deliver_incoming,
                 direct_ids=self._direct_ids,
                 id_in_use=self._id_in_use,
+            )
+        )
+        self._paths = Paths(
+            PathsContext(
+                id=self.id,
+                config=config,
+                nursery=nursery,
+                direct=self._direct,
+                take_proxied_id=lambda: self._take_proxied_id(None),
+                release_proxied_id=self._proxied_ids.discard,
+                open_proxied=self._open_proxied,
+                open_with_header=self._open_with_header,
+                check_alive=self._raise_if_lost,
+                lost=lambda: self._lost is not None,
             )
         )
         self._idle_timeout = config.idle_timeout or DEFAULT_IDLE_TIMEOUT
@@ -417,8 +431,13 @@ class Client:
                 ProtocolError(f"unexpected stream header {type(msg).__name__}"), StreamCode.PROTOCOL
             )
             return
+        if msg.kind == control.PROXIED_PING:
+            answer_ping(st)
+            return
         sid = StreamId.proxied(msg.sid)
         send, recv = message_channels(st, msg.peer, sid)
+        if msg.kind == control.PROXIED_MOVABLE:
+            self._paths.incoming_movable(msg.peer, msg.sid, msg.token, st, send, recv)
         self._deliver_incoming(IncomingStream(msg.peer, sid, send, recv), st)
 
     def _deliver_incoming(self, incoming: IncomingStream, st: StreamState) -> None:
@@ -484,10 +503,12 @@ class Client:
         return st, reply
 
     async def _open_proxied(
-        self, peer: str | None, n: int
+        self, peer: str | None, n: int, kind: int = control.PROXIED_PLAIN, token: int = 0
     ) -> tuple[MessageSendChannel, MessageReceiveChannel]:
         st, _ = await self._open_with_header(
-            control.OpenProxied(n, peer), control.StreamAccepted, f"opening a stream to {peer!r}"
+            control.OpenProxied(n, peer, kind, token),
+            control.StreamAccepted,
+            f"opening a stream to {peer!r}",
         )
         # The id is in use until both directions of the stream have ended.
         st.on_done = lambda: self._proxied_ids.discard(n)
@@ -520,6 +541,8 @@ class Client:
         the coordinator vouched for; ``PeerNotFoundError`` if it is not connected.
         """
         self._raise_if_lost()
+        if await self._paths.join_attempt(peer):  # new_stream's attempt opened it
+            return
         await self._direct.open(peer)
 
     async def close_channel(self, peer: str) -> None:
@@ -539,32 +562,22 @@ class Client:
         self._raise_if_lost()
         return self._direct.new_stream(peer)
 
-    async def _ensure_channel(self, peer: str) -> bool:
-        """True if a direct channel to ``peer`` is open now (opening one if it can)."""
-        peer = canonical_id(peer)
-        if peer in self._direct.channels:
-            return True
-        if peer == self.id or self._direct.recently_failed(peer):
-            return False
-        opening = self._direct.opening(peer)
-        if opening is not None:  # another task is opening it: use its result
-            await opening.wait()
-            return peer in self._direct.channels
-        try:
-            await self._direct.open(peer)
-        except ConecError as exc:
-            log.info("no direct channel to %r, going through the coordinator: %s", peer, exc)
-            return False
-        return True
-
     async def new_stream(self, peer: str) -> tuple[MessageSendChannel, MessageReceiveChannel]:
-        """A stream to ``peer``: direct if a channel exists or can be opened now, otherwise
-        proxied through the coordinator (for example when the peer does not listen, or sits
-        behind a symmetric NAT). Raises ``PeerNotFoundError`` if ``peer`` is not connected."""
+        """A stream to ``peer`` by the best path, without waiting out a hole punch: direct if
+        a channel is open or opens within ``ClientConfig.direct_head_start``, otherwise
+        proxied through the coordinator, moving onto the direct channel once one is up (for
+        example never, when the peer does not listen or sits behind a symmetric NAT).
+        ``.path`` of either end says where its messages go now. Raises
+        ``PeerNotFoundError`` if ``peer`` is not connected."""
         self._raise_if_lost()
-        if await self._ensure_channel(peer):
-            return self._direct.new_stream(peer)
-        return await self.new_proxied_stream(peer)
+        return await self._paths.new_stream(peer)
+
+    async def ping(self, peer: str) -> PingResult:
+        """One round trip to ``peer``'s library (no application code answers it), over the
+        direct channel if one is open, else through the coordinator: ``PingResult(rtt,
+        path)``, ``rtt`` in seconds. Raises ``PeerNotFoundError`` if ``peer`` is not
+        connected."""
+        return await self._paths.ping(peer)
 
     async def new_stream_with_id(
         self, peer: str | None, stream_id: StreamId
@@ -581,7 +594,9 @@ class Client:
             return self._direct.new_stream(peer, stream_id)
         n = self._take_proxied_id(stream_id)
         try:
-            return await self._open_proxied(peer, n)
+            if peer is None:
+                return await self._open_proxied(peer, n)
+            return await self._paths.open_movable(peer, n)
         except BaseException:
             self._proxied_ids.discard(n)
             raise

@@ -205,6 +205,8 @@ class ClientConfig:
         reconnect: After losing the coordinator, connect again by itself from the same
             socket (jittered backoff, 0.2 s doubling to 5 s) while direct channels go on
             (default True); False: a loss is final.
+        direct_head_start: Seconds ``new_stream`` gives a direct channel before it returns a
+            proxied stream, which moves onto the channel once it is up (default 0.3).
     """
 
     id: str
@@ -225,6 +227,7 @@ class ClientConfig:
     max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
     connect_timeout: float = 10.0
     reconnect: bool = True
+    direct_head_start: float = 0.3
 
     def __post_init__(self) -> None:
         check_files(self, ("ca", "cert_chain", "private_key", "client_ca"))

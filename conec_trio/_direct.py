@@ -52,8 +52,6 @@ log = logging.getLogger("conec_trio.direct")
 # How long the opener waits for a punch from the peer before dialling every candidate.
 PUNCH_HEAD_START = 0.3
 CHANNEL_TIMEOUT = 10.0
-# After a failed attempt, new_stream goes proxied without retrying for this long.
-FAILURE_MEMORY = 30.0
 # Punches an opener keeps while it waits for its grant (which brings the token that tells
 # the peer's from forgeries): a flood of forgeries can fill them, and then the opener takes
 # the peer's next punch instead.
@@ -115,11 +113,14 @@ class DirectManager:
         self.ctx = ctx
         self.channels: dict[str, DirectChannel] = {}
         self._expected: dict[str, _Expected] = {}
-        self._failed_at: dict[str, float] = {}
         self._opening: dict[str, trio.Event] = {}  # set when that opening attempt ends
         self._channel_up = trio.lowlevel.ParkingLot()  # unparked by every registration
         # Every punch this client sends to an address not yet validated draws on it.
         self._punch_budget = punch_budget()
+        # Hooks of the paths (``_paths``): told of every channel that opens, and handed the
+        # direct streams whose header is one of these types, with the peer's id.
+        self.on_channel_up: Callable[[DirectChannel], None] | None = None
+        self.header_handlers: dict[type[Any], Callable[[str, StreamState, Any], None]] = {}
 
     # -- candidates and punching -----------------------------------------------------------
 
@@ -176,9 +177,6 @@ class DirectManager:
         done = self._opening[peer] = trio.Event()
         try:
             return await self._open(peer)
-        except ChannelError:
-            self._failed_at[peer] = trio.current_time()
-            raise
         finally:
             del self._opening[peer]
             done.set()
@@ -405,9 +403,10 @@ class DirectManager:
         channel = DirectChannel(peer, conn, table)
         table.vouched.set()
         self.channels[peer] = channel
-        self._failed_at.pop(peer, None)
         self._channel_up.unpark_all()
         log.info("direct channel to %r open via %s", peer, conn.peer_address)
+        if self.on_channel_up is not None:
+            self.on_channel_up(channel)
         return channel
 
     def channel_gone(self, table: DirectTable) -> None:
@@ -418,10 +417,6 @@ class DirectManager:
                 del self.channels[peer]
 
     # -- streams -----------------------------------------------------------------------------------
-
-    def recently_failed(self, peer: str) -> bool:
-        failed = self._failed_at.get(canonical_id(peer))
-        return failed is not None and trio.current_time() - failed < FAILURE_MEMORY
 
     def new_stream(
         self, peer: str, stream_id: StreamId | None = None
@@ -464,6 +459,10 @@ class DirectManager:
             st.stop_receiving(StreamCode.STOPPED)
             self.channel_gone(table)
             table.conn.close(int(CloseCode.CHANNEL_CLOSED), "channel closed by the peer")
+            return
+        handler = self.header_handlers.get(type(msg))
+        if handler is not None and peer is not None:
+            handler(peer, st, msg)
             return
         if not isinstance(msg, control.OpenDirect) or peer is None:
             st.fail(ProtocolError("unexpected stream header"), StreamCode.PROTOCOL)
@@ -528,6 +527,8 @@ class DirectManager:
 
 class DirectTable(StreamTable):
     """The stream table of a direct connection; knows its peer once the cert is checked."""
+
+    direct = True
 
     def __init__(self, manager: DirectManager, peer: str | None, conn: QuicConn) -> None:
         ctx = manager.ctx

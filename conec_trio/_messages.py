@@ -10,16 +10,33 @@ raised from a ``ConecError`` saying why.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import trio
 
-from ._exceptions import ConecError, MessageTooLargeError
+from ._exceptions import ConecError, MessageTooLargeError, ProtocolError
 from ._streams import StreamState
-from ._types import StreamId
+from ._types import Path, StreamId
 from ._wire.codes import StreamCode
 from ._wire.framing import frame_header
 
 # Messages up to this size are written to QUIC together with their header in one call.
 SMALL_MESSAGE = 4096
+
+
+class Mover(Protocol):
+    """A stream that may move from the proxied path to a direct channel (``_migrate``)."""
+
+    async def receive_moved(self, proxied: StreamState) -> StreamState:
+        """The peer's direction left ``proxied`` with the moved marker: where it goes on."""
+        ...
+
+    def abort(self, cause: ConecError) -> None:
+        """Break the stream both ways, on every path it uses."""
+
+
+def _path(st: StreamState) -> Path:
+    return Path.DIRECT if st.table.direct else Path.PROXIED
 
 
 def _broken(cause: ConecError) -> trio.BrokenResourceError:
@@ -45,8 +62,15 @@ class MessageSendChannel(trio.abc.SendChannel[bytes]):
     def __init__(self, state: StreamState, peer: str | None, stream_id: StreamId) -> None:
         self._st = state
         self._closed = False
+        self._mover: Mover | None = None
         self.peer = peer
         self.stream_id = stream_id
+
+    @property
+    def path(self) -> Path:
+        """Where this end's messages go now (a stream from ``new_stream`` may move from
+        ``Path.PROXIED`` to ``Path.DIRECT`` once a direct channel is up)."""
+        return _path(self._st)
 
     async def send(self, value: bytes | bytearray | memoryview) -> None:
         """Send one message; waits while the receiver is not keeping up.
@@ -65,6 +89,7 @@ class MessageSendChannel(trio.abc.SendChannel[bytes]):
                 f"message of {size} bytes is over the maximum of {st.table.max_message_size}"
             )
         while True:
+            st = self._st  # the stream may have moved while this waited
             if st.send_error is not None:
                 raise _broken(st.send_error)
             if st.send_finished:
@@ -97,7 +122,11 @@ class MessageSendChannel(trio.abc.SendChannel[bytes]):
         """
         if not self._closed:
             self._closed = True
-            self._st.fail(ConecError("the stream was aborted by this side"), StreamCode.ABORTED)
+            cause = ConecError("the stream was aborted by this side")
+            if self._mover is not None:
+                self._mover.abort(cause)
+            else:
+                self._st.fail(cause, StreamCode.ABORTED)
         await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
@@ -121,8 +150,14 @@ class MessageReceiveChannel(trio.abc.ReceiveChannel[bytes]):
     def __init__(self, state: StreamState, peer: str | None, stream_id: StreamId) -> None:
         self._st = state
         self._closed = False
+        self._mover: Mover | None = None
         self.peer = peer
         self.stream_id = stream_id
+
+    @property
+    def path(self) -> Path:
+        """Where the messages this end receives come from now (see ``MessageSendChannel``)."""
+        return _path(self._st)
 
     async def receive(self) -> bytes:
         """The next whole message.
@@ -131,14 +166,22 @@ class MessageReceiveChannel(trio.abc.ReceiveChannel[bytes]):
         if the stream broke, ``trio.ClosedResourceError`` after our own ``aclose()``.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        st = self._st
         while True:
+            st = self._st
             if self._closed:
                 raise trio.ClosedResourceError("this receive channel was closed")
             if st.messages:
                 msg = st.take_message()
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return msg
+            if st.decoder is not None and st.decoder.moved:
+                # Every message before the marker was taken: go on where the peer went.
+                if self._mover is None:
+                    error = ProtocolError("the peer moved a stream that cannot move")
+                    st.fail(error, StreamCode.PROTOCOL)
+                    raise _broken(error)
+                self._st = await self._mover.receive_moved(st)
+                continue
             if st.recv_error is not None:
                 raise _broken(st.recv_error)
             if st.fin_received:

@@ -91,7 +91,9 @@ class StreamOpener:
             return
         self._count_open(session, st)
         out = target.table.open_stream()
-        write_message(out, control.encode(control.IncomingProxied(msg.sid, opener)))
+        write_message(
+            out, control.encode(control.IncomingProxied(msg.sid, opener, msg.kind, msg.token))
+        )
         write_message(st, control.encode(control.StreamAccepted()))
         st.switch_to_raw()
         out.switch_to_raw()

@@ -95,6 +95,8 @@ class StreamState:
                 self.held += len(msg) + _varint_len(len(msg))
         except MessageTooLargeError as exc:
             self.fail(ProtocolError(f"peer sent an oversized message: {exc}"), StreamCode.PROTOCOL)
+        except ProtocolError as exc:
+            self.fail(exc, StreamCode.PROTOCOL)
 
     def _report_consumed(self) -> None:
         # Bytes of a message still being assembled count as consumed: the sender must be
@@ -226,6 +228,8 @@ class StreamState:
 
 class StreamTable(ConnectionListener):
     """All streams of one connection; routes the connection's events to them."""
+
+    direct = False  # a direct channel between clients (not the coordinator connection)
 
     def __init__(
         self,

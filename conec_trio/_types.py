@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Generic, NamedTuple, TypeVar
 
 import trio
@@ -57,3 +58,17 @@ class BroadcastMessage(NamedTuple, Generic[T]):
 
     sender: str
     data: T
+
+
+class Path(Enum):
+    """Where a stream's messages go now: over a direct channel or through the coordinator."""
+
+    DIRECT = "direct"
+    PROXIED = "proxied"
+
+
+class PingResult(NamedTuple):
+    """One round trip to a peer's library: ``rtt`` in seconds, and the path it took."""
+
+    rtt: float
+    path: Path

@@ -54,6 +54,10 @@ __all__ = [
     "MAX_NAME_LEN",
     "MAX_PORT",
     "PROTOCOL_VERSION",
+    "PROXIED_KINDS",
+    "PROXIED_MOVABLE",
+    "PROXIED_PING",
+    "PROXIED_PLAIN",
     "PUNCH_TOKEN_SIZE",
     "Addr",
     "BroadcastCountReply",
@@ -77,11 +81,13 @@ __all__ = [
     "JoinBroadcast",
     "LocalAddrs",
     "Message",
+    "MoveProxied",
     "OpenDirect",
     "OpenProxied",
     "PeerCertificateChanged",
     "PeerListReply",
     "PeerListRequest",
+    "Ping",
     "PresenceDropped",
     "PresenceEvent",
     "PresenceSnapshot",
@@ -157,13 +163,25 @@ class Welcome(Message):
 # refuses a client by closing the connection with a CloseCode. Do not reuse the code.
 
 
+# What a relayed stream is for (``OpenProxied.kind``, passed on in ``IncomingProxied.kind``).
+PROXIED_PLAIN = 0  # a stream for the application that stays proxied
+PROXIED_MOVABLE = 1  # from new_stream: moves onto a direct channel once one is up (MoveProxied)
+PROXIED_PING = 2  # a ping: the target's library answers one empty message and ends it
+PROXIED_KINDS = (PROXIED_PLAIN, PROXIED_MOVABLE, PROXIED_PING)
+
+
 @message(10)
 @dataclass(frozen=True)
 class OpenProxied(Message):
-    """Client -> coordinator, first frame on a new relayed stream (``peer`` None: coordinator)."""
+    """Client -> coordinator, first frame on a new relayed stream (``peer`` None: coordinator).
+
+    ``kind`` is one of ``PROXIED_KINDS``; ``token`` names a movable stream in its
+    ``MoveProxied`` (random, so that a reused ``sid`` is never taken for an older stream)."""
 
     sid: int
     peer: str | None
+    kind: int = PROXIED_PLAIN
+    token: int = 0
 
 
 @message(11)
@@ -188,6 +206,8 @@ class IncomingProxied(Message):
 
     sid: int
     peer: str
+    kind: int = PROXIED_PLAIN
+    token: int = 0
 
 
 @message(14)
@@ -203,6 +223,24 @@ class OpenDirect(Message):
 class DirectClose(Message):
     """Client -> client on a direct connection: I am closing this channel. The receiver
     forgets the channel and closes the connection, so the closer knows both sides are done."""
+
+
+@message(16)
+@dataclass(frozen=True)
+class MoveProxied(Message):
+    """Client -> client on a direct connection, first frame of the stream that carries on the
+    movable proxied stream ``sid`` (with ``token``) that the sender opened. The sender's
+    direction of the proxied stream ended with the moved marker (``framing.MOVED``), and the
+    receiver's direction moves here the same way."""
+
+    sid: int
+    token: int
+
+
+@message(17)
+@dataclass(frozen=True)
+class Ping(Message):
+    """Client -> client on a direct connection: answer one empty message and end the stream."""
 
 
 @message(20)

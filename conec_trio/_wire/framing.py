@@ -16,6 +16,11 @@ BytesLike: TypeAlias = bytes | bytearray | memoryview
 
 MAX_VARINT = 2**62 - 1
 
+# Written where a message length would go, it says "this direction of the stream carries on
+# elsewhere" (a proxied stream moving onto a direct channel): no message is this long, as a
+# receiver's maximum size is far below it. Nothing may follow it but the end of the stream.
+MOVED = MAX_VARINT
+
 # Consumed bytes are dropped from the front of the buffer only once they are both numerous
 # and more than half of it, so each byte is moved at most a constant number of times.
 _COMPACT_THRESHOLD = 64 * 1024
@@ -32,6 +37,9 @@ def encode_varint(n: int) -> bytes:
     if n < 1 << 30:
         return (n | 0x8000_0000).to_bytes(4, "big")
     return (n | 0xC000_0000_0000_0000).to_bytes(8, "big")
+
+
+MOVED_MARKER = encode_varint(MOVED)
 
 
 def varint_size(first_byte: int) -> int:
@@ -81,9 +89,13 @@ class FrameDecoder:
         self._pos = 0  # read offset into _buf
         # Length of the message whose header was already consumed; _pos is at its body.
         self._length: int | None = None
+        self.moved = False  # the MOVED marker arrived: this direction carries on elsewhere
 
     def feed(self, data: BytesLike) -> None:
-        """Append received bytes; raises MessageTooLargeError as soon as a header says so."""
+        """Append received bytes; raises MessageTooLargeError as soon as a header says so,
+        ProtocolError for bytes after the MOVED marker."""
+        if self.moved and data:
+            raise ProtocolError("data after the marker that moved this stream")
         self._buf += data
         if self._length is None:
             self._read_header()
@@ -143,10 +155,19 @@ class FrameDecoder:
 
     def _read_header(self) -> bool:
         """Consume the next header if it is complete; True if a body length is now known."""
+        if self.moved:
+            return False
         parsed = decode_varint(self._buf, self._pos)
         if parsed is None:
             return False
         length, body = parsed
+        if length == MOVED:
+            self.moved = True
+            self._pos = body
+            if body != len(self._buf):
+                raise ProtocolError("data after the marker that moved this stream")
+            self._compact()
+            return False
         if length > self.max_size:
             raise MessageTooLargeError(
                 f"peer announced a message of {length} bytes; the maximum is {self.max_size}"

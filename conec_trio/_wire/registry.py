@@ -51,6 +51,9 @@ class Message:
 
 _BY_CODE: dict[int, type[Message]] = {}
 _FIELDS: dict[type[Message], tuple[tuple[str, Check], ...]] = {}
+# Fields a message must carry: those without a default. Fields added later have defaults, so
+# a message from an older version, which lacks them, still decodes.
+_REQUIRED: dict[type[Message], int] = {}
 # Messages that carry lists of client ids, with their own, larger limits.
 _ID_LIST_CODES: set[int] = set()
 
@@ -65,7 +68,13 @@ def message(code: int, *, id_list: bool = False) -> Callable[[type[_M]], type[_M
         if code in _BY_CODE:
             raise ValueError(f"type code {code} is already used by {_BY_CODE[code].__name__}")
         hints = get_type_hints(cls, include_extras=True)
-        _FIELDS[cls] = tuple((f.name, check_for(hints[f.name])) for f in dataclasses.fields(cls))
+        fields = dataclasses.fields(cls)
+        _FIELDS[cls] = tuple((f.name, check_for(hints[f.name])) for f in fields)
+        _REQUIRED[cls] = sum(
+            1
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
         cls.TYPE_CODE = code
         _BY_CODE[code] = cls
         if id_list:
@@ -142,8 +151,8 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
         raise ProtocolError(f"unknown control message type code {code}")
     fields = _FIELDS[cls]
     values = items[1:]
-    if len(values) < len(fields):
-        raise ProtocolError(f"{cls.__name__} needs {len(fields)} fields, got {len(values)}")
+    if len(values) < _REQUIRED[cls]:
+        raise ProtocolError(f"{cls.__name__} needs {_REQUIRED[cls]} fields, got {len(values)}")
     # zip stops at the known fields: trailing ones come from a newer version and are ignored.
     args = [
         check(value, f"{cls.__name__}.{field}")

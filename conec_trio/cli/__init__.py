@@ -6,6 +6,7 @@ Subcommands, one module each:
   stream and how fast it goes, in a few seconds;
 - ``coord`` (:mod:`.coord`): run a coordinator until Ctrl-C (SIGINT) or SIGTERM;
 - ``certs ca`` / ``certs issue`` (:mod:`.certs`): make a CA, and certificates it signs;
+- ``ping`` (:mod:`.ping`): round trips to a peer, each with its time and path;
 - ``expose`` / ``forward`` (:mod:`.expose`, :mod:`.forward`): TCP port forwarding over conec,
   whose logic is :mod:`conec_trio.forward`;
 - ``status`` (:mod:`.status`): the coordinator's view: clients, broadcast channels with their
@@ -30,6 +31,7 @@ from .coord import add_coord_command
 from .demo import add_demo_command
 from .expose import add_expose_command
 from .forward import add_forward_command
+from .ping import add_ping_command
 from .status import add_status_command
 
 __all__ = ["build_parser", "main"]
@@ -66,5 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_certs_command(subparsers)
     add_expose_command(subparsers)
     add_forward_command(subparsers)
+    add_ping_command(subparsers)
     add_status_command(subparsers)
     return parser

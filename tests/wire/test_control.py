@@ -19,6 +19,8 @@ from conec_trio._wire.control import (
     MAX_MESSAGE_LEN,
     MAX_NAME_LEN,
     PROTOCOL_VERSION,
+    PROXIED_MOVABLE,
+    PROXIED_PLAIN,
     BroadcastCountReply,
     BroadcastCountRequest,
     BroadcastJoined,
@@ -36,11 +38,13 @@ from conec_trio._wire.control import (
     IncomingProxied,
     JoinBroadcast,
     Message,
+    MoveProxied,
     OpenDirect,
     OpenProxied,
     PeerCertificateChanged,
     PeerListReply,
     PeerListRequest,
+    Ping,
     PresenceDropped,
     PresenceEvent,
     PresenceSnapshot,
@@ -64,11 +68,14 @@ SAMPLES: list[Message] = [
     Welcome(PROTOCOL_VERSION, ("198.51.100.7", 65535)),
     OpenProxied(7, "bob"),
     OpenProxied(0, None),
+    OpenProxied(3, "bob", PROXIED_MOVABLE, 2**62 - 1),
     StreamAccepted(),
     StreamRefused(Reason.NO_PEER, "no client 'carol' is connected"),
     IncomingProxied(2**62 - 1, "alice"),
     OpenDirect(3),
     DirectClose(),
+    MoveProxied(3, 12345),
+    Ping(),
     JoinBroadcast("news"),
     BroadcastJoined(2, 5),
     BroadcastCountRequest(1, "news"),
@@ -103,6 +110,8 @@ TYPE_CODES: dict[type[Message], int] = {
     IncomingProxied: 13,
     OpenDirect: 14,
     DirectClose: 15,
+    MoveProxied: 16,
+    Ping: 17,
     JoinBroadcast: 20,
     BroadcastJoined: 21,
     BroadcastCountRequest: 30,
@@ -190,7 +199,15 @@ def test_round_trip(msg: Message) -> None:
 
 def test_encoding_layout() -> None:
     assert cbor2.loads(encode(Welcome(1, ("192.0.2.1", 80)))) == [2, 1, ["192.0.2.1", 80]]
-    assert cbor2.loads(encode(OpenProxied(5, None))) == [10, 5, None]
+    assert cbor2.loads(encode(OpenProxied(5, None))) == [10, 5, None, 0, 0]
+
+
+def test_fields_added_later_take_their_defaults() -> None:
+    # An OpenProxied from before kind and token existed is a plain stream.
+    assert decode(cbor2.dumps([10, 5, "bob"])) == OpenProxied(5, "bob", PROXIED_PLAIN, 0)
+    assert decode(cbor2.dumps([13, 5, "bob"])) == IncomingProxied(5, "bob")
+    with pytest.raises(ProtocolError, match="needs 2 fields"):
+        decode(cbor2.dumps([10, 5]))
     assert encode(StreamAccepted()) == b"\x81\x0b"
 
 
@@ -222,6 +239,7 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "names": st.lists(names, max_size=5),
     "joined": st.booleans(),
     "token": st.binary(min_size=control.PUNCH_TOKEN_SIZE, max_size=control.PUNCH_TOKEN_SIZE),
+    "kind": counts,
 }
 
 
@@ -229,6 +247,8 @@ def message_strategy(cls: type[Message]) -> st.SearchStrategy[Message]:
     fields = {f.name: FIELD_STRATEGIES[f.name] for f in dataclasses.fields(cls)}
     if cls is OpenProxied:
         fields["peer"] = st.none() | names
+    if cls in (OpenProxied, IncomingProxied, MoveProxied):  # a stream's token, not a punch's
+        fields["token"] = counts
     if cls is BroadcastMembersReply:  # id lists here, counts in BroadcastCountReply
         fields["senders"] = fields["receivers"] = st.lists(names, max_size=5)
     return st.builds(cls, **fields)

@@ -264,3 +264,26 @@ def test_tagged_layout() -> None:
 def test_tagged_malformed(payload: bytes, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
         decode_tagged(payload)
+
+
+def test_moved_marker_ends_the_messages_of_a_direction() -> None:
+    from conec_trio._wire.framing import MOVED_MARKER
+
+    decoder = FrameDecoder(100)
+    decoder.feed(encode_frame(b"one") + MOVED_MARKER)
+    assert list(decoder) == [b"one"]
+    assert decoder.moved
+    assert decoder.at_boundary  # the end of the stream may follow
+
+
+def test_data_after_the_moved_marker_is_refused() -> None:
+    from conec_trio._wire.framing import MOVED_MARKER
+
+    together = FrameDecoder(100)
+    with pytest.raises(ProtocolError, match="after the marker"):
+        together.feed(MOVED_MARKER + b"\x00")
+    apart = FrameDecoder(100)
+    apart.feed(MOVED_MARKER)
+    assert list(apart) == []
+    with pytest.raises(ProtocolError, match="after the marker"):
+        apart.feed(b"\x00")
