@@ -20,12 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from helpers import ClientFactory
-from rawquic import open_raw_client
 
 import conec_trio
 from conec_trio import certs
-from conec_trio._wire import control
-from conec_trio._wire.codes import CloseCode
 
 CoordConfigFactory = Callable[..., conec_trio.CoordConfig]
 ClientConfigFactory = Callable[..., conec_trio.ClientConfig]
@@ -151,26 +148,28 @@ async def test_row10_one_cert_for_alice_gets_in_once_whatever_the_case(
     client_config: ClientConfigFactory,
     open_client: ClientFactory,
     client_ca: trustme.CA,
-    coord_identity: tuple[bytes, bytes],
 ) -> None:
-    # Names in certificates match case-insensitively, so ids must be one id whatever the case.
+    # Names in certificates match case-insensitively, so ids must be one id whatever the case:
+    # alice's certificate under "ALICE" is alice again (the newer connection replaces the
+    # older, as a reconnect does), never a second client beside her.
     cert, key = leaf_pems(client_ca, "alice")
-    async with open_client(ca_coord, "alice", cert_chain=cert, private_key=key):
-        for claimed in ("ALICE", "Alice"):
-            config = client_config(ca_coord, claimed, cert_chain=cert, private_key=key)
+    async with open_client(
+        ca_coord, "alice", cert_chain=cert, private_key=key, reconnect=False
+    ) as first:
+        config = client_config(ca_coord, "ALICE", cert_chain=cert, private_key=key)
+        async with conec_trio.open_client(config) as again:
+            assert again.id == "alice"
+            assert ca_coord.client_ids() == ["alice"]
+            with trio.fail_after(5), pytest.raises(conec_trio.IdInUseError, match="replaced"):
+                await first.wait_connected()
+            # Another certificate for alice, under yet another case, is someone else.
+            other_cert, other_key = leaf_pems(client_ca, "alice")
+            other = client_config(ca_coord, "Alice", cert_chain=other_cert, private_key=other_key)
             with trio.fail_after(5), pytest.raises(conec_trio.IdInUseError):
-                async with conec_trio.open_client(config):
+                async with conec_trio.open_client(other):
                     pass  # pragma: no cover
-            # A client that says the other case in its hello itself.
-            async with open_raw_client(
-                ca_coord.address, coord_identity[0], claimed, identity=(cert, key)
-            ) as raw:
-                hello = control.Hello(control.PROTOCOL_VERSION, claimed, True, [])
-                raw.open_frame_stream(control.encode(hello))
-                code, reason = await raw.wait_closed()
-            assert code == CloseCode.ID_TAKEN
-            assert "client id 'alice' is already connected" in reason
-        assert ca_coord.client_ids() == ["alice"]
+            assert ca_coord.client_ids() == ["alice"]
+            assert again.connected
 
 
 async def test_cert_from_an_intermediate_ca_gets_in(
