@@ -4,7 +4,7 @@ Roles describe connections with ``ConnectionSettings`` and talk to them through 
 and ``ConnectionListener``; nothing outside this package sees an aioquic object.
 """
 
-from ._aioquic import FlowControlledConnection
+from ._aioquic import FlowControlledConnection, stateless_reset_key
 from ._conn import ConnectionListener, ConnState, QuicConn
 from ._endpoint import Admission, QuicEndpoint
 from ._pmtu import PMTU_LADDER
@@ -33,4 +33,5 @@ __all__ = [
     "make_udp_socket",
     "real_udp_socket",
     "set_socket_factory",
+    "stateless_reset_key",
 ]
