@@ -199,7 +199,8 @@ async def test_direct_stream_flows_while_the_coordinator_process_is_killed(
                 streams.start_soon(bob_calls_during_the_outage)
                 streams.start_soon(alice_calls_during_the_outage)
                 await flow.flows()
-                assert not bob_call.is_set() and not alice_call.is_set()
+                assert not bob_call.is_set()
+                assert not alice_call.is_set()
                 async with run_program("coord again", coord_argv(port, state_dir)) as again:
                     await again.expect(READY)
                     with trio.fail_after(BACK_WITHIN):
@@ -207,7 +208,8 @@ async def test_direct_stream_flows_while_the_coordinator_process_is_killed(
                             await proxied_out.receive()
                         await bob_call.wait()
                         await alice_call.wait()
-                    assert alice.connected and bob.connected
+                    assert alice.connected
+                    assert bob.connected
                     await flow.flows()
                     flow.stop.set()
             assert flow.received == flow.sent
