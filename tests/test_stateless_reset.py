@@ -21,8 +21,8 @@ from conec_trio._quic import (
     make_udp_socket,
     stateless_reset_key,
 )
-from conec_trio._quic._aioquic import stateless_reset_token
 from conec_trio._quic._endpoint import LARGEST_STATELESS_RESET
+from conec_trio._quic._reset import stateless_reset_token
 from conec_trio._util import TokenBucket
 
 DEADLINE = 10.0

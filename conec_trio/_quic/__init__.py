@@ -4,10 +4,11 @@ Roles describe connections with ``ConnectionSettings`` and talk to them through 
 and ``ConnectionListener``; nothing outside this package sees an aioquic object.
 """
 
-from ._aioquic import FlowControlledConnection, stateless_reset_key
+from ._aioquic import FlowControlledConnection
 from ._conn import ConnectionListener, ConnState, QuicConn
 from ._endpoint import Admission, QuicEndpoint
 from ._pmtu import PMTU_LADDER
+from ._reset import stateless_reset_key
 from ._udp import (
     DatagramSocket,
     SocketFactory,

@@ -1,5 +1,5 @@
 """The library's aioquic connection: every use of aioquic's private names lives here (and in
-``_pmtu``), with no trio, so an aioquic upgrade has one place to check.
+``_pmtu`` and ``_reset``), with no trio, so an aioquic upgrade has one place to check.
 
 What it adds to aioquic's ``QuicConnection``:
 
@@ -9,10 +9,8 @@ What it adds to aioquic's ``QuicConnection``:
 2. Receive credit follows what the application consumed, not what arrived.
 3. Idle connections keep no growing ACK bookkeeping and no handshake buffers.
 4. Path MTU probing and black-hole fallback, and a cap on PTO back-off (``_pmtu``).
-6. Stateless resets (RFC 9000 section 10.3): tokens derived from a key where one is set, an
-   incoming reset closes the connection at once, and a client-role connection follows its
-   peer to a new address on an authenticated packet (a NAT rebinding on a direct channel).
-5. Read-only views the driver and the stream layer need (``is_client``, ``bytes_in_flight``,
+5. Stateless resets, and a client role that follows its peer's NAT rebinding (``_reset``).
+6. Read-only views the driver and the stream layer need (``is_client``, ``bytes_in_flight``,
    ``send_backlog`` ...), so nothing outside this package touches aioquic objects.
 
 ``new_connection`` builds one from the roles' ``ConnectionSettings``.
@@ -20,29 +18,18 @@ What it adds to aioquic's ``QuicConnection``:
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ssl
 from collections.abc import Callable
 from typing import Any
 
 from aioquic import tls
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
-from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import (
-    END_STATES,
-    QuicConnectionState,
-    QuicNetworkPath,
-    QuicReceiveContext,
-)
-from aioquic.quic.packet import QuicErrorCode, QuicFrameType
+from aioquic.quic.connection import END_STATES, QuicConnectionState
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from .. import _tls
-from ._pmtu import PathMtuProbing
+from ._reset import StatelessResets
 from .settings import LARGEST_DATAGRAM, ConnectionSettings, Identity
 
 # aioquic gives every connection three 16 KiB buffers for TLS handshake output. Once the
@@ -54,31 +41,11 @@ POST_HANDSHAKE_CRYPTO_BUFFER = 1024
 _SHARED_EPOCH_SETS: dict[frozenset[Any], frozenset[Any]] = {}
 # the QUIC versions a server accepts (aioquic's defaults)
 SUPPORTED_VERSIONS: list[int] = list(QuicConfiguration(is_client=False).supported_versions)
-STATELESS_RESET_TOKEN_SIZE = 16
-# The smallest stateless reset: 5 bytes that look like a short header, then the token
-# (RFC 9000 section 10.3). Nothing shorter can be one.
-SMALLEST_STATELESS_RESET = 21
 _CLOSING_STATES = (
     QuicConnectionState.CLOSING,
     QuicConnectionState.DRAINING,
     QuicConnectionState.TERMINATED,
 )
-
-
-def stateless_reset_key(private_key: PrivateKeyTypes) -> bytes:
-    """The key a coordinator derives its stateless reset tokens from: a function of its
-    private key alone, so a restarted process with the same key makes the same tokens."""
-    der = private_key.private_bytes(
-        serialization.Encoding.DER,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return hmac.new(b"conec-trio stateless reset key", der, hashlib.sha256).digest()
-
-
-def stateless_reset_token(key: bytes, cid: bytes) -> bytes:
-    """The stateless reset token of connection id ``cid`` under ``key``."""
-    return hmac.new(key, cid, hashlib.sha256).digest()[:STATELESS_RESET_TOKEN_SIZE]
 
 
 class _ClientTlsContext(tls.Context):
@@ -119,7 +86,7 @@ class _ClientTlsContext(tls.Context):
         self._set_state(tls.State.CLIENT_EXPECT_FINISHED)
 
 
-class FlowControlledConnection(PathMtuProbing):
+class FlowControlledConnection(StatelessResets):
     """aioquic's connection with two changes this library relies on.
 
     1. Server side: asks the client for a certificate (aioquic has no public switch). aioquic
@@ -218,80 +185,6 @@ class FlowControlledConnection(PathMtuProbing):
             if space is not None and space.ack_at is not None:
                 space.ack_at = now
                 self.ack_due = True
-
-    def _payload_received(
-        self, context: QuicReceiveContext, plain: bytes, crypto_frame_required: bool = False
-    ) -> tuple[bool, bool]:
-        self._authenticated += 1  # only a packet that decrypted gets here
-        result: tuple[bool, bool] = super()._payload_received(context, plain, crypto_frame_required)
-        return result
-
-    # -- stateless resets (RFC 9000 section 10.3) ------------------------------------------
-
-    def _derive_reset_tokens(self) -> None:
-        """Our connection ids' tokens from the reset key, where one is set (a client's first
-        id has none: only a server announces one for it)."""
-        if self._reset_key is None:
-            return
-        for cid in self._host_cids:
-            if cid.stateless_reset_token is not None:
-                cid.stateless_reset_token = stateless_reset_token(self._reset_key, cid.cid)
-
-    def _replenish_connection_ids(self) -> None:
-        super()._replenish_connection_ids()
-        self._derive_reset_tokens()
-
-    def is_stateless_reset(self, data: bytes) -> bool:
-        """``data`` ends with a stateless reset token the peer gave us for a connection id
-        we may use (the current one or a spare; never a retired one)."""
-        if len(data) < SMALLEST_STATELESS_RESET or data[0] & 0x80:
-            return False  # too short, or a long header
-        tail = data[-STATELESS_RESET_TOKEN_SIZE:]
-        peer_cids = [self._peer_cid, *self._peer_cid_available]
-        # compare_digest on every token: no early exit that times out which one matched
-        matches = [
-            hmac.compare_digest(tail, cid.stateless_reset_token)
-            for cid in peer_cids
-            if cid.stateless_reset_token
-        ]
-        return any(matches)
-
-    def _reset_by_peer(self, now: float) -> None:
-        """The peer no longer has this connection: close it without a word (the draining
-        state sends nothing), and let the owner know at once (``close_event``)."""
-        if self._state in END_STATES:
-            return
-        self._close_event = events.ConnectionTerminated(
-            error_code=QuicErrorCode.NO_ERROR,
-            frame_type=QuicFrameType.PADDING,
-            reason_phrase="stateless reset: the peer no longer knows this connection",
-        )
-        self._close_begin(is_initiator=False, now=now)
-
-    # -- client role: the server's address may change (its NAT rebinds) --------------------
-
-    def _receive_from_new_address(self, data: bytes, addr: Any, now: float) -> None:
-        """aioquic drops a client-role datagram from an address it has not sent to (RFC
-        9000 section 9: a server does not migrate). A direct channel's accepting side is
-        the server role, and its NAT may give it a new public port mid-session: follow it,
-        but only for a packet that authenticates and is newer than any before (not a
-        replay), and validate the new path (PATH_CHALLENGE, with aioquic's
-        anti-amplification limit until it answers); if it never does, aioquic goes back to
-        the old path."""
-        if self._state not in (QuicConnectionState.CONNECTED,) or not self._handshake_confirmed:
-            return
-        space = self._spaces[tls.Epoch.ONE_RTT]
-        largest = space.largest_received_packet
-        new_path = QuicNetworkPath(addr)
-        self._network_paths.append(new_path)
-        try:
-            super().receive_datagram(data, addr, now)
-        finally:
-            promote = self._authenticated and space.largest_received_packet > largest
-            if new_path in self._network_paths:
-                self._network_paths.remove(new_path)
-                if promote and self._state not in END_STATES:
-                    self._network_paths.insert(0, new_path)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         first = self._packet_number

@@ -22,14 +22,9 @@ from aioquic.quic.packet import (
 from aioquic.quic.retry import QuicRetryTokenHandler
 
 from .._util import TokenBucket, quiet_aioquic_logs
-from ._aioquic import (
-    SMALLEST_STATELESS_RESET,
-    SUPPORTED_VERSIONS,
-    FlowControlledConnection,
-    new_connection,
-    stateless_reset_token,
-)
+from ._aioquic import SUPPORTED_VERSIONS, FlowControlledConnection, new_connection
 from ._conn import Address, Datagrams, QuicConn
+from ._reset import SMALLEST_STATELESS_RESET, stateless_reset_token
 from ._udp import DatagramSocket
 from .settings import ConnectionSettings
 
