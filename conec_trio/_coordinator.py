@@ -30,6 +30,7 @@ from ._quic import (
     QuicConn,
     QuicEndpoint,
     make_udp_socket,
+    stateless_reset_key,
 )
 from ._requests import ControlRequests, control_loop
 from ._session import ClientSession, _plain_host, _serving
@@ -61,6 +62,7 @@ class Coordinator:
         assert cert_pem is not None and key_pem is not None
         chain = _tls.load_cert_chain_pem(cert_pem)
         self._client_ca = load_pem(config.client_ca)
+        private_key = _tls.load_private_key(key_pem)
         self._settings = ConnectionSettings(
             alpn=control.ALPN,
             idle_timeout=config.idle_timeout or DEFAULT_IDLE_TIMEOUT,
@@ -68,7 +70,9 @@ class Coordinator:
             connection_window=config.connection_window,
             max_streams=config.max_streams_per_client,
             max_datagram_size=config.max_datagram_size,
-            identity=Identity(chain[0], tuple(chain[1:]), _tls.load_private_key(key_pem)),
+            identity=Identity(chain[0], tuple(chain[1:]), private_key),
+            # a restart with the same key resets its predecessor's connections at once
+            reset_key=stateless_reset_key(private_key),
         )
         self.broadcasts = BroadcastHub(
             max_channels=config.max_broadcasts, max_per_client=config.max_broadcasts_per_client

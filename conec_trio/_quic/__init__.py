@@ -8,6 +8,7 @@ from ._aioquic import FlowControlledConnection
 from ._conn import ConnectionListener, ConnState, QuicConn
 from ._endpoint import Admission, QuicEndpoint
 from ._pmtu import PMTU_LADDER
+from ._reset import stateless_reset_key
 from ._udp import (
     DatagramSocket,
     SocketFactory,
@@ -33,4 +34,5 @@ __all__ = [
     "make_udp_socket",
     "real_udp_socket",
     "set_socket_factory",
+    "stateless_reset_key",
 ]

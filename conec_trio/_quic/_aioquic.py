@@ -1,5 +1,5 @@
 """The library's aioquic connection: every use of aioquic's private names lives here (and in
-``_pmtu``), with no trio, so an aioquic upgrade has one place to check.
+``_pmtu`` and ``_reset``), with no trio, so an aioquic upgrade has one place to check.
 
 What it adds to aioquic's ``QuicConnection``:
 
@@ -9,7 +9,8 @@ What it adds to aioquic's ``QuicConnection``:
 2. Receive credit follows what the application consumed, not what arrived.
 3. Idle connections keep no growing ACK bookkeeping and no handshake buffers.
 4. Path MTU probing and black-hole fallback, and a cap on PTO back-off (``_pmtu``).
-5. Read-only views the driver and the stream layer need (``is_client``, ``bytes_in_flight``,
+5. Stateless resets, and a client role that follows its peer's NAT rebinding (``_reset``).
+6. Read-only views the driver and the stream layer need (``is_client``, ``bytes_in_flight``,
    ``send_backlog`` ...), so nothing outside this package touches aioquic objects.
 
 ``new_connection`` builds one from the roles' ``ConnectionSettings``.
@@ -28,7 +29,7 @@ from aioquic.quic.connection import END_STATES, QuicConnectionState
 from cryptography import x509
 
 from .. import _tls
-from ._pmtu import PathMtuProbing
+from ._reset import StatelessResets
 from .settings import LARGEST_DATAGRAM, ConnectionSettings, Identity
 
 # Pacing waits shorter than this are not slept (trio's timers have millisecond resolution);
@@ -89,7 +90,7 @@ class _ClientTlsContext(tls.Context):
         self._set_state(tls.State.CLIENT_EXPECT_FINISHED)
 
 
-class FlowControlledConnection(PathMtuProbing):
+class FlowControlledConnection(StatelessResets):
     """aioquic's connection with two changes this library relies on.
 
     1. Server side: asks the client for a certificate (aioquic has no public switch). aioquic
@@ -111,9 +112,12 @@ class FlowControlledConnection(PathMtuProbing):
         max_streams: int,
         max_datagram_size: int = LARGEST_DATAGRAM,
         identity: Callable[[], tuple[x509.Certificate, list[x509.Certificate], Any]] | None = None,
+        reset_key: bytes | None = None,
         **kwargs: Any,
     ) -> None:
         self._request_client_cert = request_client_certificate
+        self._reset_key = reset_key
+        self._authenticated = 0  # packets of the datagram being processed that decrypted
         self._identity = identity
         self._stream_window = stream_window
         self._connection_window = connection_window
@@ -136,6 +140,7 @@ class FlowControlledConnection(PathMtuProbing):
         limit = self._local_max_streams_bidi
         limit.value = limit.sent = max_streams
         self._init_pmtu(max_datagram_size)
+        self._derive_reset_tokens()
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -167,7 +172,14 @@ class FlowControlledConnection(PathMtuProbing):
         self._ping_received = True
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
-        super().receive_datagram(data, addr, now)
+        self._authenticated = 0
+        if self._is_client and all(path.addr != addr for path in self._network_paths):
+            self._receive_from_new_address(data, addr, now)
+        else:
+            super().receive_datagram(data, addr, now)
+        if not self._authenticated and self.is_stateless_reset(data):
+            self._reset_by_peer(now)
+            return
         if self._ping_received:
             # A PING (a keepalive, a loss probe, a path MTU probe) is acknowledged at once:
             # no data will follow to share the ACK with, and waiting aioquic's ack delay
@@ -492,6 +504,7 @@ def new_connection(
         max_streams=settings.max_streams,
         max_datagram_size=settings.max_datagram_size,
         identity=make_identity,
+        reset_key=settings.reset_key,
         original_destination_connection_id=original_destination_connection_id,
         retry_source_connection_id=retry_source_connection_id,
     )

@@ -21,9 +21,10 @@ from aioquic.quic.packet import (
 )
 from aioquic.quic.retry import QuicRetryTokenHandler
 
-from .._util import quiet_aioquic_logs
+from .._util import TokenBucket, quiet_aioquic_logs
 from ._aioquic import SUPPORTED_VERSIONS, FlowControlledConnection, new_connection
 from ._conn import Address, Datagrams, QuicConn
+from ._reset import SMALLEST_STATELESS_RESET, stateless_reset_token
 from ._udp import DatagramSocket
 from .settings import ConnectionSettings
 
@@ -33,6 +34,12 @@ CID_LENGTH = 8
 # Datagrams read per wakeup before the touched connections transmit (see ``_transmit``).
 RECEIVE_BATCH = 32
 SMALLEST_INITIAL = 1200
+# Stateless resets we send: never as large as the datagram that caused them (no loops, no
+# amplification), at most this large, and at most this many a second (a burst of them, for
+# every client of a restarted coordinator at once).
+LARGEST_STATELESS_RESET = 43
+STATELESS_RESET_RATE = 1000.0
+STATELESS_RESET_BURST = 1000
 
 
 class Admission(enum.Enum):
@@ -56,6 +63,10 @@ class QuicEndpoint:
         self._retry: QuicRetryTokenHandler | None = None
         self._always_retry = False
         self._admit: Callable[[Address, bool], Admission] | None = None
+        self._reset_key: bytes | None = None
+        self.reset_budget = TokenBucket(STATELESS_RESET_RATE, STATELESS_RESET_BURST)
+        # client-role connections: where a stateless reset from their peer may arrive
+        self._dialled: dict[QuicConn, None] = {}
         # connections with something to send at once, before the next receive (see expedite)
         self.urgent: dict[QuicConn, None] = {}
         # datagrams that are not QUIC (hole punching) go here
@@ -77,7 +88,10 @@ class QuicEndpoint:
         ``on_accept`` is called with each new connection (before its handshake completes) so
         its owner can set a listener. ``admit(address, validated)`` decides on each new
         connection before any state is made for it (``validated``: it carried a valid Retry
-        token); with ``stateless_retry`` every new connection goes through a Retry."""
+        token); with ``stateless_retry`` every new connection goes through a Retry.
+        When the settings carry a ``reset_key``, a short-header datagram for a connection
+        id we do not know is answered with a stateless reset (see ``_send_stateless_reset``)."""
+        self._reset_key = make_settings().reset_key
         self._accept = make_settings
         self._on_accept = on_accept
         self._always_retry = stateless_retry
@@ -125,6 +139,16 @@ class QuicEndpoint:
                 self.raw_datagram_handler(data, addr)
             return None
         conn = self._by_cid.get(header.destination_cid)
+        if conn is None and header.packet_type == QuicPacketType.ONE_RTT:
+            # A stateless reset carries no connection id of ours: it can only be told by
+            # its last bytes, which the connections to that address check.
+            for dialled in self._dialled:
+                if dialled.peer_address == addr:
+                    dialled.datagram_received(data, addr, now)
+                    conn = dialled
+            if conn is None:
+                self._send_stateless_reset(data, header.destination_cid, addr)
+            return conn
         if conn is None:
             conn = self._maybe_accept(data, header, addr)
             if conn is None:
@@ -134,6 +158,26 @@ class QuicEndpoint:
         except Exception:
             conn.close(0x1, "internal error handling a datagram")
         return conn
+
+    def _send_stateless_reset(self, data: bytes, cid: bytes, addr: Address) -> None:
+        """Tell the sender of a short-header packet for a connection id we do not know
+        (this process restarted, or the connection is long gone) that the connection is
+        lost, so it stops waiting for its idle timeout (RFC 9000 section 10.3). The token is
+        the one our predecessor derived from the same key for that id."""
+        key = self._reset_key
+        if key is None:
+            return
+        size = min(len(data) - 1, LARGEST_STATELESS_RESET)
+        if size < SMALLEST_STATELESS_RESET:
+            return  # too small to answer with anything smaller than itself
+        token = stateless_reset_token(key, cid)
+        if data.endswith(token):
+            return  # one of our own resets, reflected back: never answer it
+        if not self.reset_budget.take():
+            return
+        unpredictable = bytearray(os.urandom(size - len(token)))
+        unpredictable[0] = 0x40 | (unpredictable[0] & 0x3F)  # looks like a short header
+        self.send_raw_nowait(bytes(unpredictable) + token, addr)
 
     def _maybe_accept(self, data: bytes, header: Any, addr: Address) -> QuicConn | None:
         if self._accept is None or header.packet_type != QuicPacketType.INITIAL:
@@ -207,6 +251,7 @@ class QuicEndpoint:
         quic = new_connection(settings, is_client=True)
         conn = self._add(quic, addr, settings.keepalive_interval)
         quic.connect(addr, now=trio.current_time())
+        self._dialled[conn] = None
         conn.process_events()
         conn.mark_dirty()
         return conn
@@ -230,6 +275,7 @@ class QuicEndpoint:
         conn.cids.discard(cid)
 
     def forget(self, conn: QuicConn) -> None:
+        self._dialled.pop(conn, None)
         for cid in list(conn.cids):
             self.unregister_cid(conn, cid)
 

@@ -45,6 +45,11 @@ class ConnectionSettings:
     be valid for ``server_name``; ``None`` means no check here, because the role pins the
     peer's exact certificate once the handshake is over (direct channels). Server-role
     connections always ask the client for a certificate; roles check it.
+
+    ``reset_key`` (see ``stateless_reset_key``): the stateless reset tokens of our
+    connection ids are derived from it instead of random, so that a process restarted with
+    the same key can reset its predecessor's connections (RFC 9000 section 10.3). ``None``:
+    random tokens, and the endpoint never sends a stateless reset.
     """
 
     alpn: str
@@ -57,3 +62,4 @@ class ConnectionSettings:
     identity: Identity | Callable[[], Identity] | None = None
     server_name: str | None = None
     trust: TrustStore | None = None
+    reset_key: bytes | None = None
