@@ -123,6 +123,13 @@ class CoordConfig:
             probing off).
         hello_timeout: Seconds a client may take to say hello after connecting; then it is
             dropped.
+        max_pending_connections: Connections that have not said hello yet (handshaking, or
+            connected and silent), in all; beyond it new connections are ignored until one
+            of them says hello or is dropped (each costs tens of KiB until then; default 512).
+        max_pending_connections_per_address: The same, from one IP address (default 32).
+        retry_above_pending: Above this many pending connections, a new one must first prove
+            its address with a QUIC Retry round trip, so spoofed packets make no state
+            (default 64; ``stateless_retry=True`` asks for it always).
     """
 
     cert_chain: PemSource
@@ -147,13 +154,6 @@ class CoordConfig:
     connection_window: int = DEFAULT_CONNECTION_WINDOW
     max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
     hello_timeout: float = 10.0
-    # Connections that have not said hello yet (handshaking, or connected and silent): each
-    # costs tens of KiB until its hello or hello_timeout. Beyond max_pending_connections in
-    # all, or max_pending_connections_per_address from one IP address, new connections are
-    # ignored (a client retransmits its first packet, and finds room once one of them said
-    # hello or was dropped). Beyond retry_above_pending in all, a new connection must first
-    # prove its address with a QUIC Retry round trip, so spoofed packets make no state
-    # (stateless_retry=True asks for that always).
     max_pending_connections: int = 512
     max_pending_connections_per_address: int = 32
     retry_above_pending: int = 64
