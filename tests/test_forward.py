@@ -28,6 +28,7 @@ import pytest
 import trio
 from forward_helpers import (
     CONNECTED,
+    STAMP,
     WAIT,
     Program,
     Programs,
@@ -52,8 +53,8 @@ FILE_SIZE = 50_000_000
 # How long the tunnel may take to work again after a restart: loss detection (2 s idle
 # timeout), the reconnect backoff (at most 5 s), and a direct channel's set-up.
 RECOVERY = 25.0
-LOST_NOW = re.compile(r"^lost the coordinator; reconnecting", re.M)
-RECONNECTED = re.compile(r"^reconnected to the coordinator at ", re.M)
+LOST_NOW = re.compile(STAMP + r"lost the coordinator; reconnecting", re.M)
+RECONNECTED = re.compile(STAMP + r"reconnected to the coordinator at ", re.M)
 
 
 async def blocking(fn: Callable[..., T], *args: Any, within: float = WAIT) -> T:

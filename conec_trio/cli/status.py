@@ -57,6 +57,8 @@ async def coordinator_view(config: ClientConfig) -> list[str]:
     """The lines ``status`` prints; a coordinator port nobody listens on is said at once."""
     lines: list[str] = []
     refused: list[str] = []
+    failed: list[ConecError] = []  # kept out of the nursery, so it leaves as itself
+
     async with trio.open_nursery() as nursery:
 
         async def probe() -> None:
@@ -66,7 +68,10 @@ async def coordinator_view(config: ClientConfig) -> list[str]:
                 nursery.cancel_scope.cancel()
 
         async def query() -> None:
-            lines.extend(await _query(config))
+            try:
+                lines.extend(await _query(config))
+            except ConecError as exc:
+                failed.append(exc)
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(probe)
@@ -76,6 +81,8 @@ async def coordinator_view(config: ClientConfig) -> list[str]:
             f"nothing listens on UDP {refused[0]} (ICMP port unreachable): is the port right, "
             "and is the coordinator running?"
         )
+    if failed:
+        raise failed[0]
     return lines
 
 

@@ -26,6 +26,7 @@ from .. import (
 )
 from .._backoff import BACKOFF_INITIAL, BACKOFF_MAX, Backoff
 from .._client import INCURABLE
+from .._util import unwrap_single_exception
 from .console import format_address, say
 
 __all__ = [
@@ -167,13 +168,15 @@ class CoordinatorLink:
                     refused.append(where)
                     attempt.cancel()
 
-        async with trio.open_nursery() as probes:
-            probes.start_soon(watch)
-            with attempt:
-                async with open_client(self.config) as client, trio.open_nursery() as nursery:
-                    probe.cancel()
-                    await self._serve(Session(next(self._numbers), client, nursery))
-            probe.cancel()
+        # A failure of the attempt (IdInUseError, say) leaves this nursery as itself.
+        with unwrap_single_exception():
+            async with trio.open_nursery() as probes:
+                probes.start_soon(watch)
+                with attempt:
+                    async with open_client(self.config) as client, trio.open_nursery() as nursery:
+                        probe.cancel()
+                        await self._serve(Session(next(self._numbers), client, nursery))
+                probe.cancel()
         if refused:
             raise ConnectError(
                 f"nothing listens on UDP {refused[0]} (ICMP port unreachable): is the port "
