@@ -25,11 +25,12 @@ from typing import Any
 from aioquic import tls
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import END_STATES, QuicConnectionState
+from aioquic.quic.connection import QuicConnectionState
 from cryptography import x509
 
-from .. import _tls
 from ._reset import StatelessResets
+from ._tls_context import ClientTlsContext
+from ._views import ConnectionViews
 from .settings import LARGEST_DATAGRAM, ConnectionSettings, Identity
 
 # Pacing waits shorter than this are not slept (trio's timers have millisecond resolution);
@@ -52,45 +53,7 @@ _CLOSING_STATES = (
 )
 
 
-class _ClientTlsContext(tls.Context):
-    """aioquic's TLS context with its check of the server's certificate replaced by the same
-    check on a trust store made once (``_tls.verify_server_certificate``): aioquic rebuilds
-    the store in every handshake, which costs a tenth of a millisecond with one CA and over
-    ten with the system's CAs."""
-
-    # Gives (certificate, chain, private key) when the server asks for them and the
-    # configuration had none yet: a client may make its identity during the handshake.
-    identity: Callable[[], tuple[x509.Certificate, list[x509.Certificate], Any]] | None = None
-
-    def _client_handle_finished(self, input_buf: Buffer, output_buf: Any) -> None:
-        if self.certificate is None and self.identity is not None:
-            self.certificate, self.certificate_chain, self.certificate_private_key = self.identity()
-        super()._client_handle_finished(input_buf, output_buf)
-
-    def _client_handle_certificate_verify(self, input_buf: Buffer) -> None:
-        verify = tls.pull_certificate_verify(input_buf)
-        self._check_certificate_verify_signature(verify)
-        if self._verify_mode != ssl.CERT_NONE:
-            assert self._peer_certificate is not None
-            try:
-                _tls.verify_server_certificate(
-                    self._peer_certificate,
-                    self._peer_certificate_chain,
-                    self._server_name,
-                    self._cadata,
-                    self._cafile,
-                    self._capath,
-                )
-            except _tls.ServerCertificateError as exc:
-                expired = exc.kind == "expired"
-                alert = tls.AlertCertificateExpired if expired else tls.AlertBadCertificate
-                raise alert(str(exc)) from exc
-        assert self.key_schedule is not None
-        self.key_schedule.update_hash(input_buf.data)
-        self._set_state(tls.State.CLIENT_EXPECT_FINISHED)
-
-
-class FlowControlledConnection(StatelessResets):
+class FlowControlledConnection(StatelessResets, ConnectionViews):
     """aioquic's connection with two changes this library relies on.
 
     1. Server side: asks the client for a certificate (aioquic has no public switch). aioquic
@@ -148,8 +111,8 @@ class FlowControlledConnection(StatelessResets):
             self.tls._request_client_certificate = True
         if self._is_client:
             context = self.tls
-            context.__class__ = _ClientTlsContext
-            assert isinstance(context, _ClientTlsContext)
+            context.__class__ = ClientTlsContext
+            assert isinstance(context, ClientTlsContext)
             context.identity = self._identity
             # aioquic makes a key share for each of four groups (P-256, P-384, X25519, X448)
             # in every ClientHello, about 0.5 ms of key generation, and an aioquic server
@@ -366,99 +329,6 @@ class FlowControlledConnection(StatelessResets):
         if stream is not None:
             room = min(room, stream.max_stream_data_remote - stream.sender._buffer_stop)
         return room
-
-    # -- small read-only views used by the stream layer -----------------------------------
-
-    def send_backlog(self, stream_id: int) -> int:
-        """Bytes written to a stream and not yet acknowledged by the peer."""
-        stream = self._streams.get(stream_id)
-        if stream is None:
-            return 0
-        sender = stream.sender
-        return int(sender._buffer_stop - sender._buffer_start)
-
-    def fin_acked(self, stream_id: int) -> bool:
-        """True when the stream's send side is done (FIN or reset acknowledged, or gone)."""
-        stream = self._streams.get(stream_id)
-        return stream is None or bool(stream.sender.is_finished)
-
-    @property
-    def peer_certificate(self) -> x509.Certificate | None:
-        cert: x509.Certificate | None = self.tls._peer_certificate
-        return cert
-
-    @property
-    def peer_certificate_chain(self) -> list[x509.Certificate]:
-        return list(getattr(self.tls, "_peer_certificate_chain", []) or [])
-
-    # -- state the driver reads -----------------------------------------------------------
-
-    @property
-    def is_client(self) -> bool:
-        return bool(self._is_client)
-
-    @property
-    def is_terminated(self) -> bool:
-        """aioquic is done with the connection (after its closing period)."""
-        return bool(self._state == QuicConnectionState.TERMINATED)
-
-    @property
-    def is_closing(self) -> bool:
-        """A close was started or received: nothing more can be sent on streams."""
-        return self._state in _CLOSING_STATES
-
-    @property
-    def is_over(self) -> bool:
-        return self._state in END_STATES
-
-    @property
-    def handshake_confirmed(self) -> bool:
-        return bool(self._handshake_confirmed)
-
-    @property
-    def bytes_in_flight(self) -> int:
-        return int(self._loss.bytes_in_flight)
-
-    @property
-    def peer_idle_timeout(self) -> float | None:
-        """The peer's idle timeout once known (0: it has none)."""
-        value: float | None = self._remote_max_idle_timeout
-        return value
-
-    @property
-    def close_event(self) -> Any:
-        """aioquic's ConnectionTerminated, known before aioquic reports it (it reports only
-        after its closing period)."""
-        return self._close_event
-
-    @property
-    def datagram_size(self) -> int:
-        return int(self._max_datagram_size)
-
-    @property
-    def smoothed_rtt(self) -> float:
-        return float(self._loss._rtt_smoothed)
-
-    @property
-    def peer_address(self) -> Any:
-        """The peer's address on the current path: the address of the last authenticated
-        packet that moved the connection there (aioquic only migrates a connection on a
-        packet it decrypted), never merely the source of some datagram."""
-        return self._network_paths[0].addr
-
-    @property
-    def idle_deadline(self) -> float | None:
-        """When aioquic closes the connection as idle; moves on every authenticated packet."""
-        value: float | None = self._close_at
-        return value
-
-    def host_cids(self) -> list[bytes]:
-        return [cid.cid for cid in self._host_cids]
-
-    def stream_blocked(self, stream_id: int) -> bool:
-        """The stream still waits for the peer's stream-count credit."""
-        stream = self._streams.get(stream_id)
-        return stream is not None and bool(stream.is_blocked)
 
 
 def _identity_triple(identity: Identity) -> tuple[x509.Certificate, list[x509.Certificate], Any]:

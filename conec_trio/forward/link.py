@@ -25,7 +25,7 @@ from .. import (
     open_client,
 )
 from .._backoff import BACKOFF_INITIAL, BACKOFF_MAX, Backoff
-from .._client import INCURABLE
+from .._client_link import INCURABLE
 from .._util import unwrap_single_exception
 from .console import format_address, say
 
