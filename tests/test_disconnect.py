@@ -87,7 +87,7 @@ async def call_across_a_restart(
 
 
 @pytest.mark.parametrize("call", sorted(CALLS))
-async def test_a_call_pending_when_the_coordinator_goes_fails_with_reconnect_off(
+async def test_row13_a_call_pending_when_the_coordinator_goes_fails_with_disconnected_error(
     call: str,
     coord_config: Callable[..., conec_trio.CoordConfig],
     client_config: Callable[..., conec_trio.ClientConfig],

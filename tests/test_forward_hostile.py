@@ -144,7 +144,7 @@ async def insider(site: Site) -> AsyncIterator[conec_trio.Client]:
         yield client
 
 
-async def test_an_unlisted_peer_is_refused_before_its_request_is_read_and_others_are_served(
+async def test_row04_an_unlisted_peer_is_refused_before_its_request_is_read_and_others_are_served(
     site: Site, intruder: conec_trio.Client
 ) -> None:
     cpu_before = cpu_seconds(site.expose.pid)
@@ -235,7 +235,7 @@ SELF_ASSERTED = "self-asserted"
         pytest.param((), False, id="any-peer"),
     ],
 )
-def test_expose_warns_that_peer_ids_are_self_asserted_without_a_client_ca(
+def test_row12_expose_warns_that_peer_ids_are_self_asserted_without_a_client_ca(
     tmp_path: Path, options: tuple[str, ...], warns: bool
 ) -> None:
     ca = tmp_path / "ca.pem"

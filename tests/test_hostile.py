@@ -18,6 +18,7 @@ from typing import Any
 import cbor2
 import pytest
 import trio
+import trio.testing
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography import x509
@@ -996,6 +997,35 @@ async def test_row07_initials_from_one_address_are_capped_and_a_newcomer_gets_in
         # The newcomer's Initial came after the whole flood: the flood was seen by now.
         await newcomer_roundtrip(client_config(coord, "latecomer"))
         assert coord.statistics().pending_connections == 8
+        assert coord.client_ids() == []
+
+
+async def test_row07_pending_connections_are_capped_in_all_and_drop_at_the_hello_timeout(
+    coord_config, client_config
+):
+    """Pending connections from many addresses together stop at ``max_pending_connections``:
+    Initials beyond it make no state; the pending ones are dropped at ``hello_timeout``, and
+    then a newcomer gets in."""
+    config = coord_config(
+        max_pending_connections=10,
+        max_pending_connections_per_address=8,
+        retry_above_pending=1000,
+        hello_timeout=1.0,
+    )
+    async with conec_trio.open_coordinator(config) as coord:
+        target = coord.address
+        async with udp_from("127.0.0.2") as first, udp_from("127.0.0.3") as second:
+            await send_initials(first, target, 8)
+            await send_initials(second, target, 8)
+            await wait_for(lambda: coord.statistics().pending_connections == 10, DEADLINE)
+            async with udp_from("127.0.0.4") as third:
+                await send_initials(third, target, 8)
+                # Once every task waits, the coordinator has read all of them.
+                await trio.testing.wait_all_tasks_blocked(0.05)
+                assert coord.statistics().pending_connections == 10
+        # No hello comes: all are dropped at the hello timeout, and a newcomer gets in.
+        await wait_for(lambda: coord.statistics().pending_connections == 0, DEADLINE)
+        await newcomer_roundtrip(client_config(coord, "newcomer"))
         assert coord.client_ids() == []
 
 
