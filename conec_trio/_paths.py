@@ -186,8 +186,8 @@ class Paths:
                 return
             await direct.open(peer)
         except (PeerNotFoundError, DisconnectedError) as exc:
-            # Not the path's fault: try again soon, without growing the back-off.
-            state.retry_at = trio.current_time() + RETRY_FIRST
+            # Not the path's fault (the peer was not there yet, or the coordinator was
+            # away): the next new_stream tries again, with no back-off.
             log.debug("no direct channel to %r now: %s", peer, exc)
         except ConecError as exc:
             if self._channel(peer) is None:  # else the peer's own opening won the race

@@ -55,6 +55,7 @@ FILE_SIZE = 50_000_000
 RECOVERY = 25.0
 LOST_NOW = re.compile(STAMP + r"lost the coordinator; reconnecting", re.M)
 RECONNECTED = re.compile(STAMP + r"reconnected to the coordinator at ", re.M)
+DIRECT_OPEN = re.compile(r"direct channel to 'exp' open via ")
 
 
 async def blocking(fn: Callable[..., T], *args: Any, within: float = WAIT) -> T:
@@ -197,6 +198,9 @@ def tunnel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tunnel]:
 
 async def test_http_download_through_the_tunnel_is_intact(tunnel: Tunnel) -> None:
     url = f"http://127.0.0.1:{tunnel.local['http']}/big.bin"
+    # new_stream gives a channel a head start of 0.3 s; on a loaded machine a first
+    # connection may go through the coordinator while the channel opens: wait for it.
+    await tunnel.forward.await_line(DIRECT_OPEN)
     mark = len(tunnel.forward.output())
     digest, size = await blocking(download_sha256, url, within=60)
     assert size == FILE_SIZE
@@ -414,6 +418,7 @@ async def test_coordinator_restart(programs: Programs, how: str) -> None:
     forward, expose, port = setup.forward, setup.expose, setup.port
     # A connection carried over the direct channel does not need the coordinator: it goes
     # on while the coordinator is stopped or killed and restarted, and so do new ones.
+    await forward.await_line(DIRECT_OPEN)
     early = await blocking(socket.create_connection, ("127.0.0.1", port), WAIT)
     try:
         early.settimeout(WAIT)

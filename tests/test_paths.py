@@ -409,3 +409,19 @@ async def test_a_moved_marker_on_a_stream_that_cannot_move_breaks_it(
         with pytest.raises(trio.BrokenResourceError) as info:
             await incoming.recv.receive()
         assert isinstance(info.value.__cause__, conec_trio.ProtocolError)
+
+
+async def test_a_peer_not_there_yet_is_not_held_against_the_direct_path(
+    conec_coordinator: conec_trio.Coordinator, conec_client: Any
+) -> None:
+    # A channel attempt to a peer that has not connected yet fails for that reason only: it
+    # must not delay the direct path once the peer is there (the head start is long here so
+    # a loaded machine cannot make the channel lose the race).
+    alice = await conec_client("alice", direct_head_start=10.0)
+    with trio.fail_after(5), pytest.raises(conec_trio.PeerNotFoundError):
+        await alice.new_stream("bob")
+    await conec_client("bob")
+    with trio.fail_after(15):
+        send, recv = await alice.new_stream("bob")
+    assert send.path is Path.DIRECT
+    assert recv.path is Path.DIRECT
