@@ -693,6 +693,15 @@ def main(argv: list[str] | None = None) -> int:
         default=30.0,
         help="seconds after a restart by which every client must be back",
     )
+    restarts.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="the clients' idle timeout (default: the library's, 10 s). A SIGKILLed "
+        "coordinator says nothing: an idle client learns of it from the new one's stateless "
+        "reset to its next packet, its keepalive after half this",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "soak.json", metavar="PATH")
     args = parser.parse_args(argv)
     if args.clients < 1 or args.seconds <= 0 or args.procs < 1 or args.drain < 0:

@@ -306,7 +306,13 @@ async def _client(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    config = conec_trio.ClientConfig(id=client_id(k), coord_host=HOST, coord_port=port, ca=cert_pem)
+    config = conec_trio.ClientConfig(
+        id=client_id(k),
+        coord_host=HOST,
+        coord_port=port,
+        ca=cert_pem,
+        idle_timeout=worker.params["idle_timeout"],
+    )
     partner = partner_of(k, worker.params["clients"])
     async with conec_trio.open_client(config) as client:
         worker.presence[k] = _Presence(client)
@@ -422,6 +428,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "size": args.size,
         "drain": args.drain,
         "nice": args.client_nice,
+        "idle_timeout": args.idle_timeout,
     }
     groups = [[k for k in range(clients) if k % procs_n == p] for p in range(procs_n)]
     connect_timeout = STARTUP_TIMEOUT + clients * 0.2
@@ -508,6 +515,8 @@ def _restart(
         missing.extend(answer["missing"])
     lost_seen = [down - killed_at for down, _ in back.values()]
     since_return = [up - returned_at for _, up in back.values()]
+    # The reconnect itself: from the later of the loss seen and the return to back.
+    reconnecting = [up - max(down, returned_at) for down, up in back.values()]
     return {
         "signal": signum.name,
         "outage_s": round(returned_at - killed_at, 3),
@@ -521,6 +530,7 @@ def _restart(
         # next packet, which on an idle connection is the keepalive).
         "loss_seen_max_s": max(lost_seen) if lost_seen else None,
         "loss_seen_p50_s": statistics.median(lost_seen) if lost_seen else None,
+        "reconnect_max_s": max(reconnecting) if reconnecting else None,
     }
 
 
@@ -532,7 +542,8 @@ def _restart_line(n: int, r: dict[str, Any], clients: int) -> str:
     return (
         f"restart {n} ({r['signal']}, down {r['outage_s']:.2f} s): {head} "
         f"(median {r['back_p50_s']:.2f} s); loss seen {r['loss_seen_p50_s']:.2f} s median, "
-        f"{r['loss_seen_max_s']:.2f} s at most after the signal"
+        f"{r['loss_seen_max_s']:.2f} s at most after the signal; the reconnect itself "
+        f"{r['reconnect_max_s']:.2f} s at most"
     )
 
 
@@ -571,6 +582,7 @@ def _summarize(
             "signal": args.signal,
             "between": args.between,
             "outage": args.outage,
+            "idle_timeout": args.idle_timeout,
         },
         "connect_s": round(connect_s, 3),
         "wall_s": round(wall_s, 2),
