@@ -3,6 +3,10 @@
 ``python -m benchmarks.soak [--clients 500] [--seconds 30] [--procs 4] [--rate 1]
 [--broadcast-rate 2] [--size 64] [--drain 10] [--client-nice 10] [--json PATH]``
 
+``python -m benchmarks.soak --restarts 5 [--signal kill|term|both] [--between 5]
+[--outage 1] [--back-timeout 30] ...``: the coordinator is restarted during the run, with
+direct streams carrying numbered messages throughout (see ``soak_restarts``).
+
 One coordinator process, and the clients spread over a few processes (``--procs``, each
 holding its share of the clients). Every client
 
@@ -662,6 +666,42 @@ def main(argv: list[str] | None = None) -> int:
         help="run the client processes at this niceness, so that on a small machine the "
         "load generators do not starve the coordinator under test (default 10; 0: off)",
     )
+    restarts = parser.add_argument_group(
+        "coordinator restarts",
+        "With --restarts N, the coordinator is the real program, stopped and started again on "
+        "the same port N times, and the traffic is numbered messages on a direct stream per "
+        "pair (no proxied or broadcast traffic; --seconds and --broadcast-rate do not apply): "
+        "see benchmarks/soak_restarts.py",
+    )
+    restarts.add_argument("--restarts", type=int, default=0, metavar="N")
+    restarts.add_argument(
+        "--signal",
+        choices=["kill", "term", "both"],
+        default="both",
+        help="how the coordinator is stopped: SIGKILL, SIGTERM, or in turn starting with "
+        "SIGKILL (default)",
+    )
+    restarts.add_argument(
+        "--between", type=float, default=5.0, help="seconds of traffic before each restart"
+    )
+    restarts.add_argument(
+        "--outage", type=float, default=1.0, help="seconds the coordinator stays down"
+    )
+    restarts.add_argument(
+        "--back-timeout",
+        type=float,
+        default=30.0,
+        help="seconds after a restart by which every client must be back",
+    )
+    restarts.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="the clients' idle timeout (default: the library's, 10 s). A SIGKILLed "
+        "coordinator says nothing: an idle client learns of it from the new one's stateless "
+        "reset to its next packet, its keepalive after half this",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "soak.json", metavar="PATH")
     args = parser.parse_args(argv)
     if args.clients < 1 or args.seconds <= 0 or args.procs < 1 or args.drain < 0:
@@ -669,12 +709,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.rate < 0 or args.broadcast_rate < 0:
         parser.error("rates must not be negative")
     args.size = max(args.size, HEADER.size)
-    result = run(args)
-    print(format_summary(result))
+    if args.restarts > 0:
+        if args.rate <= 0 or args.between <= 0 or args.outage < 0:
+            parser.error("with --restarts, --rate and --between must be positive")
+        from . import soak_restarts  # it imports this module
+
+        result = soak_restarts.run(args)
+        print(soak_restarts.format_summary(result))
+        is_failed = soak_restarts.failed(result)
+    else:
+        result = run(args)
+        print(format_summary(result))
+        is_failed = failed(result)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"json: {args.json}")
-    return 1 if failed(result) else 0
+    return 1 if is_failed else 0
 
 
 if __name__ == "__main__":

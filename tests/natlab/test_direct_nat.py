@@ -366,3 +366,48 @@ def test_simultaneous_opens_from_both_sides_share_one_channel(scene: SceneFactor
         assert "error" not in s.a.command("close b")
         closed = s.b.command("close a")
         assert closed.get("error_type") == "ChannelError", closed
+
+
+# A public port that the NAT's usual port-preserving mapping of the lab's clients never picks
+# (they bind ephemeral ports, 32768 and up).
+REBOUND_PORT = 20000
+
+
+def test_nat_rebinding_keeps_the_coordinator_connection(scene: SceneFactory) -> None:
+    """a's NAT gives it a new public port mid-session: a's coordinator connection goes on
+    (QUIC follows the new path, no reconnect), and the coordinator then vouches the new
+    address, so b's new channel reaches a there."""
+    s = scene()
+    assert s.a.observed[0] == NAT_A_PUBLIC_IP
+    assert s.a.observed[1] != REBOUND_PORT
+    # From now on a's UDP leaves from REBOUND_PORT; forgetting the old mapping makes the
+    # next packet of the coordinator connection take the new one.
+    rule = f"meta l4proto udp snat to {NAT_A_PUBLIC_IP}:{REBOUND_PORT}"
+    s.lab.run(
+        "nat-a",
+        [
+            "nft",
+            "insert",
+            "rule",
+            "ip",
+            "natlab",
+            "postrouting",
+            "oifname",
+            "eth-pub",
+            *rule.split(),
+        ],
+        check=True,
+    )
+    s.lab.run("nat-a", ["conntrack", "-F"], check=True)
+    assert "error" not in s.a.command("ping"), s.logs()
+    result = s.b.command("open a 3")
+    assert "error" not in result, (result, s.logs())
+    assert result["is_direct"] is True, result
+    assert result["echoed"] == 3, result
+    check_incoming(s.a, "b", 3, is_direct=True)
+    # The address the coordinator vouched for a, where b's channel went.
+    assert result["via"] == [NAT_A_PUBLIC_IP, REBOUND_PORT], result
+    # Its old mapping is gone, so a packet still sent there would have been dropped: the
+    # coordinator connection moved rather than being replaced.
+    assert "lost the coordinator" not in s.a.log(), s.a.log()
+    assert "error" not in s.a.command("ping"), s.logs()
