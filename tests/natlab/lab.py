@@ -22,7 +22,9 @@ because many kernels (and containers) lack ``sch_netem``; so delay cannot be emu
 
 :meth:`NatLab.limit_udp_size` makes one NAT's public link drop every UDP packet above a
 size, silently, as a path whose MTU dropped mid-session does (the same netdev ingress
-hooks, in a table of its own); :meth:`NatLab.lift_udp_limit` takes it away again.
+hooks, in a table of its own); :meth:`NatLab.lift_udp_limit` takes it away again. Both
+ends of every public link segment UDP GSO batches (``gso_max_segs 1``), so these rules see
+one datagram at a time, as a router on the way would.
 
 Every interface is created directly inside a lab namespace (veth pairs are created with
 both ends in lab namespaces), so the caller's own network namespace is never touched, and
@@ -379,6 +381,10 @@ class NatLab:
                 # public link: nat-x:eth-pub <-> pub:port-x (a port of the bridge)
                 f"link add eth-pub type veth peer name port-{side} netns {self.ns('pub')}",
                 f"addr add {self.NAT_PUBLIC_IPS[side]}/24 dev eth-pub",
+                # One datagram per frame on the public links, as on a real wire: a veth
+                # passes a UDP GSO batch on as one packet, which the loss and size-limit
+                # rules would drop as a whole. Segmenting costs little at these rates.
+                "link set eth-pub gso_max_segs 1",
                 "link set eth-pub up",
                 f"route add default via {COORD_IP}",
                 # private link: nat-x:eth-lan <-> host-x:eth0
@@ -386,7 +392,12 @@ class NatLab:
                 f"addr add {nat_lan}/24 dev eth-lan",
                 "link set eth-lan up",
             )
-            self._ip("pub", f"link set port-{side} master br0", f"link set port-{side} up")
+            self._ip(
+                "pub",
+                f"link set port-{side} master br0",
+                f"link set port-{side} gso_max_segs 1",
+                f"link set port-{side} up",
+            )
             self._ip(
                 f"host-{side}",
                 f"addr add {self.HOST_IPS[side]}/24 dev eth0",

@@ -230,14 +230,20 @@ def test_topology_and_teardown(nat_lab: LabFactory) -> None:
     lab.down()  # idempotent
 
 
-# Sends UDP datagrams of the payload sizes given (with DF set, as QUIC does), then "end".
+# Sends UDP datagrams of the payload sizes given (with DF set, as QUIC does), then "end";
+# "3x1200" is three of 1200 bytes in one system call (UDP GSO, as the library sends).
 _SEND_SIZES = """
-import socket, sys
+import socket, struct, sys
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.setsockopt(socket.IPPROTO_IP, 10, 3)  # IP_MTU_DISCOVER = IP_PMTUDISC_PROBE: DF, no fragments
 dest = (sys.argv[1], int(sys.argv[2]))
-for size in sys.argv[3:]:
-    sock.sendto(b"x" * int(size), dest)
+for arg in sys.argv[3:]:
+    count, _, size = arg.rpartition("x")
+    if count:
+        segment = [(socket.SOL_UDP, 103, struct.pack("=H", int(size)))]  # UDP_SEGMENT
+        sock.sendmsg([b"x" * int(size) * int(count)], segment, 0, dest)
+    else:
+        sock.sendto(b"x" * int(size), dest)
 sock.sendto(b"end", dest)
 """
 # Prints the payload size of every datagram received until "end" (bounded by a timeout).
@@ -256,7 +262,8 @@ print(json.dumps(sizes), flush=True)
 
 def test_udp_size_limit_drops_only_larger_datagrams(nat_lab: LabFactory) -> None:
     lab = nat_lab()
-    sizes = ["1372", "1373", "1452", "200"]  # payloads: IP packets of 1400, 1401, 1480, 228
+    # Payloads: IP packets of 1400, 1401, 1480 and 228 bytes, then a batch of three 1200s.
+    sizes = ["1372", "1373", "1452", "200", "3x1200"]
 
     def received_at_pub() -> list[int]:
         """Sizes of the datagrams host-a sends to pub that arrive."""
@@ -270,9 +277,11 @@ def test_udp_size_limit_drops_only_larger_datagrams(nat_lab: LabFactory) -> None
         received: list[int] = json.loads(out)
         return received
 
-    assert received_at_pub() == [1372, 1373, 1452, 200]
+    everything = [1372, 1373, 1452, 200, 1200, 1200, 1200]
+    assert received_at_pub() == everything
     lab.limit_udp_size("a", 1400)
-    assert received_at_pub() == [1372, 200]
+    # The batch is judged datagram by datagram, as on a real link.
+    assert received_at_pub() == [1372, 200, 1200, 1200, 1200]
     assert lab.counters("pub")["oversize outbound nat-a"] == 2
     # Inbound too (to nat-a's public address: counted, then dropped as unsolicited).
     lab.run("pub", [sys.executable, "-c", _SEND_SIZES, NAT_A_PUBLIC_IP, "7000", *sizes], check=True)
@@ -280,8 +289,8 @@ def test_udp_size_limit_drops_only_larger_datagrams(nat_lab: LabFactory) -> None
     # Side b's link is untouched; a new limit replaces the old one; lifting restores all.
     assert "oversize inbound" not in lab.counters("nat-b")
     lab.limit_udp_size("a", 1300)
-    assert received_at_pub() == [200]
+    assert received_at_pub() == [200, 1200, 1200, 1200]
     lab.lift_udp_limit("a")
-    assert received_at_pub() == [1372, 1373, 1452, 200]
+    assert received_at_pub() == everything
     assert "oversize inbound" not in lab.counters("nat-a")
     lab.lift_udp_limit("a")  # nothing left to lift: no error
