@@ -106,6 +106,10 @@ class Node:
             f"unconsumed: {self._unread[-20:]}\n{self.log()}"
         )
 
+    def pending(self, event: str) -> list[Event]:
+        """Lines of kind ``event`` read while waiting for others and not consumed yet."""
+        return [e for e in self._unread if e.get("event") == event]
+
     def send(self, line: str) -> None:
         """Start one command (see ``conec_node.py``); its result line comes later."""
         assert self.proc.stdin is not None

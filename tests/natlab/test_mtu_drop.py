@@ -32,13 +32,22 @@ RESUME_BOUND = 2.0
 PROBED_UP_BOUND = 10.0  # a's datagrams first grow above the limit
 FALLBACK_BOUND = 5.0
 PROGRESS_AT_SMALL_SIZE = 1024 * 1024  # carried at the fallback size before the lift
-# Sizes that failed are probed again at growing intervals (1 s, 2 s, 4 s, ...), started
-# when the black hole was found; the lift comes a few seconds after that.
+# Sizes that failed are probed again 1 s after the fallback, then at growing intervals;
+# the limit is lifted once one such probe was dropped, and the next one gets through.
+REPROBE_BOUND = 5.0
 CLIMB_BACK_BOUND = 10.0
 
 
 def size_above(limit: int, after: float) -> Callable[[Event], bool]:
     return lambda e: e["size"] is not None and e["size"] > limit and e["t"] > after
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"no {what} within {timeout:g} s")
+        time.sleep(0.02)
 
 
 def longest_stall_after(start: float, received: Event) -> float:
@@ -64,8 +73,8 @@ def drop_mid_transfer(s: Scene, path: str) -> dict[str, float]:
     fell = s.a.expect_where(
         "size",
         FALLBACK_BOUND,
-        lambda e: e["size"] is not None and e["size"] <= LARGEST_PASSING,
-        f"at most {LARGEST_PASSING}",
+        lambda e: e["size"] is not None and e["size"] <= LARGEST_PASSING and e["t"] > drop,
+        f"at most {LARGEST_PASSING} after the drop",
     )
     # The transfer goes on at the small size (well past what was in flight at the drop).
     seen = s.b.expect_where("progress", RESUME_BOUND, lambda e: e["t"] > fell["t"], "resumed")
@@ -75,14 +84,25 @@ def drop_mid_transfer(s: Scene, path: str) -> dict[str, float]:
         lambda e: e["bytes"] >= seen["bytes"] + PROGRESS_AT_SMALL_SIZE,
         "a megabyte more",
     )
-    dropped = s.lab.counters("pub")["oversize outbound nat-a"]
-    assert dropped > 0  # a's large datagrams did hit the limit
+    # Everything a sends now passes, but for its probes of larger sizes: wait for one to
+    # be dropped, so the transfer lives through a failed re-probe while limited.
+    oversize = s.lab.counters("pub")["oversize outbound nat-a"]
+    assert oversize > 0  # a's large datagrams did hit the limit
+    wait_for(
+        lambda: s.lab.counters("pub")["oversize outbound nat-a"] > oversize,
+        REPROBE_BOUND,
+        "probe of a larger size dropped",
+    )
 
+    dropped = s.lab.counters("pub")["oversize outbound nat-a"]
     lift = time.monotonic()
     s.lab.lift_udp_limit("a")
     climbed = s.a.expect_where("size", CLIMB_BACK_BOUND, size_above(LIMIT, lift), "climbed back")
     # ... and data flows at that size.
     s.b.expect_where("progress", RESUME_BOUND, lambda e: e["t"] > climbed["t"], "after climbing")
+    # While limited, a never went back above the limit.
+    early = [e for e in s.a.pending("size") if fell["t"] < e["t"] < lift and e["size"] > LIMIT]
+    assert not early, early
 
     finished = s.a.command("finish")
     assert "error" not in finished, (finished, s.logs())
