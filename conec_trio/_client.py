@@ -281,11 +281,15 @@ class Client(CoordinatorConnection):
     def statistics(self) -> ClientStatistics:
         """A snapshot of this client: its public address, its connection to the
         coordinator, and its direct channels."""
+        link = self._link
         return ClientStatistics(
             id=self.id,
             observed_address=self.observed_address,
             connected=self.connected,
             channels=self._direct.statistics(),
+            coordinator_datagram_size=(
+                link.conn.datagram_size if link is not None and link.conn.is_open else None
+            ),
         )
 
     # -- presence ----------------------------------------------------------------------------------

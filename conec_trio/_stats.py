@@ -69,6 +69,10 @@ class ClientStatistics:
     """The coordinator connection is up now."""
     channels: dict[str, ChannelStatistics]
     """Every open direct channel, by peer id."""
+    coordinator_datagram_size: int | None = None
+    """The largest UDP payload the coordinator connection sends now, in bytes (grows as path
+    MTU probes succeed, falls back when the path stops carrying it); None while not
+    connected."""
 
 
 @dataclass(frozen=True)

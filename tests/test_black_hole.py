@@ -21,6 +21,7 @@ from helpers import wait_for
 import conec_trio
 from conec_trio import certs
 from conec_trio._quic import PMTU_LADDER
+from conec_trio._quic._pmtu import PMTU_RAISE_FIRST
 from conec_trio.testing import TOO_BIG, FakeNetwork, open_fake_network
 
 COORD_IP, ALICE_IP, BOB_IP = "192.0.2.1", "192.0.2.10", "192.0.2.20"
@@ -69,6 +70,7 @@ class Transfer:
     """A stream of random chunks until ``stop``, hashed on both ends, with the time of
     every arrival."""
 
+    chunk_interval: float = CHUNK_INTERVAL
     stop: trio.Event = field(default_factory=trio.Event)
     sent: hashlib._Hash = field(default_factory=hashlib.sha256)
     received_hash: hashlib._Hash = field(default_factory=hashlib.sha256)
@@ -82,7 +84,7 @@ class Transfer:
             chunk = rng.randbytes(CHUNK)
             self.sent.update(chunk)
             await send.send(chunk)
-            await trio.sleep(CHUNK_INTERVAL)
+            await trio.sleep(self.chunk_interval)
         await send.aclose()
 
     async def drain(self, recv: conec_trio.MessageReceiveChannel) -> None:
@@ -184,3 +186,54 @@ async def test_a_direct_channel_survives_an_mtu_drop_and_regrows(
     print(f"direct channel: {recovery}")
     assert recovery.fell_back < STALL_LIMIT
     assert recovery.stall < STALL_LIMIT
+
+
+async def test_a_long_session_climbs_back_soon_after_a_black_hole(
+    autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
+) -> None:
+    # On an Ethernet path (1472 bytes of UDP payload) 1452 is the top that works, and every
+    # re-probe of 4096 fails, so its interval grows through a long session (1, 2, 4, ... s).
+    # A black hole is a new path: re-probing the size it took away starts over at 1 s
+    # instead of waiting out that back-off (half a minute here, up to 10 in long sessions).
+    ethernet, top = 1472, 1452
+    async with (
+        open_fake_network(seed=3, delay=(0.01, 0.012), mtu=ethernet) as net,
+        open_lab(net, identity) as (_coord, alice, bob),
+    ):
+        await alice.new_channel("bob")
+        send, _ = await alice.new_direct_stream("bob")
+        incoming = await bob.incoming_streams.receive()
+        transfer = Transfer(chunk_interval=0.05)  # 80 KB/s: probing goes on, cheaply
+
+        def size() -> int:
+            return alice.statistics().channels["bob"].datagram_size
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(transfer.pump, send)
+            nursery.start_soon(transfer.drain, incoming.recv)
+            await wait_for(lambda: size() == top, PATIENCE, what="probing to 1452")
+            # Where a drop falls in the back-off's cycle is a matter of chance: three drops,
+            # each after half a minute more of session (simulated), each with its own phase.
+            climbs = []
+            for _ in range(3):
+                await trio.sleep(30.0)
+                assert size() == top
+                net.set_mtu(DROPPED_MTU)
+                await wait_for(lambda: size() <= DROPPED_MTU, PATIENCE, what="a fallback")
+                resumed_from = transfer.received
+                await wait_for(
+                    lambda start=resumed_from: transfer.received >= start + 128 * 1024,
+                    PATIENCE,
+                    what="128 KiB more at the fallback size",
+                )
+                assert size() <= DROPPED_MTU
+                net.set_mtu(ethernet)
+                lifted_at = trio.current_time()
+                await wait_for(lambda: size() == top, PATIENCE, what="climbing back")
+                climbs.append(round(trio.current_time() - lifted_at, 2))
+            transfer.stop.set()
+            with trio.fail_after(PATIENCE):
+                await transfer.done.wait()
+    assert transfer.received_hash.hexdigest() == transfer.sent.hexdigest()
+    print(f"long session: climbed back {climbs} s after each lift")
+    assert max(climbs) < 2 * PMTU_RAISE_FIRST + STALL_LIMIT, climbs

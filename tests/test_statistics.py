@@ -123,6 +123,8 @@ async def test_a_direct_channel_shows_in_both_clients_statistics(
         assert alice_before.id == "alice"
         assert alice_before.connected
         assert alice_before.channels == {}
+        # Only control messages went to the coordinator: no path MTU probing, base size.
+        assert alice_before.coordinator_datagram_size == 1200
         # On loopback the coordinator sees each client at its own socket's address.
         assert alice_before.observed_address is not None
         assert alice_before.observed_address[0] == "127.0.0.1"

@@ -160,6 +160,11 @@ class PathMtuProbing(QuicConnection):
         self._pmtu_large_losses = 0
         self.black_holes += 1
         self._set_datagram_size(floor)
+        # The path changed: its old MTU may come back soon, so the back-off starts over.
+        # (One kept from earlier failed probes of larger sizes would leave a long session at
+        # the fallback size for up to PMTU_RAISE_MAX after the path had recovered.)
+        self._pmtu_raise_at = None
+        self._pmtu_raise_interval = PMTU_RAISE_FIRST
         self._pmtu_schedule_raise(now)
 
     def _pmtu_schedule_raise(self, now: float) -> None:

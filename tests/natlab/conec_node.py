@@ -27,6 +27,23 @@ prints on stdout is one JSON object with an ``"event"`` key; logs go to stderr.
     ``ping``
         One request/reply round trip to the coordinator (after the lab forgot the NAT
         mappings, this makes this host's NAT map its coordinator connection again).
+    ``bulk PEER direct|proxied``
+        Starts a bulk transfer to PEER in the background and reports at once: random
+        64 KiB messages, as fast as the stream takes them, over a direct stream (opening
+        the channel first if there is none) or a proxied one, until ``finish``. Meanwhile
+        the sending size of the connection it uses (the channel's, or the coordinator
+        connection's) is printed as a ``"size"`` line (``size``, ``t``) whenever it changes.
+    ``finish``
+        Ends the bulk transfer: closes the stream, waits for the receiver's report, and
+        reports ``bytes`` and ``sha256`` of what was sent and ``receiver`` (the report).
+
+    A stream whose first message is ``BULK_HEADER`` is a bulk transfer: it is not echoed;
+    its messages are hashed, a ``"progress"`` line (``bytes``, ``t``) is printed at most
+    every 0.1 s while data arrives, and at the end the report (``bytes``, ``sha256``,
+    ``first`` and ``last`` arrival, ``stalls``: every gap between two arrivals of at least
+    50 ms as ``[from, to]``) goes back over the stream and out as a ``"bulk-received"``
+    line. Every ``t`` and time in these is ``time.monotonic()``, the clock every process
+    on the machine shares.
 
     A command that raises reports ``error`` (the exception's class and message) and
     ``error_type`` instead. Every result carries ``elapsed_ms``, the command's whole time.
@@ -40,12 +57,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -53,6 +73,11 @@ import trio
 import conec_trio
 
 COMMAND_TIMEOUT = 20.0  # each command; the library's own channel timeout is 10 s
+BULK_HEADER = b"conec-natlab bulk"
+BULK_MESSAGE = 64 * 1024
+PROGRESS_INTERVAL = 0.1
+STALL = 0.05  # gaps between two arrivals this long or longer are reported
+SIZE_POLL = 0.005
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -101,12 +126,17 @@ async def run_coord(args: argparse.Namespace) -> None:
 
 
 async def echo(stream: conec_trio.IncomingStream) -> None:
-    """Send every message of ``stream`` back; report when the opener finished it."""
+    """Send every message of ``stream`` back; report when the opener finished it. A bulk
+    transfer (see ``BULK_HEADER``) goes to ``sink`` instead."""
     count = 0
     error = None
     try:
-        with trio.fail_after(COMMAND_TIMEOUT):
+        with trio.fail_after(COMMAND_TIMEOUT) as bound:
             async for message in stream.recv:
+                if count == 0 and message == BULK_HEADER:
+                    bound.deadline = math.inf  # bounded by the process's life instead
+                    await sink(stream)
+                    return
                 await stream.send.send(message)
                 count += 1
             await stream.send.aclose()
@@ -119,6 +149,39 @@ async def echo(stream: conec_trio.IncomingStream) -> None:
         echoed=count,
         error=error,
     )
+
+
+async def sink(stream: conec_trio.IncomingStream) -> None:
+    """The receiving end of a bulk transfer: hash what arrives, note when it arrives."""
+    digest = hashlib.sha256()
+    received = 0
+    first = last = time.monotonic()
+    next_progress = first + PROGRESS_INTERVAL
+    stalls: list[list[float]] = []
+    try:
+        async for message in stream.recv:
+            now = time.monotonic()
+            if now - last >= STALL:
+                stalls.append([round(last, 4), round(now, 4)])
+            last = now
+            digest.update(message)
+            received += len(message)
+            if now >= next_progress:
+                emit("progress", peer=stream.peer, bytes=received, t=round(now, 4))
+                next_progress = now + PROGRESS_INTERVAL
+        report = {
+            "bytes": received,
+            "sha256": digest.hexdigest(),
+            "first": round(first, 4),
+            "last": round(last, 4),
+            "stalls": stalls,
+        }
+        await stream.send.send(json.dumps(report).encode())
+        await stream.send.aclose()
+    except (conec_trio.ConecError, trio.BrokenResourceError) as exc:
+        emit("bulk-received", peer=stream.peer, bytes=received, error=describe(exc))
+        return
+    emit("bulk-received", peer=stream.peer, is_direct=stream.stream_id.is_direct, **report)
 
 
 async def serve(client: conec_trio.Client) -> None:
@@ -191,13 +254,95 @@ async def cmd_ping(client: conec_trio.Client) -> dict[str, Any]:
     return {"rtt_ms": round((trio.current_time() - start) * 1000, 1)}
 
 
-async def run_command(client: conec_trio.Client, line: str) -> None:
+@dataclass
+class Bulk:
+    """A bulk transfer this client runs (``bulk``/``finish``)."""
+
+    finish: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+async def cmd_bulk(
+    client: conec_trio.Client, nursery: trio.Nursery, bulks: list[Bulk], peer: str, path: str
+) -> dict[str, Any]:
+    if bulks and not bulks[-1].done.is_set():
+        raise RuntimeError("a bulk transfer is running already")
+    size_now: Callable[[], int | None]
+    if path == "direct":
+        if peer not in client.statistics().channels:
+            await client.new_channel(peer)
+        send, recv = await client.new_direct_stream(peer)
+
+        def size_now() -> int | None:
+            channel = client.statistics().channels.get(peer)
+            return None if channel is None else channel.datagram_size
+
+    elif path == "proxied":
+        send, recv = await client.new_proxied_stream(peer)
+
+        def size_now() -> int | None:
+            return client.statistics().coordinator_datagram_size
+
+    else:
+        raise ValueError(f"path must be direct or proxied, not {path!r}")
+    await send.send(BULK_HEADER)
+    bulk = Bulk()
+    bulks.append(bulk)
+    nursery.start_soon(send_bulk, bulk, send, recv)
+    nursery.start_soon(watch_size, bulk, size_now)
+    return {"is_direct": send.stream_id.is_direct}
+
+
+async def send_bulk(bulk: Bulk, send: Any, recv: Any) -> None:
+    digest = hashlib.sha256()
+    sent = 0
+    try:
+        while not bulk.finish.is_set():
+            message = os.urandom(BULK_MESSAGE)
+            await send.send(message)
+            digest.update(message)
+            sent += len(message)
+        await send.aclose()
+        receiver = json.loads(await recv.receive())
+        bulk.report = {"bytes": sent, "sha256": digest.hexdigest(), "receiver": receiver}
+    except Exception as exc:  # the test judges it
+        bulk.report = {"error": describe(exc), "error_type": type(exc).__name__, "bytes": sent}
+    finally:
+        bulk.done.set()
+
+
+async def watch_size(bulk: Bulk, size_now: Callable[[], int | None]) -> None:
+    """Print the sending size whenever it changes, until the transfer is done."""
+    last: int | None = None
+    while not bulk.done.is_set():
+        size = size_now()
+        if size != last:
+            emit("size", size=size, t=round(time.monotonic(), 4))
+            last = size
+        await trio.sleep(SIZE_POLL)
+
+
+async def cmd_finish(bulks: list[Bulk]) -> dict[str, Any]:
+    if not bulks:
+        raise RuntimeError("no bulk transfer to finish")
+    bulk = bulks[-1]
+    bulk.finish.set()
+    await bulk.done.wait()
+    return bulk.report
+
+
+async def run_command(
+    client: conec_trio.Client, nursery: trio.Nursery, bulks: list[Bulk], line: str
+) -> None:
     words = line.split()
     commands: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
         "open": lambda peer, n: cmd_open(client, peer, int(n)),
         "stream": lambda peer, n: cmd_stream(client, peer, int(n)),
         "close": lambda peer: cmd_close(client, peer),
         "ping": lambda: cmd_ping(client),
+        "bulk": lambda peer, path: cmd_bulk(client, nursery, bulks, peer, path),
+        "finish": lambda: cmd_finish(bulks),
     }
     if not words or words[0] not in commands:
         emit("result", cmd=line, error=f"unknown command {line!r}")
@@ -238,11 +383,12 @@ async def run_client(args: argparse.Namespace) -> None:
                     commands_in.send_nowait(line)
             nursery.cancel_scope.cancel()  # stdin closed: stop, even mid-command
 
+        bulks: list[Bulk] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve, client)
             nursery.start_soon(read_commands)
             async for line in commands:
-                await run_command(client, line)
+                await run_command(client, nursery, bulks, line)
     emit("bye")
 
 

@@ -6,12 +6,17 @@ Every test in this directory is marked ``natlab`` (deselect with ``-m "not natla
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import pytest
 
-from .lab import LabFactory, NatLab, available, remove_stale_labs
+from conec_trio import certs
+
+from .lab import COORD_IP, LabFactory, NatLab, available, remove_stale_labs
+from .nodes import Node, Scene, SceneFactory
 
 _HERE = Path(__file__).parent
 
@@ -59,6 +64,67 @@ def nat_lab(_natlab_ready: None) -> Iterator[LabFactory]:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+@pytest.fixture(scope="session")
+def coord_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The coordinator's certificate (valid for its lab IP) and key, as files."""
+    directory = tmp_path_factory.mktemp("natlab-coord")
+    cert, key = certs.self_signed_cert([COORD_IP])
+    (directory / "cert.pem").write_bytes(cert)
+    (directory / "key.pem").write_bytes(key)
+    return directory / "cert.pem", directory / "key.pem"
+
+
+@pytest.fixture
+def scene(
+    nat_lab: LabFactory, coord_files: tuple[Path, Path], tmp_path: Path
+) -> Iterator[SceneFactory]:
+    """``scene(symmetric=(), loss_percent=0, holepunch=True, options={})``: a lab, its
+    coordinator and two connected clients (``options``: side -> extra ``conec_node.py client``
+    arguments). Logs of every node are printed when the test ends (pytest shows them for
+    failing tests)."""
+    nodes: list[Node] = []
+
+    def start(
+        *,
+        symmetric: Any = (),
+        loss_percent: float = 0.0,
+        holepunch: bool = True,
+        options: Mapping[str, list[str]] = MappingProxyType({}),
+    ) -> Scene:
+        lab = nat_lab(symmetric=symmetric, loss_percent=loss_percent)
+        cert, key = coord_files
+        coord = Node(
+            lab,
+            "pub",
+            "coord",
+            ["coord", "--host", COORD_IP, "--cert", str(cert), "--key", str(key)],
+            tmp_path / "coord.log",
+        )
+        nodes.append(coord)
+        coord.expect("ready", timeout=10.0)
+        clients = []
+        for side in ("a", "b"):
+            argv = ["client", "--id", side, "--coord", COORD_IP, "--ca", str(cert)]
+            if not holepunch:
+                argv.append("--no-holepunch")
+            argv += options.get(side, [])
+            node = Node(lab, f"host-{side}", side, argv, tmp_path / f"{side}.log")
+            nodes.append(node)
+            clients.append(node)
+        for node in clients:
+            connected = node.expect("connected", timeout=15.0)
+            node.observed = connected["observed"]
+        return Scene(lab, clients[0], clients[1], coord)
+
+    try:
+        yield start
+    finally:
+        for node in reversed(nodes):  # clients first, the coordinator last
+            node.stop()
+        for node in nodes:
+            print(node.log())
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

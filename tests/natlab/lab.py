@@ -20,6 +20,12 @@ directions, with nftables ``numgen random`` drops on netdev ingress hooks (the n
 ``eth-pub`` for inbound, the bridge port in ``pub`` for outbound). tc netem is not used
 because many kernels (and containers) lack ``sch_netem``; so delay cannot be emulated.
 
+:meth:`NatLab.limit_udp_size` makes one NAT's public link drop every UDP packet above a
+size, silently, as a path whose MTU dropped mid-session does (the same netdev ingress
+hooks, in a table of its own); :meth:`NatLab.lift_udp_limit` takes it away again. Both
+ends of every public link segment UDP GSO batches (``gso_max_segs 1``), so these rules see
+one datagram at a time, as a router on the way would.
+
 Every interface is created directly inside a lab namespace (veth pairs are created with
 both ends in lab namespaces), so the caller's own network namespace is never touched, and
 the interface names need no prefix. All lab traffic stays inside the lab: the only routes
@@ -375,6 +381,10 @@ class NatLab:
                 # public link: nat-x:eth-pub <-> pub:port-x (a port of the bridge)
                 f"link add eth-pub type veth peer name port-{side} netns {self.ns('pub')}",
                 f"addr add {self.NAT_PUBLIC_IPS[side]}/24 dev eth-pub",
+                # One datagram per frame on the public links, as on a real wire: a veth
+                # passes a UDP GSO batch on as one packet, which the loss and size-limit
+                # rules would drop as a whole. Segmenting costs little at these rates.
+                "link set eth-pub gso_max_segs 1",
                 "link set eth-pub up",
                 f"route add default via {COORD_IP}",
                 # private link: nat-x:eth-lan <-> host-x:eth0
@@ -382,7 +392,12 @@ class NatLab:
                 f"addr add {nat_lan}/24 dev eth-lan",
                 "link set eth-lan up",
             )
-            self._ip("pub", f"link set port-{side} master br0", f"link set port-{side} up")
+            self._ip(
+                "pub",
+                f"link set port-{side} master br0",
+                f"link set port-{side} gso_max_segs 1",
+                f"link set port-{side} up",
+            )
             self._ip(
                 f"host-{side}",
                 f"addr add {self.HOST_IPS[side]}/24 dev eth0",
@@ -450,6 +465,60 @@ table netdev natlab_loss {{
         )
         return f"flush ruleset\ntable netdev natlab_loss {{{chains}\n}}\n"
 
+    # ------------------------------------------------------------------ changing the path
+    def limit_udp_size(self, side: str, max_bytes: int) -> None:
+        """Drop every UDP packet longer than ``max_bytes`` on NAT ``side``'s public link, both
+        ways, silently (no ICMP), as a path whose MTU just fell does to QUIC's packets. The
+        length counted is the IP packet's (nftables ``meta length``): UDP payloads of up to
+        ``max_bytes - 28`` still pass. Replaces an earlier limit on that side; lifted by
+        :meth:`lift_udp_limit` (and with the lab). The drops are counted as
+        ``"oversize inbound"`` on ``nat-<side>`` and ``"oversize outbound nat-<side>"`` on
+        ``pub`` (see :meth:`counters`).
+        """
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        if not 0 < max_bytes < 65536:
+            raise ValueError(f"max_bytes must be within [1, 65535], got {max_bytes}")
+        # netdev ingress, as for loss: before conntrack and the NAT, like a drop on the wire.
+        # Both ends of the link: nat-x's eth-pub (inbound) and pub's port-x (outbound).
+        rule = f"meta protocol ip ip protocol udp meta length > {max_bytes} counter drop"
+        for ns, device, comment in (
+            (f"nat-{side}", "eth-pub", "oversize inbound"),
+            ("pub", f"port-{side}", f"oversize outbound nat-{side}"),
+        ):
+            table = self._limit_table(side)
+            # "add table" then "delete table" makes the replacement work whether or not a
+            # limit was set before; nft applies the file atomically.
+            ruleset = f"""
+add table netdev {table}
+delete table netdev {table}
+table netdev {table} {{
+  chain size_limit {{
+    type filter hook ingress device "{device}" priority 0; policy accept;
+    {rule} comment "{comment}"
+  }}
+}}
+"""
+            _run(["ip", "netns", "exec", self.ns(ns), "nft", "-f", "-"], input=ruleset)
+
+    def lift_udp_limit(self, side: str) -> None:
+        """Remove the limit :meth:`limit_udp_size` set on NAT ``side``'s public link (none
+        set: nothing to do)."""
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        table = self._limit_table(side)
+        for ns in (f"nat-{side}", "pub"):
+            _run(
+                ["ip", "netns", "exec", self.ns(ns), "nft", "-f", "-"],
+                input=f"add table netdev {table}\ndelete table netdev {table}\n",
+            )
+
+    @staticmethod
+    def _limit_table(side: str) -> str:
+        # A table of its own per side, so a limit comes and goes without touching the
+        # NAT and loss rules (pub holds both sides' limits).
+        return f"natlab_size_limit_{side}"
+
     def _ip(self, name: str, *commands: str) -> None:
         """Run ``ip`` commands (one per string) inside lab namespace ``name``."""
         _run(["ip", "-n", self.ns(name), "-batch", "-"], input="\n".join(commands) + "\n")
@@ -498,7 +567,9 @@ table netdev natlab_loss {{
 
         NATs: ``"masquerade"``, ``"new outbound"``, ``"established inbound/outbound"``,
         ``"unsolicited inbound dropped"``, ``"unsolicited to router dropped"`` and, with
-        loss, ``"loss inbound"``; ``pub`` with loss: ``"loss outbound nat-a"``/``-b``.
+        loss, ``"loss inbound"``; ``pub`` with loss: ``"loss outbound nat-a"``/``-b``; with
+        a size limit (:meth:`limit_udp_size`), ``"oversize inbound"`` and
+        ``"oversize outbound nat-a"``/``-b``.
         """
         out = _run(["ip", "netns", "exec", self.ns(ns), "nft", "-j", "list", "ruleset"]).stdout
         result: dict[str, int] = {}

@@ -228,3 +228,69 @@ def test_topology_and_teardown(nat_lab: LabFactory) -> None:
     assert lab.prefix not in existing
     assert not lab.is_up
     lab.down()  # idempotent
+
+
+# Sends UDP datagrams of the payload sizes given (with DF set, as QUIC does), then "end";
+# "3x1200" is three of 1200 bytes in one system call (UDP GSO, as the library sends).
+_SEND_SIZES = """
+import socket, struct, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setsockopt(socket.IPPROTO_IP, 10, 3)  # IP_MTU_DISCOVER = IP_PMTUDISC_PROBE: DF, no fragments
+dest = (sys.argv[1], int(sys.argv[2]))
+for arg in sys.argv[3:]:
+    count, _, size = arg.rpartition("x")
+    if count:
+        segment = [(socket.SOL_UDP, 103, struct.pack("=H", int(size)))]  # UDP_SEGMENT
+        sock.sendmsg([b"x" * int(size) * int(count)], segment, 0, dest)
+    else:
+        sock.sendto(b"x" * int(size), dest)
+sock.sendto(b"end", dest)
+"""
+# Prints the payload size of every datagram received until "end" (bounded by a timeout).
+_RECEIVE_SIZES = """
+import json, socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((sys.argv[1], int(sys.argv[2])))
+sock.settimeout(float(sys.argv[3]))
+print("READY", flush=True)
+sizes = []
+while (data := sock.recv(65536)) != b"end":
+    sizes.append(len(data))
+print(json.dumps(sizes), flush=True)
+"""
+
+
+def test_udp_size_limit_drops_only_larger_datagrams(nat_lab: LabFactory) -> None:
+    lab = nat_lab()
+    # Payloads: IP packets of 1400, 1401, 1480 and 228 bytes, then a batch of three 1200s.
+    sizes = ["1372", "1373", "1452", "200", "3x1200"]
+
+    def received_at_pub() -> list[int]:
+        """Sizes of the datagrams host-a sends to pub that arrive."""
+        argv = [sys.executable, "-c", _RECEIVE_SIZES, COORD_IP, "7000", str(PROCESS_TIMEOUT)]
+        sink = lab.popen("pub", argv, stdout=PIPE, stderr=PIPE, text=True)
+        assert sink.stdout is not None
+        assert sink.stdout.readline().strip() == "READY"  # (it exits at once if it fails)
+        lab.run("host-a", [sys.executable, "-c", _SEND_SIZES, COORD_IP, "7000", *sizes], check=True)
+        out, err = sink.communicate(timeout=PROCESS_TIMEOUT)
+        assert sink.returncode == 0, err
+        received: list[int] = json.loads(out)
+        return received
+
+    everything = [1372, 1373, 1452, 200, 1200, 1200, 1200]
+    assert received_at_pub() == everything
+    lab.limit_udp_size("a", 1400)
+    # The batch is judged datagram by datagram, as on a real link.
+    assert received_at_pub() == [1372, 200, 1200, 1200, 1200]
+    assert lab.counters("pub")["oversize outbound nat-a"] == 2
+    # Inbound too (to nat-a's public address: counted, then dropped as unsolicited).
+    lab.run("pub", [sys.executable, "-c", _SEND_SIZES, NAT_A_PUBLIC_IP, "7000", *sizes], check=True)
+    assert lab.counters("nat-a")["oversize inbound"] == 2
+    # Side b's link is untouched; a new limit replaces the old one; lifting restores all.
+    assert "oversize inbound" not in lab.counters("nat-b")
+    lab.limit_udp_size("a", 1300)
+    assert received_at_pub() == [200, 1200, 1200, 1200]
+    lab.lift_udp_limit("a")
+    assert received_at_pub() == everything
+    assert "oversize inbound" not in lab.counters("nat-a")
+    lab.lift_udp_limit("a")  # nothing left to lift: no error
