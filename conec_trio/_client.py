@@ -280,12 +280,13 @@ class Client(CoordinatorConnection):
 
     def statistics(self) -> ClientStatistics:
         """A snapshot of this client: its public address, its connection to the
-        coordinator, and its direct channels."""
+        coordinator, its direct channels, and why direct channels to some peers failed."""
         return ClientStatistics(
             id=self.id,
             observed_address=self.observed_address,
             connected=self.connected,
             channels=self._direct.statistics(),
+            direct_failures=self._paths.failures(),
         )
 
     # -- presence ----------------------------------------------------------------------------------

@@ -69,6 +69,11 @@ class ClientStatistics:
     """The coordinator connection is up now."""
     channels: dict[str, ChannelStatistics]
     """Every open direct channel, by peer id."""
+    direct_failures: dict[str, str]
+    """Peers with no open direct channel whose last attempt to open one failed, by id: why
+    it failed (the ``ChannelError`` message, which names the cause: the peer does not
+    listen, or no address answered, as behind a symmetric NAT). ``new_stream`` goes through
+    the coordinator to them until a later attempt succeeds."""
 
 
 @dataclass(frozen=True)
