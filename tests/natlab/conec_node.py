@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -118,7 +119,9 @@ async def run_tcp_echo(args: argparse.Namespace) -> None:
                 await stream.send_all(data)
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_tcp, handler, args.listen, "127.0.0.1")
+        await nursery.start(
+            functools.partial(trio.serve_tcp, handler, args.listen, host="127.0.0.1")
+        )
         emit("ready", port=args.listen)
 
 

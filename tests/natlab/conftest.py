@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from .lab import LabFactory, NatLab, available, remove_stale_labs
+from conec_trio import certs
+
+from .lab import COORD_IP, LabFactory, NatLab, available, remove_stale_labs
 
 _HERE = Path(__file__).parent
 
@@ -59,6 +61,16 @@ def nat_lab(_natlab_ready: None) -> Iterator[LabFactory]:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+@pytest.fixture(scope="session")
+def coord_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The coordinator's certificate (valid for its lab IP) and key, as files."""
+    directory = tmp_path_factory.mktemp("natlab-coord")
+    cert, key = certs.self_signed_cert([COORD_IP])
+    (directory / "cert.pem").write_bytes(cert)
+    (directory / "key.pem").write_bytes(key)
+    return directory / "cert.pem", directory / "key.pem"
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

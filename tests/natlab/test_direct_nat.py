@@ -29,8 +29,6 @@ from typing import Any
 
 import pytest
 
-from conec_trio import certs
-
 from .lab import COORD_IP, NAT_A_PUBLIC_IP, NAT_B_PUBLIC_IP, LabFactory, NatLab
 
 NODE = str(Path(__file__).with_name("conec_node.py"))
@@ -156,16 +154,6 @@ class Scene:
 
 
 SceneFactory = Callable[..., Scene]
-
-
-@pytest.fixture(scope="session")
-def coord_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The coordinator's certificate (valid for its lab IP) and key, as files."""
-    directory = tmp_path_factory.mktemp("natlab-coord")
-    cert, key = certs.self_signed_cert([COORD_IP])
-    (directory / "cert.pem").write_bytes(cert)
-    (directory / "key.pem").write_bytes(key)
-    return directory / "cert.pem", directory / "key.pem"
 
 
 @pytest.fixture
