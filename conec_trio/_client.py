@@ -280,13 +280,14 @@ class Client(CoordinatorConnection):
 
     def statistics(self) -> ClientStatistics:
         """A snapshot of this client: its public address, its connection to the
-        coordinator, and its direct channels."""
+        coordinator, its direct channels, and why direct channels to some peers failed."""
         link = self._link
         return ClientStatistics(
             id=self.id,
             observed_address=self.observed_address,
             connected=self.connected,
             channels=self._direct.statistics(),
+            direct_failures=self._paths.failures(),
             coordinator_datagram_size=(
                 link.conn.datagram_size if link is not None and link.conn.is_open else None
             ),

@@ -213,6 +213,14 @@ class Paths:
             exc,
         )
 
+    def failures(self) -> dict[str, str]:
+        """Why the last attempt failed, for each peer with no channel open now."""
+        return {
+            peer: state.last_error
+            for peer, state in self._peers.items()
+            if state.failures and self._channel(peer) is None
+        }
+
     def _keep_trying(self, peer: str) -> None:
         state = self._peer(peer)
         if not state.retrying:

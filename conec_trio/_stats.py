@@ -69,6 +69,11 @@ class ClientStatistics:
     """The coordinator connection is up now."""
     channels: dict[str, ChannelStatistics]
     """Every open direct channel, by peer id."""
+    direct_failures: dict[str, str]
+    """Peers with no open direct channel whose last attempt to open one failed, by id: why
+    it failed (the ``ChannelError`` message, which names the cause: the peer does not
+    listen, or no address answered, as behind a symmetric NAT). ``new_stream`` goes through
+    the coordinator to them until a later attempt succeeds."""
     coordinator_datagram_size: int | None = None
     """The largest UDP payload the coordinator connection sends now, in bytes (grows as path
     MTU probes succeed, falls back when the path stops carrying it); None while not

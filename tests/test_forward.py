@@ -216,6 +216,35 @@ async def test_http_download_through_the_tunnel_is_intact(tunnel: Tunnel) -> Non
     )
 
 
+async def test_the_path_to_a_peer_is_said_once_at_default_verbosity(tunnel: Tunnel) -> None:
+    for _ in range(3):
+        assert await blocking(try_echo, tunnel.local["echo"])
+    # Status lines, not log records: they show without -v. Many connections, one line.
+    direct = re.compile(STAMP + r"exp: direct via 127\.0\.0\.1:\d+$", re.M)
+    assert len(direct.findall(tunnel.forward.output())) == 1
+    assert "relayed" not in tunnel.forward.output()
+
+
+async def test_a_peer_that_does_not_listen_is_relayed_and_forward_says_why(
+    programs: Programs,
+) -> None:
+    _, echo_port = await blocking(programs.echo_server)
+    _, coord_port, ca = await blocking(programs.coord)
+    programs.expose(coord_port, ca, [f"127.0.0.1:{echo_port}"], extra=("--no-listen",))
+    forward = programs.forward(coord_port, ca, [f"0:exp:127.0.0.1:{echo_port}"])
+    [port] = await blocking(forwarded_ports, forward, 1)
+    await wait_until_echo_works(port)
+    for _ in range(2):
+        assert await blocking(try_echo, port)
+    relayed = re.compile(
+        STAMP + r"exp: relayed through the coordinator: no direct path: "
+        r"peer 'exp' does not accept direct channels \(it runs with listen=False\)$",
+        re.M,
+    )
+    assert len(relayed.findall(forward.output())) == 1, forward.output()
+    assert "exp: direct" not in forward.output()
+
+
 async def test_half_close_passes_through_and_the_echo_keeps_flowing(tunnel: Tunnel) -> None:
     # The echo server half-closes only after it saw our EOF, and most of the echo flows after
     # our shutdown(SHUT_WR): a full echo and then EOF means both went through in order.
@@ -424,7 +453,8 @@ async def test_coordinator_restart(programs: Programs, how: str) -> None:
         early.settimeout(WAIT)
         early.sendall(b"before")
         assert await blocking(early.recv, 100) == b"before"
-        assert re.search(r"connected \(direct\)", forward.output())
+        # Direct from the start, or moved there once the channel is up.
+        await forward.await_line(re.compile(STAMP + r"exp: direct via ", re.M), within=RECOVERY)
 
         mark_f, mark_e = len(forward.output()), len(expose.output())
         if how == "sigterm":

@@ -137,6 +137,10 @@ async def test_symmetric_nat_new_stream_returns_after_the_head_start(
         assert await recv.receive() == b"still here"
         assert send.path is Path.PROXIED
         assert "bob" not in alice.statistics().channels
+        # Why is public: the attempt's error, naming the peer and the likely cause.
+        why = alice.statistics().direct_failures["bob"]
+        assert "'bob'" in why
+        assert "symmetric NAT" in why
         # A failure is remembered: the next new_stream does not wait the head start again.
         start = trio.current_time()
         await alice.new_stream("bob")
@@ -350,13 +354,31 @@ async def test_a_nat_that_lets_punches_through_later_gets_a_direct_path(
         # call from either application, and the stream in use moves onto it.
         net.nats[NAT_B].filtering = "open"
         net.nats[NAT_A].filtering = "open"
+        assert "bob" in alice.statistics().direct_failures
         await wait_for(lambda: send.path is Path.DIRECT, 600)
+        assert alice.statistics().direct_failures == {}
         # The attempts backed off: not one every few seconds.
         assert trio.current_time() - start > 30
         await send.send(b"direct now")
         assert await incoming.recv.receive() == b"direct now"
         await incoming.send.send(b"and back")
         assert await recv.receive() == b"and back"
+
+
+async def test_a_peer_that_does_not_listen_is_reached_through_the_coordinator(
+    autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
+) -> None:
+    async with (
+        open_fake_network(0, delay=(ONE_WAY, ONE_WAY)) as net,
+        open_lab(net, identity, "cone", "cone", listen=False) as (alice, _bob),
+    ):
+        assert alice.statistics().direct_failures == {}
+        start = trio.current_time()
+        send, _ = await alice.new_stream("bob")
+        # The coordinator says no at once: no need to wait out the head start.
+        assert trio.current_time() - start < HEAD_START
+        assert send.path is Path.PROXIED
+        assert "does not accept direct channels" in alice.statistics().direct_failures["bob"]
 
 
 async def test_bulk_transfer_that_moves_midway_arrives_intact(

@@ -4,6 +4,11 @@ Listens on ``127.0.0.1:LOCAL_PORT`` for each mapping; each TCP connection it acc
 one stream to the mapping's ``expose`` peer, opened with ``client.new_stream`` (direct when a
 channel can be made, otherwise relayed by the coordinator). While there is no coordinator,
 new TCP connections are closed at once, and the log says why.
+
+At default verbosity it says, once per peer, which path the connections take and why (direct
+via the peer's address, or relayed through the coordinator with the reason the direct channel
+failed), and once more only when that changes: when relayed connections move onto a direct
+channel that opened later, for example.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Sequence
 import trio
 
 from .. import (
+    Client,
     ClientConfig,
     ConecError,
     DisconnectedError,
@@ -26,8 +32,10 @@ from .. import (
     PeerNotFoundError,
     ProtocolError,
 )
+from .. import Path as StreamPath
 from .addresses import Mapping
-from .link import CoordinatorLink, Session
+from .console import format_address, say
+from .link import WATCH_INTERVAL, CoordinatorLink, Session
 from .protocol import (
     OPEN_TIMEOUT,
     REPLY_TIMEOUT,
@@ -38,9 +46,13 @@ from .protocol import (
 )
 from .splice import close_quietly, splice, summary, tcp_peer, why
 
-__all__ = ["Forwarder"]
+__all__ = ["Forwarder", "PathNotes"]
 
 log = logging.getLogger(__name__)
+
+# How long PathNotes waits for the outcome of a direct-channel attempt after the connections
+# that started relayed ended: beyond the library's 10 s channel timeout.
+OUTCOME_PATIENCE = 15.0
 
 # accept() errors that mean "out of resources for now": wait a moment and go on accepting.
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -54,6 +66,7 @@ class Forwarder:
         self.mappings = list(mappings)
         self.link = CoordinatorLink(config, self._refuse_incoming)
         self._ids = itertools.count(1)
+        self.paths = PathNotes()
 
     async def run(
         self,
@@ -127,9 +140,13 @@ class Forwarder:
             if opened is None:
                 return
             send, recv = opened
-            how = "direct" if send.stream_id.is_direct else "through the coordinator"
+            how = "direct" if send.path is StreamPath.DIRECT else "through the coordinator"
             log.info("%s: connected (%s)", label, how)
-            result = await splice(tcp, send, recv)
+            self.paths.opened(session, mapping.peer, send)
+            try:
+                result = await splice(tcp, send, recv)
+            finally:
+                self.paths.closed(mapping.peer, send)
             log.info("%s: %s", label, summary(result, trio.current_time() - started))
         except Exception:
             log.exception("%s: unexpected error", label)
@@ -203,6 +220,77 @@ class Forwarder:
             await close_quietly(send, recv)
             return None
         return None  # pragma: no cover (the second attempt always returns)
+
+
+class PathNotes:
+    """Says once per peer which path forward's connections to it take and why, and again
+    only when that changes: relayed connections that move onto a direct channel opened
+    later, a direct attempt that turned out to fail, a channel gone since."""
+
+    def __init__(self) -> None:
+        self._said: dict[str, str] = {}  # peer -> what was said last: the path and why
+        self._relayed: dict[str, set[MessageSendChannel]] = {}  # watched, by peer
+
+    def opened(self, session: Session, peer: str, send: MessageSendChannel) -> None:
+        """A connection to ``peer`` got its stream ``send``: say its path if it is news."""
+        client = session.client
+        if send.path is StreamPath.DIRECT:
+            self._say_direct(client, peer, moved=False)
+            return
+        why = client.statistics().direct_failures.get(peer)
+        if why is not None:
+            self._say_relayed(peer, why)
+        else:  # new_stream's head start ran out: the attempt goes on in the background
+            self._say(
+                peer,
+                "trying",
+                f"{peer}: relayed through the coordinator while a direct path is tried",
+            )
+        relayed = self._relayed.get(peer)
+        if relayed is None:
+            relayed = self._relayed[peer] = set()
+            session.nursery.start_soon(self._watch, client, peer, relayed)
+        relayed.add(send)
+
+    def closed(self, peer: str, send: MessageSendChannel) -> None:
+        """The connection over ``send`` ended."""
+        relayed = self._relayed.get(peer)
+        if relayed is not None:
+            relayed.discard(send)
+
+    async def _watch(self, client: Client, peer: str, relayed: set[MessageSendChannel]) -> None:
+        """While relayed connections to ``peer`` go on (and a while after, for the outcome of
+        the attempt under way), say when they move onto a direct channel or why they cannot."""
+        patience = trio.current_time() + OUTCOME_PATIENCE
+        try:
+            while relayed or (self._said.get(peer) == "trying" and trio.current_time() < patience):
+                await trio.sleep(WATCH_INTERVAL)
+                moved = {send for send in relayed if send.path is StreamPath.DIRECT}
+                if moved:
+                    relayed -= moved
+                    self._say_direct(client, peer, moved=True)
+                elif not relayed and peer in client.statistics().channels:
+                    self._say_direct(client, peer, moved=False)
+                why = client.statistics().direct_failures.get(peer)
+                if why is not None:
+                    self._say_relayed(peer, why)
+        finally:
+            if self._relayed.get(peer) is relayed:
+                del self._relayed[peer]
+
+    def _say_direct(self, client: Client, peer: str, *, moved: bool) -> None:
+        channel = client.statistics().channels.get(peer)
+        where = f" via {format_address(*channel.address)}" if channel is not None else ""
+        also = ": relayed connections moved onto it" if moved else ""
+        self._say(peer, f"direct{where}", f"{peer}: direct{where}{also}")
+
+    def _say_relayed(self, peer: str, why: str) -> None:
+        self._say(peer, "failed", f"{peer}: relayed through the coordinator: no direct path: {why}")
+
+    def _say(self, peer: str, what: str, line: str) -> None:
+        if self._said.get(peer) != what:
+            self._said[peer] = what
+            say(line)
 
 
 async def _answer_and_close(incoming: IncomingStream, answer: bytes) -> None:

@@ -21,7 +21,10 @@ prints on stdout is one JSON object with an ``"event"`` key; logs go to stderr.
         ``is_direct``, ``echoed``.
     ``stream PEER N``
         ``new_stream(PEER)`` (direct if a channel can be had, else proxied), N echoed
-        messages. Reports ``is_direct``, ``stream_ms``, ``echoed``.
+        messages. Reports ``is_direct``, ``path`` (where the stream started), ``stream_ms``,
+        ``first_echo_ms`` (from the call until the first echo), ``echoed``, and after the
+        echoes ``via`` (the channel's peer address, if one is open) and ``failure`` (why a
+        direct attempt failed, if one did).
     ``close PEER``
         ``close_channel(PEER)``.
     ``ping``
@@ -49,6 +52,14 @@ prints on stdout is one JSON object with an ``"event"`` key; logs go to stderr.
     ``error_type`` instead. Every result carries ``elapsed_ms``, the command's whole time.
     The client leaves its block and exits as soon as stdin is closed, even mid-command.
 
+``tcp-echo --listen PORT``
+    A TCP echo server on ``127.0.0.1:PORT`` (a target for ``expose``); prints ``ready``.
+
+``tcp-probe --connect PORT [--count N]``
+    N TCP connections to ``127.0.0.1:PORT`` one after the other (through ``forward``), each
+    printing a ``probe`` line with ``first_byte_ms``: from the connect call until the first
+    byte of the echo of its first line.
+
 Every process also has a hard bound on its whole life (``--life``), so none outlives a
 test that lost track of it.
 """
@@ -57,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -120,6 +132,44 @@ async def run_coord(args: argparse.Namespace) -> None:
         async for _ in stdin_lines():
             pass
         emit("bye", clients=coord.num_clients)
+
+
+# -- plain TCP: a target for forwarding, and a timed client -----------------------------------
+
+
+async def run_tcp_echo(args: argparse.Namespace) -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            functools.partial(trio.serve_tcp, handler, args.listen, host="127.0.0.1")
+        )
+        emit("ready", port=args.listen)
+
+
+async def run_tcp_probe(args: argparse.Namespace) -> None:
+    """``--count`` connections to ``127.0.0.1:--connect``, one after the other: each sends a
+    line and reports when the first byte of its echo came back."""
+    for i in range(args.count):
+        start = trio.current_time()
+        report: dict[str, Any] = {"n": i}
+        try:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                stream = await trio.open_tcp_stream("127.0.0.1", args.connect)
+                async with stream:
+                    message = f"probe {i}\n".encode()
+                    await stream.send_all(message)
+                    got = await stream.receive_some(len(message))
+                    report["first_byte_ms"] = round((trio.current_time() - start) * 1000, 1)
+                    while len(got) < len(message) and (more := await stream.receive_some()):
+                        got += more
+                    report["echoed"] = got == message
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            report["error"] = describe(exc)
+        emit("probe", **report)
 
 
 # -- client ------------------------------------------------------------------------------------
@@ -193,14 +243,17 @@ async def serve(client: conec_trio.Client) -> None:
             emit("lost", error=describe(exc))
 
 
-async def exchange(send: Any, recv: Any, count: int) -> int:
-    """Send ``count`` messages one at a time, each must come back; then finish cleanly."""
+async def exchange(send: Any, recv: Any, count: int, on_first: Any = None) -> int:
+    """Send ``count`` messages one at a time, each must come back; then finish cleanly.
+    ``on_first()`` is called when the first echo arrived."""
     for i in range(count):
         message = f"message {i} ".encode() * (i + 1)
         await send.send(message)
         answer = await recv.receive()
         if answer != message:
             raise AssertionError(f"echo {i} is {answer[:40]!r}, not {message[:40]!r}")
+        if i == 0 and on_first is not None:
+            on_first()
     await send.aclose()
     try:
         extra = await recv.receive()
@@ -210,11 +263,9 @@ async def exchange(send: Any, recv: Any, count: int) -> int:
 
 
 def channel_path(client: conec_trio.Client, peer: str) -> list[Any] | None:
-    """Where the direct channel to ``peer`` goes (diagnostics only; not public API)."""
-    try:
-        return list(client._direct.channels[peer].conn.peer_address[:2])
-    except (AttributeError, KeyError):
-        return None
+    """Where the direct channel to ``peer`` goes, if one is open."""
+    channel = client.statistics().channels.get(peer)
+    return None if channel is None else list(channel.address)
 
 
 async def cmd_open(client: conec_trio.Client, peer: str, count: int) -> dict[str, Any]:
@@ -237,8 +288,15 @@ async def cmd_stream(client: conec_trio.Client, peer: str, count: int) -> dict[s
     report: dict[str, Any] = {
         "stream_ms": round((trio.current_time() - start) * 1000, 1),
         "is_direct": send.stream_id.is_direct,
+        "path": send.path.value,  # where it started
     }
-    report["echoed"] = await exchange(send, recv, count)
+
+    def first_echo() -> None:
+        report["first_echo_ms"] = round((trio.current_time() - start) * 1000, 1)
+
+    report["echoed"] = await exchange(send, recv, count, first_echo)
+    report["via"] = channel_path(client, peer)
+    report["failure"] = client.statistics().direct_failures.get(peer)
     return report
 
 
@@ -410,13 +468,23 @@ def main() -> int:
     k.add_argument("--no-holepunch", action="store_true")
     k.add_argument("--no-listen", action="store_true")
     k.add_argument("--idle-timeout", type=float, default=None, help="seconds (library default)")
+    e = sub.add_parser("tcp-echo")
+    e.add_argument("--listen", type=int, required=True, help="TCP port on 127.0.0.1")
+    p = sub.add_parser("tcp-probe")
+    p.add_argument("--connect", type=int, required=True, help="TCP port on 127.0.0.1")
+    p.add_argument("--count", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         format=f"%(relativeCreated)7.0f ms {args.role} %(name)s: %(message)s",
     )
-    role = run_coord if args.role == "coord" else run_client
+    role = {
+        "coord": run_coord,
+        "client": run_client,
+        "tcp-echo": run_tcp_echo,
+        "tcp-probe": run_tcp_probe,
+    }[args.role]
 
     async def bounded() -> None:
         with trio.fail_after(args.life if args.life > 0 else math.inf):

@@ -16,12 +16,16 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 
+import pytest
+
 from .lab import NAT_A_PUBLIC_IP, NAT_B_PUBLIC_IP
 from .nodes import Event, Node, Scene, SceneFactory
 
 # The library gives up on a direct channel after 10 s (CHANNEL_TIMEOUT); a failure must
 # be reported within this bound, coordinator round trips included.
 CHANNEL_FAILURE_BOUND = 12.0
+# new_stream to a peer no direct channel can reach: the first echo within this (s).
+FIRST_ECHO_BOUND = 1.0
 # Both sides of two simultaneous openings must be done within this (lossless lab).
 SIMULTANEOUS_BOUND = 5.0
 
@@ -109,20 +113,37 @@ def test_symmetric_nat_channel_fails_then_stream_is_proxied(
     )
 
 
-def test_symmetric_nat_new_stream_falls_back_to_proxied(
-    scene: SceneFactory, record_property: Callable[[str, object], None]
+@pytest.mark.parametrize("symmetric", ["a", "b"])
+def test_symmetric_nat_new_stream_does_not_wait_for_the_punch(
+    scene: SceneFactory, symmetric: str, record_property: Callable[[str, object], None]
 ) -> None:
-    # With an idle timeout below the 10 s channel timeout, a's QUIC attempts towards b
-    # (behind a symmetric NAT) end by idle timeout: the same failure, only sooner.
-    s = scene(symmetric={"b"}, options={"a": ["--idle-timeout", "3"]})
-    # No channel and no earlier failure: new_stream tries a direct channel, which cannot
-    # open, then goes through the coordinator.
+    s = scene(symmetric={symmetric})
+    # No channel and no earlier failure: new_stream gives a direct channel its head start,
+    # which cannot open, and goes through the coordinator without waiting out the punch.
     stream = s.a.command("stream b 3")
     check_proxied_stream(s, stream, 3)
-    assert stream["stream_ms"] / 1000 < CHANNEL_FAILURE_BOUND, stream
+    assert stream["path"] == "proxied", stream
+    assert stream["first_echo_ms"] < FIRST_ECHO_BOUND * 1000, stream
+    assert stream["via"] is None, stream
     record_property(
-        "timing", f"symmetric b: new_stream fell back to proxied in {stream['stream_ms']} ms"
+        "timing",
+        f"symmetric {symmetric}: new_stream in {stream['stream_ms']} ms, first echo after "
+        f"{stream['first_echo_ms']} ms",
     )
+
+
+def test_cone_nats_new_stream_is_direct(scene: SceneFactory) -> None:
+    s = scene()
+    for opener, peer in (("a", "b"), ("b", "a")):
+        s.forget_mappings()  # each opening punches through NATs that know nothing of it
+        stream = s.clients[opener].command(f"stream {peer} 3")
+        assert "error" not in stream, (stream, s.logs())
+        assert stream["path"] == "direct", stream
+        assert stream["is_direct"] is True, stream
+        assert stream["echoed"] == 3, stream
+        assert stream["via"][0] == (NAT_B_PUBLIC_IP if peer == "b" else NAT_A_PUBLIC_IP)
+        check_incoming(s.clients[peer], opener, 3, is_direct=True)
+        assert "error" not in s.clients[opener].command(f"close {peer}")
 
 
 def test_cone_nats_connect_despite_loss(
