@@ -242,7 +242,9 @@ class CoordinatorConnection:
         # Requests waiting on this connection ask again on the next one (see _request).
         self._requests.connection_lost(cause)
         self._presence.link_down()
-        if self._closing:
+        if self._closing or trio.current_effective_deadline() == -math.inf:
+            # Leaving: the block exits, or a scope around it was cancelled and our own
+            # endpoint closed the connection on its way out. Nothing to reconnect.
             return
         if error_code == CloseCode.REPLACED:
             # Not stale: another process connected with this id and certificate.

@@ -497,6 +497,8 @@ async def test_expose_restart(programs: Programs, how: str) -> None:
 async def test_forward_restart(programs: Programs, how: str) -> None:
     setup = await start_tunnel(programs)
     await stop(setup.forward, how)
+    # Stopping is no loss of the coordinator: nothing about reconnecting is said.
+    assert "lost the coordinator" not in setup.forward.output()
     # The same mapping on the same local port, the same client id.
     mapping = f"{setup.port}:exp:127.0.0.1:{setup.echo_port}"
     programs.forward(setup.coord_port, setup.ca, [mapping], name="forward2")

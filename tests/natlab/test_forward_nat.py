@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from .lab import COORD_IP, LabFactory, NatLab
-from .test_direct_nat import COORD_PORT, LIFE, NODE, Node
+from .nodes import COORD_PORT, LIFE, NODE, Node
 
 ECHO_PORT = 7001  # on host-b's loopback
 FORWARD_PORT = 7000  # on host-a's loopback
