@@ -126,10 +126,10 @@ class CoordConfig:
         max_pending_connections: Connections that have not said hello yet (handshaking, or
             connected and silent), in all; beyond it new connections are ignored until one
             of them says hello or is dropped (each costs tens of KiB until then; default 512).
-        max_pending_connections_per_address: The same, from one IP address (default 32).
+        max_pending_connections_per_address: The same, from one IP address (default 256).
         retry_above_pending: Above this many pending connections, a new one must first prove
             its address with a QUIC Retry round trip, so spoofed packets make no state
-            (default 64; ``stateless_retry=True`` asks for it always).
+            (default 256; ``stateless_retry=True`` asks for it always).
     """
 
     cert_chain: PemSource
@@ -155,8 +155,8 @@ class CoordConfig:
     max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
     hello_timeout: float = 10.0
     max_pending_connections: int = 512
-    max_pending_connections_per_address: int = 32
-    retry_above_pending: int = 64
+    max_pending_connections_per_address: int = 256
+    retry_above_pending: int = 256
 
     def __post_init__(self) -> None:
         check_files(self, ("cert_chain", "private_key", "client_ca"))
