@@ -63,21 +63,6 @@ def load_pem(source: PemSource | None) -> bytes | None:
         return f.read()
 
 
-def read_pem_option(path: str | os.PathLike[str] | None, option: str) -> bytes | None:
-    """The PEM file a command-line option names (None stays None); ``ValueError`` saying
-    which option is wrong if it cannot be read or is not PEM."""
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise ValueError(f"{option}: cannot read {path}: {exc.strerror or exc}") from exc
-    if b"-----BEGIN" not in data:
-        raise ValueError(f"{option}: {path} is not a PEM file")
-    return data
-
-
 @dataclass
 class CoordConfig:
     """How to run a coordinator (:func:`~conec_trio.open_coordinator`).
