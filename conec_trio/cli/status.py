@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from .. import BroadcastNotFoundError, ClientConfig, ConecError, ConnectError, open_client
+from .. import BroadcastNotFoundError, ClientConfig, ConecError, open_client
 from ..forward.console import error, setup_logging
-from ..forward.link import unreachable_udp
+from ..forward.link import probing_the_port
 from .common import add_client_options, client_config
 
 __all__ = ["add_status_command", "run_status"]
@@ -55,39 +56,13 @@ def run_status(args: argparse.Namespace) -> int:
 
 async def coordinator_view(config: ClientConfig) -> list[str]:
     """The lines ``status`` prints; a coordinator port nobody listens on is said at once."""
-    lines: list[str] = []
-    refused: list[str] = []
-    failed: list[ConecError] = []  # kept out of the nursery, so it leaves as itself
-
-    async with trio.open_nursery() as nursery:
-
-        async def probe() -> None:
-            where = await unreachable_udp(config.coord_host, config.coord_port)
-            if where is not None:
-                refused.append(where)
-                nursery.cancel_scope.cancel()
-
-        async def query() -> None:
-            try:
-                lines.extend(await _query(config))
-            except ConecError as exc:
-                failed.append(exc)
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(probe)
-        nursery.start_soon(query)
-    if refused:
-        raise ConnectError(
-            f"nothing listens on UDP {refused[0]} (ICMP port unreachable): is the port right, "
-            "and is the coordinator running?"
-        )
-    if failed:
-        raise failed[0]
-    return lines
+    async with probing_the_port(config) as connected:
+        return await _query(config, connected)
 
 
-async def _query(config: ClientConfig) -> list[str]:
+async def _query(config: ClientConfig, connected: Callable[[], None]) -> list[str]:
     async with open_client(config) as client:
+        connected()
         seen = client.statistics().observed_address
         peers = sorted(await client.list_peers())
         channels: list[tuple[str, frozenset[str], frozenset[str]]] = []

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -77,6 +78,36 @@ async def unreachable_udp(host: str, port: int) -> str | None:
             except OSError:
                 return None
     return refused[0] if refused else None
+
+
+@asynccontextmanager
+async def probing_the_port(config: ClientConfig) -> AsyncIterator[Callable[[], None]]:
+    """Run the body (connecting to the coordinator) while a probe of the coordinator's port
+    turns an ICMP "port unreachable" into a ``ConnectError`` at once, instead of a wait of
+    ``connect_timeout`` (the library's socket is unconnected, so it never sees the ICMP). The
+    body calls what it gets once connected, which ends the probe. A failure of the body
+    leaves as itself, not in an exception group."""
+    refused: list[str] = []
+    attempt, probe = trio.CancelScope(), trio.CancelScope()
+
+    async def watch() -> None:
+        with probe:
+            where = await unreachable_udp(config.coord_host, config.coord_port)
+            if where is not None:
+                refused.append(where)
+                attempt.cancel()
+
+    with unwrap_single_exception():
+        async with trio.open_nursery() as probes:
+            probes.start_soon(watch)
+            with attempt:
+                yield probe.cancel
+            probe.cancel()
+    if refused:
+        raise ConnectError(
+            f"nothing listens on UDP {refused[0]} (ICMP port unreachable): is the port right, "
+            "and is the coordinator running?",
+        )
 
 
 @dataclass(eq=False)
@@ -155,33 +186,14 @@ class CoordinatorLink:
         return type(exc)(f"the coordinator at {self.where} refused this client: {why}")
 
     async def _connect_and_serve(self) -> None:
-        """Connect and serve; meanwhile a probe of the coordinator's port turns an ICMP "port
-        unreachable" into an error at once, instead of a wait of ``connect_timeout`` (the
-        library's socket is unconnected, so it never sees the ICMP)."""
-        refused: list[str] = []
-        attempt, probe = trio.CancelScope(), trio.CancelScope()
-
-        async def watch() -> None:
-            with probe:
-                where = await unreachable_udp(self.config.coord_host, self.config.coord_port)
-                if where is not None:
-                    refused.append(where)
-                    attempt.cancel()
-
-        # A failure of the attempt (IdInUseError, say) leaves this nursery as itself.
-        with unwrap_single_exception():
-            async with trio.open_nursery() as probes:
-                probes.start_soon(watch)
-                with attempt:
-                    async with open_client(self.config) as client, trio.open_nursery() as nursery:
-                        probe.cancel()
-                        await self._serve(Session(next(self._numbers), client, nursery))
-                probe.cancel()
-        if refused:
-            raise ConnectError(
-                f"nothing listens on UDP {refused[0]} (ICMP port unreachable): is the port "
-                "right, and is the coordinator running?",
-            )
+        """Connect and serve (see ``probing_the_port``)."""
+        async with (
+            probing_the_port(self.config) as connected,
+            open_client(self.config) as client,
+            trio.open_nursery() as nursery,
+        ):
+            connected()
+            await self._serve(Session(next(self._numbers), client, nursery))
 
     async def _serve(self, session: Session) -> None:
         client = session.client
