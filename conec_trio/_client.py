@@ -53,7 +53,7 @@ class Client(CoordinatorConnection):
                 config=config,
                 client_ca=self._client_ca,
                 nursery=nursery,
-                endpoint=lambda: self._endpoint,
+                endpoint=lambda: self._socket,
                 settings=self._settings,
                 request=self._request,
                 send_control=self._send_control,

@@ -177,10 +177,6 @@ class CoordinatorConnection:
             trust = TrustStore(cafile=cafile, capath=capath)
         return self._settings(server_name=self.config.coord_host, trust=trust)
 
-    @property
-    def _endpoint(self) -> QuicEndpoint | None:
-        return self._socket
-
     async def _connect(self) -> None:
         """The first connection (``open_client`` raises its failure)."""
         self._adopt(await self._dial(None, None))

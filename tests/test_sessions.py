@@ -236,7 +236,7 @@ async def test_vanished_client_is_dropped_after_its_idle_timeout(
         assert coord.num_clients == 1
         # The client's host vanishes: nothing it sends reaches the network any more, so not
         # even its CONNECTION_CLOSE on leaving the block.
-        endpoint = ghost._endpoint
+        endpoint = ghost._socket
         assert endpoint is not None
 
         async def lost(datagrams: Any) -> None:
