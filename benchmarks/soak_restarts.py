@@ -2,10 +2,14 @@
 
 The coordinator is the real program (``python -m conec_trio coord``) with a fixed certificate
 and key, so that each new process on the same port answers the old connections with a QUIC
-stateless reset. The clients sit in a few processes; partners (clients 0-1, 2-3, ...; in
-different processes) open a direct channel and one direct stream on it, and both send
-numbered messages on it at ``--rate`` per second for the whole run: through every restart,
-since a direct channel does not need the coordinator.
+stateless reset; it also reads the notes its predecessor kept of where the clients are and
+sends each of them that reset at once (after a SIGKILL, idle clients would otherwise only
+notice at their next keepalive).
+
+The clients sit in a few processes; partners (clients 0-1, 2-3, ...; in different
+processes) open a direct channel and one direct stream on it, and both send numbered
+messages on it at ``--rate`` per second for the whole run: through every restart, since a
+direct channel does not need the coordinator.
 
 Then, ``--restarts`` times: ``--between`` seconds of traffic, the coordinator is stopped
 (``--signal``: SIGKILL, SIGTERM, or both in turn, starting with SIGKILL), ``--outage`` seconds
@@ -82,6 +86,9 @@ class CoordProcess:
             str(cert),
             "--key",
             str(key),
+            # where it notes its clients, so that a restarted one tells them at once
+            "--state-dir",
+            str(cert.parent / "state"),
         ]
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []

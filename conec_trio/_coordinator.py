@@ -6,12 +6,14 @@ control requests (channel brokering among them) in ``_requests``."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -33,6 +35,7 @@ from ._quic import (
     stateless_reset_key,
 )
 from ._requests import ControlRequests, control_loop
+from ._restart_notes import Note, keep_notes, write_notes
 from ._session import ClientSession, _plain_host, _serving
 from ._stats import REFUSAL_CODES, CoordinatorStatistics, refusal_name
 from ._streams import StreamState, read_header, write_message
@@ -131,6 +134,22 @@ class Coordinator:
             admit=self._admit,
         )
         await self._nursery.start(self._endpoint.run)
+        if self.config.restart_notes is not None:
+            self._nursery.start_soon(
+                keep_notes,
+                Path(self.config.restart_notes),
+                self._endpoint,
+                self._notes,
+                self._clients.__contains__,
+            )
+
+    def _notes(self) -> list[Note]:
+        """Where each client that said hello is, and the connection id it last used."""
+        return [
+            (_plain_host(s.conn.peer_address), int(s.conn.peer_address[1]), s.conn.last_cid, id_)
+            for id_, s in self._clients.items()
+            if s.conn.last_cid is not None and s.conn.is_open
+        ]
 
     def _server_settings(self) -> ConnectionSettings:
         return self._settings
@@ -184,6 +203,10 @@ class Coordinator:
         self._presence.clear()
         for session in list(self._sessions):
             session.conn.close_now(int(CloseCode.SHUTDOWN), "coordinator shutting down")
+        if self.config.restart_notes is not None:
+            # They were all told: a successor has nobody to tell.
+            with contextlib.suppress(OSError):
+                write_notes(Path(self.config.restart_notes), "")
         await trio.lowlevel.checkpoint()
 
     def _client_gone(self, session: ClientSession, reason: str) -> None:

@@ -121,6 +121,12 @@ class Program:
         with trio.fail_after(DEADLINE):
             await self.proc.wait()
 
+    async def stop(self) -> int:
+        """SIGTERM: a clean stop. Waits (bounded) for the exit; returns its status."""
+        self.proc.terminate()
+        with trio.fail_after(DEADLINE):
+            return await self.proc.wait()
+
 
 @asynccontextmanager
 async def run_program(name: str, argv: list[str]) -> AsyncIterator[Program]:

@@ -215,6 +215,47 @@ async def test_direct_stream_flows_while_the_coordinator_process_is_killed(
             assert flow.received == flow.sent
 
 
+async def test_a_crashed_coordinators_successor_tells_its_clients_at_once(
+    tmp_path: Path,
+) -> None:
+    # The clients' keepalive comes only every 30 s: without the restart notes (written by
+    # `coord` in its state dir), idle clients would not notice the crash for that long.
+    state_dir = tmp_path / "coord-state"
+    notes = state_dir / "clients"
+
+    def config(client_id: str, port: int, ca: str) -> conec_trio.ClientConfig:
+        return conec_trio.ClientConfig(
+            id=client_id, coord_host="127.0.0.1", coord_port=port, ca=ca, idle_timeout=60.0
+        )
+
+    def noted() -> int:
+        return len(notes.read_text().splitlines()) if notes.exists() else 0
+
+    async with run_program("coord", coord_argv(0, state_dir)) as coord:
+        ca = (await coord.expect(r"clients pass --ca (.+)"))[1]
+        port = int((await coord.expect(READY))[1])
+        async with (
+            conec_trio.open_client(config("alice", port, ca)) as alice,
+            conec_trio.open_client(config("bob", port, ca)) as bob,
+        ):
+            await wait_for(lambda: noted() == 2, timeout=DEADLINE)
+            await coord.kill()
+            # nobody told them yet
+            assert alice.connected
+            assert bob.connected
+            async with run_program("coord again", coord_argv(port, state_dir)) as again:
+                await again.expect(READY)
+                with trio.fail_after(BACK_WITHIN):
+                    await wait_for(lambda: not alice.connected and not bob.connected)
+                    await alice.wait_connected()
+                    await bob.wait_connected()
+                await echo_to_itself(alice)
+                await wait_for(lambda: noted() == 2, timeout=DEADLINE)
+                # A clean stop tells every client itself: it leaves its notes empty.
+                assert await again.stop() == 0
+                assert noted() == 0
+
+
 def fixed_identity(client_id: str) -> dict[str, bytes]:
     cert, key = certs.self_signed_cert([client_id])
     return {"cert_chain": cert, "private_key": key}

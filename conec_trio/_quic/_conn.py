@@ -102,6 +102,7 @@ class QuicConn(Transmitting):
         self.close_error_code: int | None = None
         self.close_reason = ""
         self.cids: set[bytes] = set()  # connection ids the endpoint routes to us
+        self.last_cid: bytes | None = None  # the one the peer's latest datagram carried
         # resets and stop-sendings held back until the stream may exist (see _held_back)
         self._deferred: list[tuple[int, Callable[[int, int], None], int]] = []
         super().__init__(keepalive_interval)

@@ -139,6 +139,8 @@ class QuicEndpoint:
                 self.raw_datagram_handler(data, addr)
             return None
         conn = self._by_cid.get(header.destination_cid)
+        if conn is not None:
+            conn.last_cid = header.destination_cid
         if conn is None and header.packet_type == QuicPacketType.ONE_RTT:
             # A stateless reset carries no connection id of ours: it can only be told by
             # its last bytes, which the connections to that address check.
@@ -175,9 +177,14 @@ class QuicEndpoint:
             return  # one of our own resets, reflected back: never answer it
         if not self.reset_budget.take():
             return
-        unpredictable = bytearray(os.urandom(size - len(token)))
-        unpredictable[0] = 0x40 | (unpredictable[0] & 0x3F)  # looks like a short header
-        self.send_raw_nowait(bytes(unpredictable) + token, addr)
+        self.send_raw_nowait(_stateless_reset(token, size), addr)
+
+    def announce_reset(self, cid: bytes, addr: Address) -> None:
+        """Send a stateless reset for connection id ``cid`` to ``addr`` unasked: a restarted
+        server telling a client its predecessor noted (see ``_restart_notes``)."""
+        if self._reset_key is not None:
+            token = stateless_reset_token(self._reset_key, cid)
+            self.send_raw_nowait(_stateless_reset(token, LARGEST_STATELESS_RESET), addr)
 
     def _maybe_accept(self, data: bytes, header: Any, addr: Address) -> QuicConn | None:
         if self._accept is None or header.packet_type != QuicPacketType.INITIAL:
@@ -301,3 +308,9 @@ class QuicEndpoint:
     async def send_raw(self, data: bytes, addr: Address) -> None:
         """Send one non-QUIC datagram (hole punching)."""
         await self.send_datagrams([(data, addr)])
+
+
+def _stateless_reset(token: bytes, size: int) -> bytes:
+    unpredictable = bytearray(os.urandom(size - len(token)))
+    unpredictable[0] = 0x40 | (unpredictable[0] & 0x3F)  # looks like a short header
+    return bytes(unpredictable) + token

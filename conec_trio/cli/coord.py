@@ -30,6 +30,8 @@ DEFAULT_PORT: int = CoordConfig.port
 # Files of the coordinator's self-signed certificate inside ``coord --state-dir``.
 COORD_CERT_FILE = "coord.pem"
 COORD_KEY_FILE = "coord.key"
+# Where the clients are, for telling them at once after a crash (CoordConfig.restart_notes).
+RESTART_NOTES_FILE = "clients"
 DEFAULT_STATE_DIR = "conec-coord"
 
 
@@ -72,8 +74,10 @@ def add_coord_command(subparsers: Any) -> None:
         "--state-dir",
         type=Path,
         default=Path(DEFAULT_STATE_DIR),
-        help=f"where the self-signed certificate is kept when --cert is not given (default: "
-        f"./{DEFAULT_STATE_DIR}/; files {COORD_CERT_FILE} and {COORD_KEY_FILE})",
+        help=f"where the self-signed certificate is kept when --cert is not given (files "
+        f"{COORD_CERT_FILE} and {COORD_KEY_FILE}), and where the clients' addresses are noted "
+        f"({RESTART_NOTES_FILE}) so that after a crash a restarted coordinator tells them at "
+        f"once (default: ./{DEFAULT_STATE_DIR}/)",
     )
     parser.add_argument(
         "-v",
@@ -114,6 +118,7 @@ def run_coord(args: argparse.Namespace) -> int:
                     port=args.port,
                     client_ca=client_ca,
                     stateless_retry=args.stateless_retry,
+                    restart_notes=args.state_dir / RESTART_NOTES_FILE,
                 )
                 for host in ([args.host] if args.host is not None else ["::", "0.0.0.0"])
             ]
