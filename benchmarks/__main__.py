@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             if case.target_value is not None:
                 targets.append(f"{format_value_target(case)} {case.unit}")
             judged = f" [target: {'; '.join(targets)}]" if targets else ""
-            print(f"{case.name:26} {case.description}{judged}")
+            width = max(len(name) for name in REGISTRY)
+            print(f"{case.name:{width}} {case.description}{judged}")
         return 0
     names = [n for n, case in REGISTRY.items() if case.in_quick or not args.quick]
     if args.only:
