@@ -48,6 +48,7 @@ import math
 import os
 import statistics
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -115,10 +116,12 @@ def measure(
     relay_seconds: float,
     batch: int = CONNECT_BATCH,
     relay_nice: int = RELAY_NICE,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """One coordinator, ``clients`` clients: connect, memory, idle CPU, then relay between
     ``clients / 2`` pairs for ``relay_seconds`` (0: no relay). Returns a flat dict of numbers
-    (see the module docstring)."""
+    (see the module docstring). With ``profile``, py-spy samples the coordinator over the
+    relay window into that file (raw, collapsed stacks)."""
     if clients < 2 or clients % 2:
         raise ValueError("clients must be an even number of at least 2")
     if batch < 1 or idle_seconds <= 0 or relay_seconds < 0:
@@ -184,7 +187,7 @@ def measure(
 
         # 4. Relay.
         if relay_seconds > 0:
-            result.update(_relay(coord, pid, workers, clients, relay_seconds))
+            result.update(_relay(coord, pid, workers, clients, relay_seconds, profile))
 
         for w in workers:
             w.send("stop")
@@ -198,7 +201,12 @@ def measure(
 
 
 def _relay(
-    coord: Child, pid: int, workers: list[Child], clients: int, seconds: float
+    coord: Child,
+    pid: int,
+    workers: list[Child],
+    clients: int,
+    seconds: float,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     pairing = time.monotonic()
     for w in workers:
@@ -212,9 +220,12 @@ def _relay(
     for w in workers:
         w.send(plan)
     time.sleep(max(0.0, plan["start"] - time.monotonic()))
+    spy = None if profile is None else _profile(pid, seconds, profile)
     cpu0, t0 = cpu_seconds(pid), time.monotonic()
     time.sleep(max(0.0, plan["end"] - time.monotonic()))
     cpu1, t1 = cpu_seconds(pid), time.monotonic()
+    if spy is not None:
+        spy.wait(STOP_TIMEOUT)
     reports = [w.recv(seconds + RELAY_DRAIN + STOP_TIMEOUT) for w in workers]
     udp_after = udp_counters()
     sent = sum(r["sent"] for r in reports)
@@ -256,6 +267,23 @@ def _relay(
         "relay_errors": len(errors),
         "relay_error_samples": errors[:20],
     }
+
+
+def _profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+    """Start py-spy sampling process ``pid`` for ``seconds`` (without pausing it) into
+    ``out``, in py-spy's raw format (collapsed stacks, one per line, with counts)."""
+    beside = Path(sys.executable).parent / "py-spy"  # a virtualenv's, else the PATH's
+    command = [
+        str(beside) if beside.exists() else "py-spy",
+        "record",
+        "--nonblocking",
+        "--format",
+        "raw",
+        "-r",
+        "250",
+    ]
+    command += ["-d", str(max(1, int(seconds))), "-p", str(pid), "-o", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL)
 
 
 def udp_counters() -> dict[str, int]:
@@ -567,6 +595,13 @@ def main(argv: list[str] | None = None) -> int:
         "--relay-nice", type=int, default=RELAY_NICE, help="client niceness while relaying"
     )
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "scale.json", metavar="PATH")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="PATH",
+        help="sample the coordinator with py-spy over the relay window into PATH (raw "
+        "collapsed stacks; with several client counts, the last run's)",
+    )
     args = parser.parse_args(argv)
     if any(n < 2 or n % 2 for n in args.clients):
         parser.error("client counts must be even and at least 2")
@@ -575,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     failed = False
     for n in args.clients:
-        r = measure(n, args.idle, args.relay, relay_nice=args.relay_nice)
+        r = measure(n, args.idle, args.relay, relay_nice=args.relay_nice, profile=args.profile)
         print(format_summary(r), flush=True)
         results.append(r)
         failed = failed or bool(r.get("relay_lost_or_dup"))

@@ -50,6 +50,8 @@ class StreamState:
         self.writers = trio.lowlevel.ParkingLot()
         self.linked: StreamState | None = None  # the other half, when relayed
         self.on_done: Callable[[], None] | None = None  # called once both directions end
+        # set by ``relay``: passes on what arrives, right where it arrives (see data_arrived)
+        self.pass_on: Callable[[], None] | None = None
         self._arrived = 0
         self._reported = 0
 
@@ -75,6 +77,15 @@ class StreamState:
             else:
                 self.raw.append(data)
                 self.held += len(data)
+                if self.pass_on is not None and not fin:
+                    # Relayed: passed on from the endpoint's event handling, and the ACK of
+                    # it sent with the batch (no reply of ours will carry it). The relay
+                    # task is woken only for what it must handle: bytes left for lack of
+                    # room (it waits for credit), ends and breaks.
+                    self.pass_on()
+                    self.conn.send_soon(ack=True)
+                    if not self.raw:
+                        return
         if fin:
             self.fin_received = True
             if self.decoder is not None and not self.decoder.at_boundary:
@@ -166,6 +177,26 @@ class StreamState:
 
     def write(self, data: bytes | bytearray | memoryview, end: bool = False) -> None:
         self.conn.send_stream_data(self.stream_id, bytes(data), end)
+
+    def relay_from(self, src: StreamState, passed_on: Callable[[int], None] | None) -> None:
+        """Pass on to this stream what ``src`` holds, as far as ``relay_room`` allows now;
+        it leaves with the batch being handled, or from the driver (``send_soon``)."""
+        conn = self.conn
+        if self.send_error is not None or self.send_finished or not conn.send_open(self.stream_id):
+            return  # the relay task handles the break (its event may not be handled yet)
+        moved = False
+        while src.raw:
+            room = self.relay_room()
+            if room <= 0:
+                break
+            chunk = src.take_raw(min(room, RELAY_CHUNK))
+            conn.send_stream_data(self.stream_id, chunk, wake=False)
+            src.release_raw(len(chunk))
+            if passed_on is not None:
+                passed_on(len(chunk))
+            moved = True
+        if moved:
+            conn.send_soon()
 
     def finish_send(self) -> None:
         if not self.send_finished:
@@ -372,7 +403,9 @@ async def relay(
     src: StreamState, dst: StreamState, passed_on: Callable[[int], None] | None = None
 ) -> None:
     """Copy raw bytes from ``src`` to ``dst`` until the end, with backpressure;
-    ``passed_on(n)`` hears of every ``n`` bytes written to ``dst``.
+    ``passed_on(n)`` hears of every ``n`` bytes written to ``dst``. What arrives while ``dst``
+    has room is passed on where it arrives (``StreamState.pass_on``); this task takes over
+    what waits for room, and the ends.
 
     ``dst`` takes only what its reader granted (``StreamState.relay_room``) and ``src``
     counts bytes as consumed only once ``dst`` took them, so the sender's credit follows what
@@ -381,27 +414,25 @@ async def relay(
     breaks are passed on: FIN as FIN, reset as reset, and a ``dst`` that stopped reading
     stops ``src``.
     """
-    while True:
-        if dst.send_error is not None or dst.send_finished:
-            src.stop_receiving(StreamCode.STOPPED)
-            return
-        if src.raw:
-            room = dst.relay_room()
-            if room <= 0:
-                await dst.wait_writable()
+    src.pass_on = lambda: dst.relay_from(src, passed_on)
+    try:
+        while True:
+            if dst.send_error is not None or dst.send_finished:
+                src.stop_receiving(StreamCode.STOPPED)
+                return
+            if src.raw:
+                dst.relay_from(src, passed_on)
+                if src.raw:  # no room: wait for the reader's credit or acknowledgements
+                    await dst.wait_writable()
                 continue
-            chunk = src.take_raw(min(room, RELAY_CHUNK))
-            dst.write(chunk)
-            src.release_raw(len(chunk))
-            if passed_on is not None:
-                passed_on(len(chunk))
-            continue
-        if src.recv_error is not None or src.recv_finished:
-            dst.reset(StreamCode.RELAY_BROKEN)
-            src.stop_receiving(StreamCode.RELAY_BROKEN)
-            return
-        if src.fin_received:
-            src.finish_receive()
-            dst.finish_send()
-            return
-        await src.readers.park()
+            if src.recv_error is not None or src.recv_finished:
+                dst.reset(StreamCode.RELAY_BROKEN)
+                src.stop_receiving(StreamCode.RELAY_BROKEN)
+                return
+            if src.fin_received:
+                src.finish_receive()
+                dst.finish_send()
+                return
+            await src.readers.park()
+    finally:
+        src.pass_on = None

@@ -253,9 +253,17 @@ class FlowControlledConnection(StatelessResets, ConnectionViews):
             space.ack_at = now
 
     def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
-        if stream.max_stream_data_local:
+        limit = stream.max_stream_data_local
+        if limit:
+            # New credit rides on a packet once it is worth a quarter window (add_consumed
+            # asks for a packet then), or once the peer has sent to within a quarter window
+            # of the limit: announced with every message consumed, it would make every
+            # packet, ACKs alone included, one the peer must acknowledge.
+            quarter = self._stream_window // 4
             target = self._stream_consumed.get(stream.stream_id, 0) + self._stream_window
-            if target > stream.max_stream_data_local:
+            if target > limit and (
+                target - limit >= quarter or stream.receiver.highest_offset + quarter >= limit
+            ):
                 stream.max_stream_data_local = target
         if stream.max_stream_data_local_sent == stream.max_stream_data_local:
             return  # nothing to announce (runs for every stream in every packet)
@@ -275,7 +283,10 @@ class FlowControlledConnection(StatelessResets, ConnectionViews):
         # held by anyone: only delivered-and-unconsumed bytes hold connection credit.
         held = self.delivered_total - self._consumed_total
         target = max_data.used - held + self._connection_window
-        if target > max_data.value:
+        quarter = self._connection_window // 4
+        if target > max_data.value and (  # as for a stream's credit, above
+            target - max_data.value >= quarter or max_data.used + quarter >= max_data.value
+        ):
             max_data.value = target
         bidi, uni = self._local_max_streams_bidi, self._local_max_streams_uni
         if max_data.value == max_data.sent and bidi.value == bidi.sent and uni.value == uni.sent:

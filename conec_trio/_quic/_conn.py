@@ -156,6 +156,10 @@ class QuicConn(Transmitting):
         not granted, with at most ``budget`` unsent on the connection."""
         return self.quic.send_room(stream_id, budget)
 
+    def send_open(self, stream_id: int) -> bool:
+        """Data may still be written to the stream (no FIN or reset on its send side yet)."""
+        return self.quic.send_open(stream_id)
+
     def fin_acked(self, stream_id: int) -> bool:
         """The stream's send side is done (FIN or reset acknowledged, or gone)."""
         return self.quic.fin_acked(stream_id)

@@ -69,6 +69,9 @@ class QuicEndpoint:
         self._dialled: dict[QuicConn, None] = {}
         # connections with something to send at once, before the next receive (see expedite)
         self.urgent: dict[QuicConn, None] = {}
+        # connections that send once the batch being handled is (see Transmitting.send_soon)
+        self.handling_batch = False
+        self.after_batch: dict[QuicConn, None] = {}
         # datagrams that are not QUIC (hole punching) go here
         self.raw_datagram_handler: Callable[[bytes, Address], None] | None = None
 
@@ -103,30 +106,41 @@ class QuicEndpoint:
         sock = self.sock
         task_status.started()
         touched: dict[QuicConn, None] = {}
+        after_batch = self.after_batch
         while True:
             await sock.wait_readable()
             now = trio.current_time()
-            for _ in range(RECEIVE_BATCH):
-                received = sock.recvfrom_nowait()
-                if received is None:
-                    break
-                data, addr = received
-                conn = self._dispatch(data, addr, now)
-                if conn is not None:
-                    touched[conn] = None
-            for conn in touched:
-                if not conn.handshake_confirmed.is_set():
-                    # A handshake flight (or its confirmation) is what the peer waits for:
-                    # it leaves from here, not a scheduling round later (see expedite).
-                    self.urgent[conn] = None
-                try:
-                    conn.process_events()
-                except Exception:  # a bug or hostile input must not stop the endpoint
-                    log.exception("error handling events of %s; closing it", conn.peer_address)
-                    conn.close(int(QuicErrorCode.INTERNAL_ERROR), "internal error")
-                if not conn.answer_ping() and not conn.leave_to_reader():
-                    conn.mark_dirty()
+            self.handling_batch = True
+            try:
+                for _ in range(RECEIVE_BATCH):
+                    received = sock.recvfrom_nowait()
+                    if received is None:
+                        break
+                    data, addr = received
+                    conn = self._dispatch(data, addr, now)
+                    if conn is not None:
+                        touched[conn] = None
+                for conn in touched:
+                    if not conn.handshake_confirmed.is_set():
+                        # A handshake flight (or its confirmation) is what the peer waits
+                        # for: it leaves from here, not a scheduling round later (expedite).
+                        self.urgent[conn] = None
+                    try:
+                        conn.process_events()
+                    except Exception:  # a bug or hostile input must not stop the endpoint
+                        log.exception("error handling events of %s; closing it", conn.peer_address)
+                        conn.close(int(QuicErrorCode.INTERNAL_ERROR), "internal error")
+                for conn in touched:
+                    if conn in after_batch:
+                        continue  # it sends below
+                    if not conn.answer_ping() and not conn.leave_to_reader():
+                        conn.mark_dirty()
+            finally:
+                self.handling_batch = False
             touched.clear()
+            while after_batch:
+                conn, _ = after_batch.popitem()
+                conn.flush()
             while self.urgent:
                 conn, _ = self.urgent.popitem()
                 await conn.transmit(probe=False)

@@ -10,6 +10,9 @@ Transmit policy, written down once. Datagrams leave by one of these routes:
 2. The endpoint's receive loop, right after a batch of datagrams was handled:
    - a connection in ``endpoint.urgent`` transmits there and then: handshake flights and
      messages marked ``expedite`` (a hello, a dial on a punch), which the peer waits on;
+   - a connection in ``endpoint.after_batch`` (``send_soon``) sends from there with its driver
+     left parked (``flush``): what a relay passed on to it while the batch was handled, and
+     the ACK of what it passed on from it, one packet build per connection per batch;
    - ``answer_ping``: the ACK of a keepalive leaves at once, with the driver left parked;
    - ``leave_to_reader``: when stream data went to readers and nothing of ours is in flight,
      the driver stays parked and the reader's answer leaves from the reader (route 3).
@@ -52,6 +55,10 @@ class DatagramRoute(Protocol[ConnT]):
 
     # connections that transmit from the receive loop before anything else runs
     urgent: dict[ConnT, None]
+    # True while the receive loop handles a batch of datagrams; connections that send from
+    # the receive loop once it is handled (see Transmitting.send_soon)
+    handling_batch: bool
+    after_batch: dict[ConnT, None]
 
     async def send_datagrams(self, datagrams: Datagrams) -> None: ...
 
@@ -86,6 +93,7 @@ class Transmitting:
         self._dirty = False
         self._pending_bytes = 0  # stream bytes written since the last transmit
         self._delivered = False  # stream data went to readers since the last transmit
+        self._ack_soon = False  # what arrived is acknowledged with the next packet
         self._unsent = False  # something happened since the last transmit that may need one
         self._transmitting = False  # the driver is waiting for the socket in transmit()
         self._backlog: list[tuple[bytes, tuple[Any, ...]]] = []  # built, not yet sent
@@ -202,6 +210,38 @@ class Transmitting:
         parked.deadline = self._next_deadline()
         return True
 
+    def send_soon(self: Self, *, ack: bool = False) -> None:
+        """For a relay: what it wrote to this connection (or, with ``ack``, the ACK of what it
+        took from this connection, which no reply of ours will carry) leaves at the end of
+        the batch of datagrams the endpoint is handling, from the receive loop, without a
+        driver wakeup: one packet build per connection however many messages the batch
+        relayed (see ``flush``). Outside such a batch, the driver sends it."""
+        if ack:
+            self._ack_soon = True
+        endpoint = self.endpoint
+        if endpoint.handling_batch:
+            endpoint.after_batch[self] = None
+        else:
+            self.mark_dirty()
+
+    def flush(self) -> None:
+        """Called by the endpoint for the connections in ``after_batch`` once the batch is
+        handled: an idle driver stays parked and what is due leaves from here; a driver that
+        runs anyway (or a connection still in its handshake, or closed) is left to send it."""
+        if (
+            self._parked is None
+            or self._dirty
+            or not self.quic.handshake_confirmed
+            or self.closed.is_set()
+        ):
+            self.mark_dirty()
+            return
+        self.quic.ack_due = False  # a PING's ACK goes with this packet
+        try:
+            self._send_built()
+        except Exception:
+            self.mark_dirty()  # let the driver meet it (the endpoint loop must go on)
+
     def _keepalive_interval_now(self) -> float | None:
         """The configured keepalive interval, shortened to ``KEEPALIVE_FRACTION`` of the idle
         timeout negotiated with the peer (the lower of both sides' settings) once that is
@@ -260,9 +300,10 @@ class Transmitting:
 
     def _build(self: Self, now: float) -> list[tuple[bytes, tuple[Any, ...]]]:
         """The datagrams to send now (with any the socket refused last time first)."""
-        if self._pending_bytes:
+        if self._pending_bytes or self._ack_soon:
             self.quic.ack_with_next_packet(now)
         self._pending_bytes = 0
+        self._ack_soon = False
         self._delivered = False
         self._unsent = False
         self.endpoint.urgent.pop(self, None)

@@ -29,6 +29,15 @@ class ConnectionViews(QuicConnection):
         sender = stream.sender
         return int(sender._buffer_stop - sender._buffer_start)
 
+    def send_open(self, stream_id: int) -> bool:
+        """Data may still be written to the stream: no FIN written, no reset (ours, or the
+        one aioquic makes on the peer's STOP_SENDING before its event is handled)."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return False
+        sender = stream.sender
+        return sender._buffer_fin is None and sender._reset_error_code is None
+
     def fin_acked(self, stream_id: int) -> bool:
         """True when the stream's send side is done (FIN or reset acknowledged, or gone)."""
         stream = self._streams.get(stream_id)
