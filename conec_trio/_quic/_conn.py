@@ -309,7 +309,7 @@ class QuicConn(Transmitting):
         # Only what aioquic authenticated counts: a datagram that merely carries one of our
         # connection ids (anyone can send one) moves neither the address nor the activity.
         if quic.idle_deadline != idle_deadline:
-            self._last_activity = now
+            self._last_received = now
         self.peer_address = quic.peer_address
 
     async def aclose(self, error_code: int = 0, reason: str = "") -> None:

@@ -98,7 +98,10 @@ class Transmitting:
         self._transmitting = False  # the driver is waiting for the socket in transmit()
         self._backlog: list[tuple[bytes, tuple[Any, ...]]] = []  # built, not yet sent
         self._wakeup = trio.lowlevel.ParkingLot()
-        self._last_activity = trio.current_time()
+        # A keepalive is due when either direction has been quiet for its interval: the
+        # peer's idle timer runs from what we last sent, ours from what we last received
+        # (a peer that answers late, as an overloaded one does, must not delay our PING).
+        self._last_sent = self._last_received = trio.current_time()
         self._handled_timer = -math.inf  # when the driver last ran aioquic's timer
         self._parked: trio.CancelScope | None = None  # the idle driver's wait, if it waits
 
@@ -135,10 +138,10 @@ class Transmitting:
                     quic.handle_timer(now)
                     self._unsent = True
                 keepalive = self._keepalive_interval_now()
-                if keepalive is not None and now >= self._last_activity + keepalive:
+                if keepalive is not None and now >= self._quiet_since + keepalive:
                     quic.send_ping(0)
-                    # Counted as activity even if congestion holds the PING back for now.
-                    self._last_activity = now
+                    # Counted as sent even if congestion holds the PING back for now.
+                    self._last_sent = self._last_received = now
                     self._unsent = True
                 self.process_events()
                 if self._unsent:  # else a writer has sent it all already (send_now)
@@ -161,11 +164,15 @@ class Transmitting:
             deadline = self._handled_timer + TIMER_GRANULARITY
         keepalive = self._keepalive_interval_now()
         if keepalive is not None:
-            deadline = min(deadline, self._last_activity + keepalive)
+            deadline = min(deadline, self._quiet_since + keepalive)
         probe_deadline = quic.pmtu_timer()
         if probe_deadline is not None:
             deadline = min(deadline, probe_deadline)
         return deadline
+
+    @property
+    def _quiet_since(self) -> float:
+        return min(self._last_sent, self._last_received)
 
     def answer_ping(self) -> bool:
         """Called by the endpoint after feeding a batch of datagrams. If they carried a PING
@@ -314,7 +321,7 @@ class Transmitting:
             datagrams[:0] = self._backlog
             self._backlog = []
         if datagrams:
-            self._last_activity = now
+            self._last_sent = now
         return datagrams
 
     def send_now(self) -> None:
