@@ -1,6 +1,6 @@
 """Control messages that broker direct channels between clients (request, offer, its
-answer, the grant) and keep them sound (a peer that came back with another certificate).
-:mod:`.control` re-exports them with all the others.
+answer, the grant) and keep them reachable (a peer that came back with another certificate,
+a channel that gets no answer). :mod:`.control` re-exports them with all the others.
 """
 
 from __future__ import annotations
@@ -87,3 +87,32 @@ class PeerCertificateChanged(Message):
 
     peer: str
     cert_sha256: bytes
+
+
+# A NAT may give its side of a direct channel a new public port mid-session (its mapping
+# expired, it restarted). QUIC follows a peer to a new address, but only once a packet from
+# there arrives, and the other side's NAT drops packets from an address its side never sent
+# to. So the side whose packets go unanswered asks the coordinator to tell the other side
+# where it is now (ReachMe), and that side punches there (PeerAddress), as a punch opens a
+# channel in the first place. (Tailscale's "call me maybe" does the same through its relays.)
+
+
+@message(45)
+@dataclass(frozen=True)
+class ReachMe(Message):
+    """Client -> coordinator: my direct channel to ``peer`` gets no answer; tell it where
+    you see me now (a PeerAddress)."""
+
+    peer: str
+
+
+@message(46)
+@dataclass(frozen=True)
+class PeerAddress(Message):
+    """Coordinator -> client: ``peer``'s direct channel to this client gets no answer, and
+    the coordinator sees ``peer`` at ``addr`` now. If this client's channel to it goes
+    elsewhere, it punches ``addr`` until the channel follows; else it pings the channel (its
+    own NAT may have moved it, and a ping that gets no answer makes it ask in turn)."""
+
+    peer: str
+    addr: Addr

@@ -30,8 +30,10 @@ from .brokering import (
     ChannelOffer,
     ChannelOfferReply,
     ChannelRequest,
+    PeerAddress,
     PeerCertificateChanged,
     PunchToken,
+    ReachMe,
 )
 from .fields import (
     MAX_HOST_LEN,
@@ -98,6 +100,7 @@ __all__ = [
     "MoveProxied",
     "OpenDirect",
     "OpenProxied",
+    "PeerAddress",
     "PeerCertificateChanged",
     "PeerListReply",
     "PeerListRequest",
@@ -108,6 +111,7 @@ __all__ = [
     "PresenceSubscribe",
     "PresenceUnsubscribe",
     "PunchToken",
+    "ReachMe",
     "StreamAccepted",
     "StreamRefused",
     "Text",
