@@ -352,6 +352,9 @@ class CoordinatorConnection:
             if isinstance(msg, control.PeerCertificateChanged):
                 self._direct.peer_certificate_changed(msg.peer, msg.cert_sha256)
                 continue
+            if isinstance(msg, control.PeerAddress):
+                self._direct.peer_address(msg.peer, msg.addr)
+                continue
             requests.reply(msg)
 
     def _send_control(self, msg: Any) -> None:

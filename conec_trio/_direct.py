@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -30,8 +31,8 @@ from ._exceptions import (
     ProtocolError,
 )
 from ._messages import MessageReceiveChannel, MessageSendChannel, message_channels
-from ._punch import punch_budget
-from ._quic import ConnectionSettings, QuicConn
+from ._punch import FAST_PUNCHES, PUNCH_INTERVAL, punch_budget, punch_packet, usable_candidates
+from ._quic import ConnectionSettings, QuicConn, QuicEndpoint
 from ._stats import ChannelStatistics, channel_statistics
 from ._streams import (
     StreamState,
@@ -60,6 +61,8 @@ class DirectManager(ChannelOpening):
         self._channel_up = trio.lowlevel.ParkingLot()  # unparked by every registration
         # Every punch this client sends to an address not yet validated draws on it.
         self._punch_budget = punch_budget()
+        # Channels whose peer moved, being punched at its new address (see peer_address).
+        self._following: set[QuicConn] = set()
         # Hooks of the paths (``_paths``): told of every channel that opens, and handed the
         # direct streams whose header is one of these types, with the peer's id.
         self.on_channel_up: Callable[[DirectChannel], None] | None = None
@@ -246,6 +249,53 @@ class DirectManager(ChannelOpening):
             int(CloseCode.CHANNEL_CLOSED), "the peer came back with another certificate"
         )
 
+    # -- staying reachable when a NAT gives a side a new port (see control.ReachMe) ----------
+
+    def channel_stalled(self, table: DirectTable) -> None:
+        """Nothing this client sends on a channel is acknowledged. If its NAT gave it a new
+        public port, the peer's NAT drops whatever comes from there until the peer sends to
+        it: have the coordinator tell the peer where this client is now."""
+        peer = table.peer
+        channel = self.channels.get(peer) if peer is not None else None
+        if channel is not None and channel.conn is table.conn:
+            log.debug("the direct channel to %r gets no answer: asking it to punch", peer)
+            self.ctx.send_control(control.ReachMe(channel.peer))
+
+    def peer_address(self, peer: str, addr: tuple[str, int]) -> None:
+        """The coordinator says ``peer``'s channel to this client gets no answer and sees
+        ``peer`` at ``addr`` now: punch there if the channel goes elsewhere (QUIC follows
+        the peer once one of its packets gets through this client's NAT), else ping the
+        channel (this client's NAT may have moved it: then the ping stalls, and this
+        client asks in turn)."""
+        channel = self.channels.get(canonical_id(peer))
+        endpoint = self.ctx.endpoint()
+        if channel is None or not channel.conn.is_open or endpoint is None:
+            return
+        targets = usable_candidates([addr], endpoint.sock.family)
+        if not targets or targets[0] == channel.conn.peer_address:
+            channel.conn.ping()
+        elif channel.conn not in self._following:
+            log.info("peer %r is at %s:%s now: punching there", channel.peer, *addr)
+            self._following.add(channel.conn)
+            self.ctx.nursery.start_soon(self._follow, endpoint, channel.conn, targets[0])
+
+    async def _follow(
+        self, endpoint: QuicEndpoint, conn: QuicConn, target: tuple[Any, ...]
+    ) -> None:
+        """Punch ``target`` until the channel's connection goes there, within the punch
+        budget and one second. The punch carries no channel's token: it only opens this
+        client's NAT."""
+        packet = punch_packet(secrets.token_bytes(control.PUNCH_TOKEN_SIZE))
+        try:
+            for _ in range(FAST_PUNCHES):
+                if not conn.is_open or conn.peer_address == target:
+                    return
+                if self._punch_budget.take():
+                    await endpoint.send_raw(packet, target)
+                await trio.sleep(PUNCH_INTERVAL)
+        finally:
+            self._following.discard(conn)
+
     def coordinator_lost(self) -> None:
         """With reconnecting off, losing the coordinator ends every channel too."""
         for channel in list(self.channels.values()):
@@ -296,3 +346,6 @@ class DirectTable(StreamTable):
 
     def handshake_completed(self, conn: QuicConn) -> None:
         self.manager.handshake_done(self)
+
+    def path_stalled(self, conn: QuicConn) -> None:
+        self.manager.channel_stalled(self)

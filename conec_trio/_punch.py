@@ -18,6 +18,11 @@ an address a third party could have named, so it must not make peers a flood):
   once (a ``TokenBucket`` each client has), whatever the number of offers.
 - Only punches carrying the token of a channel the coordinator brokered count (and are
   answered); any other datagram that looks like a punch is ignored and costs nothing.
+- A channel that is up: when the peer's packets go unanswered (its NAT gave it a new public
+  port, which this side's NAT filters), the coordinator tells this side where it sees the
+  peer now (``control.PeerAddress``), and this side punches there, at most ``FAST_PUNCHES``
+  times at ``PUNCH_INTERVAL``, one run per channel at a time, within the same budget. Such
+  a punch carries no channel's token: it only opens this side's NAT, and the peer ignores it.
 """
 
 from __future__ import annotations

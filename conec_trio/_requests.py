@@ -145,12 +145,25 @@ class ControlRequests:
                 self._presence.subscribe(session, msg.rid, self.client_ids())
         elif isinstance(msg, control.PresenceUnsubscribe):
             self._presence.unsubscribe(session)
+        elif isinstance(msg, control.ReachMe):
+            self._reach(session, canonical_id(msg.peer))
         elif isinstance(msg, control.ChannelOfferReply):
             waiter = session.offers.pop(msg.oid, None)
             if waiter is not None:
                 waiter.send_nowait(msg)
         else:
             session.refuse(CloseCode.PROTOCOL, f"unexpected control message {type(msg).__name__}")
+
+    def _reach(self, session: ClientSession, peer: str) -> None:
+        """``session``'s direct channel to ``peer`` gets no answer: tell ``peer`` where this
+        coordinator sees ``session`` now (see ``control.ReachMe``). It makes the peer punch,
+        so it draws on the same budget as channel requests; over it, it is dropped."""
+        target = self._clients.get(peer)
+        if target is None or target is session or target.control is None:
+            return
+        if target.conn.is_open and session.id is not None and session.channel_requests.take():
+            notice = control.PeerAddress(session.id, session.observed_addr)
+            write_message(target.control, control.encode(notice))
 
     def _list_reply(self, msg: _ListRequest) -> control.Message:
         if isinstance(msg, control.PeerListRequest):

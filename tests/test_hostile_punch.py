@@ -21,10 +21,12 @@ import conec_trio
 from conec_trio import _connect, certs
 from conec_trio._direct import CHANNEL_TIMEOUT
 from conec_trio._punch import (
+    FAST_PUNCHES,
     MAX_PUNCHES_PER_ATTEMPT,
     PUNCH_BURST,
     PUNCH_MAGIC,
     PUNCH_RATE,
+    PUNCH_TIMEOUT,
     candidates_for,
 )
 from conec_trio._session import CHANNEL_REQUEST_BURST, CHANNEL_REQUEST_RATE
@@ -253,3 +255,56 @@ async def test_row08_forged_punches_do_not_stop_a_channel_and_cost_nothing(
             await send.send(b"direct")
             incoming = await bob.incoming_streams.receive()
             assert await incoming.recv.receive() == b"direct"
+
+
+async def test_reach_me_floods_are_cut_to_the_channel_request_budget(
+    autojump_clock: trio.testing.MockClock,
+    identity: tuple[bytes, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ReachMe makes its peer punch or ping (``control.ReachMe``): one naming its sender or
+    nobody does nothing, and a flood of them reaches the peer only as fast as channel
+    requests may be made, and always naming the sender's own address."""
+    async with open_lab(identity) as lab:
+        bob = await lab.client("bob", BOB_IP)
+        mallory = await lab.client("mallory", MALLORY_IP)
+        await mallory.new_channel("bob")  # one channel request from the budget
+        start = len(lab.net.sent_log)
+        notices: list[tuple[str, tuple[str, int]]] = []
+        peer_address = bob._direct.peer_address
+
+        def record(peer: str, addr: tuple[str, int]) -> None:
+            notices.append((peer, addr))
+            peer_address(peer, addr)
+
+        monkeypatch.setattr(bob._direct, "peer_address", record)
+        for peer in ("mallory", "nobody"):
+            mallory._send_control(control.ReachMe(peer))
+        for _ in range(100):
+            mallory._send_control(control.ReachMe("bob"))
+        await wait_for(lambda: len(notices) == CHANNEL_REQUEST_BURST - 1, PATIENCE)
+        await trio.sleep(1.0)  # simulated: time for any notice beyond the budget to arrive
+        assert len(notices) == CHANNEL_REQUEST_BURST - 1
+        assert set(notices) == {("mallory", mallory.observed_address)}
+        # mallory is where the coordinator saw her: bob only pinged the channel, and it lives.
+        assert not punches_by(lab.net, BOB_IP, start)
+        assert "mallory" in bob.statistics().channels
+
+
+async def test_peer_address_notices_make_one_bounded_punch_run(
+    autojump_clock: trio.testing.MockClock, identity: tuple[bytes, bytes]
+) -> None:
+    """However many notices name a new address for a peer, the client punches it at most
+    ``FAST_PUNCHES`` times in all (one run per channel at a time), and only there."""
+    async with open_lab(identity) as lab:
+        bob = await lab.client("bob", BOB_IP)
+        await lab.client("mallory", MALLORY_IP)
+        await bob.new_channel("mallory")
+        start = len(lab.net.sent_log)
+        for _ in range(100):
+            bob._direct.peer_address("mallory", (VICTIM_IP, 1000))
+        await trio.sleep(PUNCH_TIMEOUT)  # simulated: far beyond the run
+        punches = punches_by(lab.net, BOB_IP, start)
+        assert punches, "bob did not punch: the test proves nothing"
+        assert {d.dst for d in punches} == {(VICTIM_IP, 1000)}
+        assert len(punches) <= FAST_PUNCHES

@@ -1,18 +1,26 @@
-"""NAT rebinding of a connection's server side: the dialling (client-role) side follows its
+"""NAT rebinding. Of a connection's server side: the dialling (client-role) side follows its
 peer to a new address, but only on a packet that authenticates (a direct channel whose
-accepting side's NAT gives it a new public port)."""
+accepting side's NAT gives it a new public port). And of either side of a direct channel
+between two clients behind port-restricted NATs, on the fake network: the channel and its
+streams go on."""
 
 from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from helpers import wait_for
+from test_paths import ALICE_IP, COORD_IP, NAT_A, PATIENCE, numbered, open_lab
 from test_stateless_reset import DEADLINE, SERVER, identity, settings
 
+import conec_trio
+from conec_trio import certs
 from conec_trio._quic import ConnectionListener, QuicConn, QuicEndpoint, make_udp_socket
+from conec_trio.testing import FILTERED, Nat, NatMapping, open_fake_network
 
 
 class Received(ConnectionListener):
@@ -112,3 +120,96 @@ async def test_a_dialled_peer_behind_a_rebinding_nat_is_followed_to_its_new_port
     finally:
         server_sock.close()
         client_sock.close()
+
+
+# --- a direct channel whose one side gets a new public port (the fake network) ---------------
+
+MESSAGES = 30  # numbered messages on the stream before the rebinding, and as many after
+ONE_WAY = 0.01
+
+
+@pytest.fixture(scope="module")
+def coord_identity() -> tuple[bytes, bytes]:
+    return certs.self_signed_cert([COORD_IP])
+
+
+def rebind(nat: Nat) -> None:
+    """``nat`` forgets every mapping (it restarted, or they expired) while its old public
+    ports stay taken: each host behind it gets a new public port with its next datagram, and
+    whatever still arrives at an old one is filtered."""
+    taken = list(nat.mappings)
+    nat._by_key.clear()
+    nat.mappings.clear()
+    for port in taken:
+        nat.mappings[port] = NatMapping(("0.0.0.0", 0), port)  # it contacted no one
+
+
+async def echo(incoming: conec_trio.IncomingStream) -> None:
+    async for message in incoming.recv:
+        await incoming.send.send(message)
+    await incoming.send.aclose()
+
+
+async def talk(send: conec_trio.MessageSendChannel, recv: Any, numbers: range) -> None:
+    """Send these numbered messages all at once while reading their echoes: every one comes
+    back once, in order."""
+
+    async def send_all() -> None:
+        for i in numbers:
+            await send.send(numbered(b"n", i))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_all)
+        for i in numbers:
+            assert await recv.receive() == numbered(b"n", i)
+
+
+@pytest.mark.parametrize(
+    ("dialler", "talker"), [("alice", "alice"), ("bob", "alice"), ("alice", "bob")]
+)
+async def test_a_direct_stream_goes_on_when_a_nat_gives_its_side_a_new_port(
+    autojump_clock: trio.testing.MockClock,
+    coord_identity: tuple[bytes, bytes],
+    dialler: str,
+    talker: str,
+) -> None:
+    """alice's NAT gives her a new public port while ``talker`` sends on a direct stream to
+    the other, who echoes. bob's NAT filters what comes from alice's new port until bob sends
+    there, so the side whose packets go unanswered asks, through the coordinator, that the
+    other punch where the coordinator sees it (when bob talks, alice is heard from her new
+    port only once she sends something of her own: her keepalive). The stream goes on over
+    the same channel, none lost, duplicated or reordered, and bob's side follows alice."""
+    async with (
+        open_fake_network(0, delay=(ONE_WAY, ONE_WAY)) as net,
+        open_lab(net, coord_identity, "cone", "cone") as (alice, bob),
+    ):
+        clients = {"alice": alice, "bob": bob}
+        listener = "bob" if talker == "alice" else "alice"
+        with trio.fail_after(PATIENCE):
+            await clients[dialler].new_channel("bob" if dialler == "alice" else "alice")
+            send, recv = await clients[talker].new_direct_stream(listener)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(echo, await clients[listener].incoming_streams.receive())
+                await talk(send, recv, range(MESSAGES))
+                assert bob.statistics().channels["alice"].address == alice.observed_address
+                filtered = net.dropped[FILTERED]
+                rebind(net.nats[NAT_A])
+                await talk(send, recv, range(MESSAGES, 2 * MESSAGES))
+                await send.aclose()
+                with pytest.raises(trio.EndOfChannel):
+                    await recv.receive()
+            assert net.dropped[FILTERED] > filtered  # the rebinding did cut the old path
+            (new_port,) = [
+                port for port, m in net.nats[NAT_A].mappings.items() if m.private[0] == ALICE_IP
+            ]
+            assert alice.observed_address is not None
+            assert new_port != alice.observed_address[1]
+            channel = bob.statistics().channels["alice"]
+            assert channel.address == (NAT_A, new_port)
+            # The same channel all along: it carried the messages of before the rebinding.
+            sizes = sum(len(numbered(b"n", i)) for i in range(2 * MESSAGES))
+            assert channel.bytes_received >= sizes
+            assert alice.statistics().channels["bob"].bytes_received >= sizes
+            # alice's coordinator connection followed her too.
+            assert alice.connected
+            assert sorted(await alice.list_peers()) == ["alice", "bob"]

@@ -33,6 +33,10 @@ log = logging.getLogger("conec_trio.quic")
 
 # How long closing waits for the CONNECTION_CLOSE datagram to leave.
 CLOSE_SEND_TIMEOUT = 1.0
+# Probe timeouts in a row, with nothing acknowledged, from which on an established
+# connection's owner hears ``path_stalled``: two, so that a lost tail packet alone does not
+# count.
+STALLED_PTOS = 2
 
 
 class ConnState(enum.Enum):
@@ -74,6 +78,12 @@ class ConnectionListener:
     def terminated(self, conn: QuicConn, error_code: int, reason: str) -> None:
         """The connection is closed (by either side, or by idle timeout)."""
 
+    def path_stalled(self, conn: QuicConn) -> None:
+        """Nothing sent was acknowledged for ``STALLED_PTOS`` probe timeouts in a row: the
+        path may be gone (a NAT on it gave one side a new public port). Heard again at each
+        further probe timeout (they back off exponentially) until an ACK comes, and only
+        once the handshake is confirmed."""
+
 
 class QuicConn(Transmitting):
     """One QUIC connection on an endpoint, with its driver task (``Transmitting.drive``)."""
@@ -103,6 +113,7 @@ class QuicConn(Transmitting):
         self.close_reason = ""
         self.cids: set[bytes] = set()  # connection ids the endpoint routes to us
         self.last_cid: bytes | None = None  # the one the peer's latest datagram carried
+        self._probe_timeouts = 0  # aioquic's count when the listener last heard of it
         # resets and stop-sendings held back until the stream may exist (see _held_back)
         self._deferred: list[tuple[int, Callable[[int, int], None], int]] = []
         super().__init__(keepalive_interval)
@@ -235,6 +246,13 @@ class QuicConn(Transmitting):
         if self.quic.add_discarded(nbytes):
             self.mark_dirty()
 
+    def ping(self) -> None:
+        """Send a PING soon: the peer must acknowledge it, so a path that no longer carries
+        anything back stalls (``ConnectionListener.path_stalled``)."""
+        if not self.quic.is_closing:
+            self.quic.send_ping(0)
+            self.mark_dirty()
+
     def close(self, error_code: int = 0, reason: str = "") -> None:
         """Start closing (CONNECTION_CLOSE goes out with the next transmit); the owner
         hears ``terminated`` at once."""
@@ -292,6 +310,11 @@ class QuicConn(Transmitting):
             self._mark_closed(close_event.error_code, close_event.reason_phrase)
         else:
             listener.send_progress(self)
+            probes = quic.probe_timeouts
+            if probes != self._probe_timeouts:
+                self._probe_timeouts = probes
+                if probes >= STALLED_PTOS and quic.handshake_confirmed:
+                    listener.path_stalled(self)
 
     def _mark_closed(self, error_code: int, reason: str) -> None:
         if self.closed.is_set():

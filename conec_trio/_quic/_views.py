@@ -81,6 +81,11 @@ class ConnectionViews(QuicConnection):
         return int(self._loss.bytes_in_flight)
 
     @property
+    def probe_timeouts(self) -> int:
+        """Probe timeouts in a row with nothing acknowledged (0 again at the next ACK)."""
+        return int(self._loss._pto_count)
+
+    @property
     def peer_idle_timeout(self) -> float | None:
         """The peer's idle timeout once known (0: it has none)."""
         value: float | None = self._remote_max_idle_timeout

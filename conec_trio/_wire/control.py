@@ -6,7 +6,8 @@ ProtocolError for anything malformed. A later protocol version may only add fiel
 end, which older decoders ignore. Decoding goes through the project's strict CBOR decoder
 (:mod:`._wire.cbor`) with tight limits: a control message is at most
 :data:`MAX_CONTROL_MESSAGE_SIZE` bytes, uses no CBOR tags or indefinite lengths (refused
-anywhere, even in ignored trailing fields) and no map keys other than strings.
+anywhere, even in ignored trailing fields) and no map keys other than strings. The messages
+about direct channels are defined in :mod:`.brokering`; this module re-exports them.
 
 The first field of :class:`Hello` (type code 1) is ``version``, and must stay so forever:
 :func:`decode_hello_version` reads just ``[1, version, ...`` so that a Hello of any version
@@ -18,6 +19,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, TypeAlias
 
+from .brokering import (
+    MAX_CANDIDATES,
+    MAX_CERT_SIZE,
+    MAX_LOCAL_ADDRS,
+    PUNCH_TOKEN_SIZE,
+    Candidates,
+    CertDer,
+    ChannelGrant,
+    ChannelOffer,
+    ChannelOfferReply,
+    ChannelRequest,
+    PeerAddress,
+    PeerCertificateChanged,
+    PunchToken,
+    ReachMe,
+)
 from .fields import (
     MAX_HOST_LEN,
     MAX_INT,
@@ -25,9 +42,8 @@ from .fields import (
     MAX_NAME_LEN,
     MAX_PORT,
     Addr,
-    ExactLen,
     MaxItems,
-    MaxLen,
+    Text,
 )
 from .registry import (
     MAX_CONTROL_MESSAGE_SIZE,
@@ -84,6 +100,7 @@ __all__ = [
     "MoveProxied",
     "OpenDirect",
     "OpenProxied",
+    "PeerAddress",
     "PeerCertificateChanged",
     "PeerListReply",
     "PeerListRequest",
@@ -94,6 +111,7 @@ __all__ = [
     "PresenceSubscribe",
     "PresenceUnsubscribe",
     "PunchToken",
+    "ReachMe",
     "StreamAccepted",
     "StreamRefused",
     "Text",
@@ -106,34 +124,11 @@ __all__ = [
 PROTOCOL_VERSION = 1
 ALPN = "conec-trio"
 
-# Addresses a client may give as its own view of where it can be reached. Offers and grants
-# carry them plus the address the coordinator observed.
-MAX_LOCAL_ADDRS = 16
-MAX_CANDIDATES = MAX_LOCAL_ADDRS + 1
-# A client certificate, as offers carry it; with MAX_CANDIDATES addresses it stays well under
-# MAX_CONTROL_MESSAGE_SIZE.
-MAX_CERT_SIZE = 16 * 1024
-# Bytes of the random token the coordinator gives both sides of a channel it brokers: their
-# punches carry it, so a punch from anyone else is ignored.
-PUNCH_TOKEN_SIZE = 16
-
-Text: TypeAlias = Annotated[str, MaxLen(MAX_MESSAGE_LEN)]
-"""A human-readable explanation; may be longer than a name."""
-
 LocalAddrs: TypeAlias = Annotated[list[Addr], MaxItems(MAX_LOCAL_ADDRS)]
 """A client's own addresses; duplicates are dropped when decoded."""
 
-Candidates: TypeAlias = Annotated[list[Addr], MaxItems(MAX_CANDIDATES)]
-"""Where a peer may be reached; duplicates are dropped when decoded."""
-
-CertDer: TypeAlias = Annotated[bytes, MaxLen(MAX_CERT_SIZE)]
-"""A DER certificate."""
-
 IdList: TypeAlias = Annotated[list[str], MaxItems(MAX_IDS)]
 """Client ids, sorted by the sender (a receiver does not rely on it)."""
-
-PunchToken: TypeAlias = Annotated[bytes, ExactLen(PUNCH_TOKEN_SIZE)]
-"""The token of one brokered channel: exactly PUNCH_TOKEN_SIZE random bytes."""
 
 
 # --- messages -----------------------------------------------------------------------------
@@ -326,52 +321,6 @@ class BroadcastListReply(Message):
     names: IdList
 
 
-@message(40)
-@dataclass(frozen=True)
-class ChannelRequest(Message):
-    """Client -> coordinator: please set up a direct channel to ``peer``."""
-
-    rid: int
-    peer: str
-
-
-@message(41)
-@dataclass(frozen=True)
-class ChannelGrant(Message):
-    """Coordinator -> requester: ``peer`` agreed; its certificate, addresses to dial (first
-    the one the coordinator observed), and the token of this channel's punches."""
-
-    rid: int
-    peer: str
-    cert_der: CertDer
-    addrs: Candidates
-    token: PunchToken
-
-
-@message(42)
-@dataclass(frozen=True)
-class ChannelOffer(Message):
-    """Coordinator -> target: ``peer`` wants a direct channel; its certificate, addresses
-    (first the one the coordinator observed), and the token of this channel's punches (the
-    same as in the requester's grant)."""
-
-    oid: int
-    peer: str
-    cert_der: CertDer
-    addrs: Candidates
-    token: PunchToken
-
-
-@message(43)
-@dataclass(frozen=True)
-class ChannelOfferReply(Message):
-    """Target -> coordinator: answer to ChannelOffer ``oid``."""
-
-    oid: int
-    accept: bool
-    message: Text
-
-
 # Presence: who is connected. A client asks for the list once (PeerListRequest), or
 # subscribes: the coordinator answers with a snapshot and then pushes a PresenceEvent for
 # every join and leave, on the control stream, in order after the snapshot. Subscribing is
@@ -436,14 +385,3 @@ class PresenceDropped(Message):
     no events follow until you subscribe again."""
 
     message: Text
-
-
-@message(44)
-@dataclass(frozen=True)
-class PeerCertificateChanged(Message):
-    """Coordinator -> client: ``peer``, with which the coordinator brokered a channel for
-    this client, registered again with another certificate (SHA-256 of its DER). A direct
-    channel pinned to another certificate is stale: its peer process is gone."""
-
-    peer: str
-    cert_sha256: bytes

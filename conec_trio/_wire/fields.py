@@ -43,6 +43,9 @@ class ExactLen:
     size: int
 
 
+Text: TypeAlias = Annotated[str, MaxLen(MAX_MESSAGE_LEN)]
+"""A human-readable explanation; may be longer than a name."""
+
 Addr: TypeAlias = tuple[str, int]
 """A ``(ip, port)`` pair, encoded as a 2-element array: an IP literal (in its canonical
 form once decoded) and a port in 1..65535."""

@@ -39,6 +39,21 @@ prints on stdout is one JSON object with an ``"event"`` key; logs go to stderr.
     ``finish``
         Ends the bulk transfer: closes the stream, waits for the receiver's report, and
         reports ``bytes`` and ``sha256`` of what was sent and ``receiver`` (the report).
+    ``keep PEER``
+        Opens a direct stream to PEER (and the channel first if there is none) and keeps
+        it for ``talk`` and ``end``. Reports ``is_direct`` and ``via``.
+    ``talk PEER N``
+        Sends the next N numbered messages on the kept stream, all at once, while reading
+        their echoes: each must come back in order (none lost, duplicated or reordered).
+        Reports ``first`` (the number of the first of them), ``echoed``, ``bytes`` (their
+        payloads: less than they took on the stream) and ``via``.
+    ``end PEER``
+        Ends the kept stream (it must end cleanly after the last echo) and reports
+        ``echoed``, all the messages it carried.
+    ``channel PEER``
+        The direct channel to PEER as ``client.statistics()`` shows it: ``address`` (the
+        peer address its QUIC connection uses now), ``bytes_sent``, ``bytes_received``;
+        ``address`` is None when there is no channel.
 
     A stream whose first message is ``BULK_HEADER`` is a bulk transfer: it is not echoed;
     its messages are hashed, a ``"progress"`` line (``bytes``, ``t``) is printed at most
@@ -390,8 +405,79 @@ async def cmd_finish(bulks: list[Bulk]) -> dict[str, Any]:
     return bulk.report
 
 
+@dataclass
+class Kept:
+    """A direct stream kept open across commands (``keep``/``talk``/``end``)."""
+
+    send: Any
+    recv: Any
+    sent: int = 0  # numbered messages sent, and echoed, so far
+
+
+def numbered(i: int) -> bytes:
+    """Numbered message ``i`` (sizes vary, so a message cut or joined would show)."""
+    return f"numbered {i} ".encode() * (1 + i % 7)
+
+
+async def cmd_keep(client: conec_trio.Client, kept: dict[str, Kept], peer: str) -> dict[str, Any]:
+    if peer in kept:
+        raise RuntimeError(f"a stream to {peer!r} is kept already")
+    if peer not in client.statistics().channels:
+        await client.new_channel(peer)
+    send, recv = await client.new_direct_stream(peer)
+    kept[peer] = Kept(send, recv)
+    return {"is_direct": send.stream_id.is_direct, "via": channel_path(client, peer)}
+
+
+async def cmd_talk(
+    client: conec_trio.Client, kept: dict[str, Kept], peer: str, count: int
+) -> dict[str, Any]:
+    stream = kept[peer]
+    first = stream.sent
+    numbers = range(first, first + count)
+
+    async def send_all() -> None:
+        for i in numbers:
+            await stream.send.send(numbered(i))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_all)
+        for i in numbers:
+            answer = await stream.recv.receive()
+            if answer != numbered(i):
+                raise AssertionError(f"echo {i} is {answer[:40]!r}, not {numbered(i)[:40]!r}")
+            stream.sent = i + 1
+    size = sum(len(numbered(i)) for i in numbers)
+    return {"first": first, "echoed": count, "bytes": size, "via": channel_path(client, peer)}
+
+
+async def cmd_end(kept: dict[str, Kept], peer: str) -> dict[str, Any]:
+    stream = kept.pop(peer)
+    await stream.send.aclose()
+    try:
+        extra = await stream.recv.receive()
+    except trio.EndOfChannel:
+        return {"echoed": stream.sent}
+    raise AssertionError(f"unexpected message after the echoes: {extra[:40]!r}")
+
+
+async def cmd_channel(client: conec_trio.Client, peer: str) -> dict[str, Any]:
+    channel = client.statistics().channels.get(peer)
+    if channel is None:
+        return {"address": None}
+    return {
+        "address": list(channel.address),
+        "bytes_sent": channel.bytes_sent,
+        "bytes_received": channel.bytes_received,
+    }
+
+
 async def run_command(
-    client: conec_trio.Client, nursery: trio.Nursery, bulks: list[Bulk], line: str
+    client: conec_trio.Client,
+    nursery: trio.Nursery,
+    bulks: list[Bulk],
+    kept: dict[str, Kept],
+    line: str,
 ) -> None:
     words = line.split()
     commands: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
@@ -401,6 +487,10 @@ async def run_command(
         "ping": lambda: cmd_ping(client),
         "bulk": lambda peer, path: cmd_bulk(client, nursery, bulks, peer, path),
         "finish": lambda: cmd_finish(bulks),
+        "keep": lambda peer: cmd_keep(client, kept, peer),
+        "talk": lambda peer, n: cmd_talk(client, kept, peer, int(n)),
+        "end": lambda peer: cmd_end(kept, peer),
+        "channel": lambda peer: cmd_channel(client, peer),
     }
     if not words or words[0] not in commands:
         emit("result", cmd=line, error=f"unknown command {line!r}")
@@ -442,11 +532,12 @@ async def run_client(args: argparse.Namespace) -> None:
             nursery.cancel_scope.cancel()  # stdin closed: stop, even mid-command
 
         bulks: list[Bulk] = []
+        kept: dict[str, Kept] = {}
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve, client)
             nursery.start_soon(read_commands)
             async for line in commands:
-                await run_command(client, nursery, bulks, line)
+                await run_command(client, nursery, bulks, kept, line)
     emit("bye")
 
 

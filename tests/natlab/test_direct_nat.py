@@ -203,15 +203,12 @@ def test_simultaneous_opens_from_both_sides_share_one_channel(scene: SceneFactor
 REBOUND_PORT = 20000
 
 
-def test_nat_rebinding_keeps_the_coordinator_connection(scene: SceneFactory) -> None:
-    """a's NAT gives it a new public port mid-session: a's coordinator connection goes on
-    (QUIC follows the new path, no reconnect), and the coordinator then vouches the new
-    address, so b's new channel reaches a there."""
-    s = scene()
+def rebind_a(s: Scene) -> None:
+    """a's NAT gives it a new public port: from now on a's UDP leaves from REBOUND_PORT, and
+    its old mapping is forgotten (whatever still arrives there is dropped), so the next
+    packet of each of a's flows takes the new one."""
     assert s.a.observed[0] == NAT_A_PUBLIC_IP
     assert s.a.observed[1] != REBOUND_PORT
-    # From now on a's UDP leaves from REBOUND_PORT; forgetting the old mapping makes the
-    # next packet of the coordinator connection take the new one.
     rule = f"meta l4proto udp snat to {NAT_A_PUBLIC_IP}:{REBOUND_PORT}"
     s.lab.run(
         "nat-a",
@@ -229,6 +226,14 @@ def test_nat_rebinding_keeps_the_coordinator_connection(scene: SceneFactory) -> 
         check=True,
     )
     s.lab.run("nat-a", ["conntrack", "-F"], check=True)
+
+
+def test_nat_rebinding_keeps_the_coordinator_connection(scene: SceneFactory) -> None:
+    """a's NAT gives it a new public port mid-session: a's coordinator connection goes on
+    (QUIC follows the new path, no reconnect), and the coordinator then vouches the new
+    address, so b's new channel reaches a there."""
+    s = scene()
+    rebind_a(s)
     assert "error" not in s.a.command("ping"), s.logs()
     result = s.b.command("open a 3")
     assert "error" not in result, (result, s.logs())
@@ -241,3 +246,84 @@ def test_nat_rebinding_keeps_the_coordinator_connection(scene: SceneFactory) -> 
     # coordinator connection moved rather than being replaced.
     assert "lost the coordinator" not in s.a.log(), s.a.log()
     assert "error" not in s.a.command("ping"), s.logs()
+
+
+# Numbered messages on the kept stream before a's NAT rebinds, and after.
+BEFORE_REBINDING = 30
+AFTER_REBINDING = 30
+# The clients' idle timeout when a is silent after the rebinding: only its keepalive, after
+# half of it, shows its new address (the library's default is 10 s).
+SILENT_IDLE_TIMEOUT = 4.0
+
+
+def talk_across_rebinding(s: Scene, talker: Node, listener: Node) -> tuple[Event, Event]:
+    """``talker`` keeps a direct stream to ``listener`` and sends numbered messages on it,
+    which come back echoed; a's NAT rebinds; more go on the same stream, none lost,
+    duplicated or reordered either way; the stream ends cleanly. The same channel carried
+    it all: each side opened one, it carried what was sent before the rebinding too (one
+    opened since would not have), and a's coordinator connection moved rather than being
+    replaced. Returns the ``talk`` results from before and after the rebinding."""
+    kept = talker.command(f"keep {listener.name}")
+    assert "error" not in kept, (kept, s.logs())
+    assert kept["is_direct"] is True, kept
+    before = talker.command(f"talk {listener.name} {BEFORE_REBINDING}")
+    assert "error" not in before, (before, s.logs())
+    assert before["echoed"] == BEFORE_REBINDING, before
+    # b's channel goes to a's usual mapping, the one the coordinator observed.
+    assert s.b.command("channel a")["address"] == s.a.observed
+
+    rebind_a(s)
+    after = talker.command(f"talk {listener.name} {AFTER_REBINDING}")
+    assert "error" not in after, (after, s.logs())
+    assert (after["first"], after["echoed"]) == (BEFORE_REBINDING, AFTER_REBINDING), after
+    ended = talker.command(f"end {listener.name}")
+    assert ended == {**ended, "echoed": BEFORE_REBINDING + AFTER_REBINDING}, ended
+    check_incoming(listener, talker.name, BEFORE_REBINDING + AFTER_REBINDING, is_direct=True)
+
+    channel = listener.command(f"channel {talker.name}")
+    assert channel["bytes_received"] >= before["bytes"] + after["bytes"], (channel, before)
+    assert s.a.log().count("direct channel to 'b' open") == 1, s.a.log()
+    assert s.b.log().count("direct channel to 'a' open") == 1, s.b.log()
+    assert "error" not in s.a.command("ping"), s.logs()
+    assert "lost the coordinator" not in s.a.log(), s.a.log()
+    return before, after
+
+
+@pytest.mark.parametrize("dialler", ["a", "b"])
+def test_nat_rebinding_keeps_a_direct_stream_going(
+    scene: SceneFactory, dialler: str, record_property: Callable[[str, object], None]
+) -> None:
+    """a's NAT gives it a new public port while a sends on a direct stream to b: the stream
+    goes on, and b's side of the channel then uses a's new address. b's NAT drops what comes
+    from there until b sends to it, so a asks b, through the coordinator, to punch there;
+    QUIC then follows a (no new channel, no fallback through the coordinator). b's side of
+    the channel is QUIC's server if a dialled, its client if b did."""
+    s = scene()
+    check_direct_open(s, dialler, "b" if dialler == "a" else "a", messages=3)
+    before, after = talk_across_rebinding(s, s.a, s.b)
+    assert s.b.command("channel a")["address"] == [NAT_A_PUBLIC_IP, REBOUND_PORT], s.logs()
+    assert after["via"] == before["via"] == s.b.observed, (after, before)
+    record_property(
+        "timing",
+        f"a rebinds, {dialler} dialled: {AFTER_REBINDING} messages echoed in "
+        f"{after['elapsed_ms']} ms (before the rebinding: {before['elapsed_ms']} ms)",
+    )
+
+
+def test_nat_rebinding_of_a_silent_side_keeps_a_direct_stream_going(
+    scene: SceneFactory, record_property: Callable[[str, object], None]
+) -> None:
+    """As above, but b sends and a only answers: b's messages go to a's old mapping, which is
+    gone, and a is heard from its new one only once it sends something of its own (its
+    keepalive). From then on the same: the stream goes on, and b follows a."""
+    idle = ["--idle-timeout", str(SILENT_IDLE_TIMEOUT)]
+    s = scene(options={"a": idle, "b": idle})
+    check_direct_open(s, "a", "b", messages=3)
+    _, after = talk_across_rebinding(s, s.b, s.a)
+    assert after["via"] == [NAT_A_PUBLIC_IP, REBOUND_PORT], (after, s.logs())
+    assert s.a.command("channel b")["address"] == s.b.observed
+    record_property(
+        "timing",
+        f"a rebinds and is silent: {AFTER_REBINDING} messages echoed in "
+        f"{after['elapsed_ms']} ms (idle timeout {SILENT_IDLE_TIMEOUT:g} s)",
+    )
