@@ -257,9 +257,11 @@ class CoordinatorConnection:
             log.warning(
                 "client %r lost the coordinator (%s); reconnecting", self.id, reason or "closed"
             )
-            self._nursery.start_soon(self._reconnect)
+            # A stateless reset says the coordinator is up and has forgotten us (it
+            # restarted, and paces the clients it tells): try again at once.
+            self._nursery.start_soon(self._reconnect, conn.reset_by_peer)
 
-    async def _reconnect(self) -> None:
+    async def _reconnect(self, at_once: bool) -> None:
         """Connect again from the same socket, with backoff, until connected, refused for
         good, or the block exits."""
         assert self._socket is not None
@@ -267,7 +269,10 @@ class CoordinatorConnection:
         timeout = min(self.config.connect_timeout, RECONNECT_ATTEMPT_TIMEOUT)
         with trio.CancelScope() as self._reconnecting:
             while not self._closing:
-                await trio.sleep(backoff.next_delay())
+                if at_once:
+                    at_once = False
+                else:
+                    await trio.sleep(backoff.next_delay())
                 try:
                     link = await self._dial(self._socket, timeout)
                 except INCURABLE as exc:

@@ -131,6 +131,11 @@ class QuicConn(Transmitting):
         return ConnState.HANDSHAKING
 
     @property
+    def reset_by_peer(self) -> bool:
+        """The peer answered with a stateless reset: it is up and no longer knows us."""
+        return self.quic.reset_by_peer
+
+    @property
     def peer_certificate(self) -> x509.Certificate | None:
         return self.quic.peer_certificate
 

@@ -51,6 +51,8 @@ class StatelessResets(PathMtuProbing):
 
     _reset_key: bytes | None
     _authenticated: int  # packets of the datagram being processed that decrypted
+    # The peer reset this connection: it is up, and has forgotten us (a restarted server).
+    reset_by_peer = False
 
     def _payload_received(
         self, context: QuicReceiveContext, plain: bytes, crypto_frame_required: bool = False
@@ -94,6 +96,7 @@ class StatelessResets(PathMtuProbing):
         state sends nothing), and let the owner know at once (``close_event``)."""
         if self._state in END_STATES:
             return
+        self.reset_by_peer = True
         self._close_event = events.ConnectionTerminated(
             error_code=QuicErrorCode.NO_ERROR,
             frame_type=QuicFrameType.PADDING,
