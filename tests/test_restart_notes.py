@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import trio
+
 from conec_trio._restart_notes import (
+    ANNOUNCE_EXPIRY,
+    ANNOUNCE_PAUSE,
+    ANNOUNCE_WINDOW,
     MAX_NOTES,
+    _announce_restart,
     format_notes,
     parse_notes,
     read_notes,
@@ -46,3 +52,29 @@ def test_malformed_lines_are_skipped() -> None:
 def test_at_most_max_notes_are_read() -> None:
     text = "10.0.0.1 1000 0001020304050607 a\n" * (MAX_NOTES + 10)
     assert len(parse_notes(text)) == MAX_NOTES
+
+
+async def test_a_restart_tells_a_window_of_clients_at_a_time(autojump_clock: object) -> None:
+    """The successor tells at most ANNOUNCE_WINDOW clients at once; the next ones as those
+    come back, or once they are overdue (a client gone for good never comes back)."""
+    notes = [("10.0.0.1", 1000 + i, bytes([i % 256]) * 8, f"c{i}") for i in range(150)]
+    told: list[tuple[bytes, tuple[str, int]]] = []
+    back: set[str] = set()
+
+    class Endpoint:
+        def announce_reset(self, cid: bytes, addr: tuple[str, int]) -> None:
+            told.append((cid, addr))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_announce_restart, notes, Endpoint(), back.__contains__)
+        await trio.sleep(ANNOUNCE_PAUSE / 2)
+        assert len(told) == ANNOUNCE_WINDOW
+        # Ten of them come back: ten more are told, no more.
+        back.update(f"c{i}" for i in range(10))
+        await trio.sleep(ANNOUNCE_PAUSE)
+        assert len(told) == ANNOUNCE_WINDOW + 10
+        # Nobody else comes back: the rest follow as the others are overdue.
+        await trio.sleep(ANNOUNCE_EXPIRY + ANNOUNCE_PAUSE)
+        assert len(told) == 2 * ANNOUNCE_WINDOW + 10
+    assert len(told) == len(notes)
+    assert told[0] == (b"\x00" * 8, ("10.0.0.1", 1000))
