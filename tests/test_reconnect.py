@@ -3,14 +3,15 @@ channels go on meanwhile, and the coordinator takes a returning client back at o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 from helpers import wait_for
-from test_faults import READY, coord_argv, run_program
+from test_faults import READY, Program, coord_argv, run_program
 
 import conec_trio
 from conec_trio import certs
@@ -161,58 +162,70 @@ async def test_direct_stream_flows_through_a_coordinator_restart(
         stop_second.set()
 
 
+@asynccontextmanager
+async def coord_program_with_alice_and_bob(
+    state_dir: Path, **options: Any
+) -> AsyncIterator[tuple[Program, int, conec_trio.Client, conec_trio.Client]]:
+    """``conec-trio coord`` (its state in ``state_dir``) and clients alice and bob on it."""
+    async with run_program("coord", coord_argv(0, state_dir)) as coord:
+        ca = (await coord.expect(r"clients pass --ca (.+)"))[1]
+        port = int((await coord.expect(READY))[1])
+
+        def config(client_id: str) -> conec_trio.ClientConfig:
+            return conec_trio.ClientConfig(
+                id=client_id, coord_host="127.0.0.1", coord_port=port, ca=ca, **options
+            )
+
+        async with (
+            conec_trio.open_client(config("alice")) as alice,
+            conec_trio.open_client(config("bob")) as bob,
+        ):
+            yield coord, port, alice, bob
+
+
 async def test_direct_stream_flows_while_the_coordinator_process_is_killed(
     tmp_path: Path,
 ) -> None:
     # Default settings: a killed coordinator says nothing, and its successor (same key)
-    # answers the clients' next packets with stateless resets, long before their idle
-    # timeout (10 s). Calls made during the outage keep both clients sending.
+    # answers the clients' next packets with stateless resets (and sends one at once to the
+    # clients its predecessor noted), long before their idle timeout (10 s). Calls made
+    # during the outage keep both clients sending.
     state_dir = tmp_path / "coord-state"
+    async with coord_program_with_alice_and_bob(state_dir) as (coord, port, alice, bob):
+        assert alice.config.idle_timeout is None  # the library's default applies
+        flow, proxied_out, _ = await direct_and_proxied(alice, bob)
+        async with trio.open_nursery() as streams:
+            streams.start_soon(flow.write)
+            streams.start_soon(flow.read)
+            await flow.flows()
+            await coord.kill()
+            bob_call, alice_call = trio.Event(), trio.Event()
 
-    def config(client_id: str, port: int, ca: str) -> conec_trio.ClientConfig:
-        return conec_trio.ClientConfig(id=client_id, coord_host="127.0.0.1", coord_port=port, ca=ca)
+            async def bob_calls_during_the_outage() -> None:
+                await echo_to_itself(bob)
+                bob_call.set()
 
-    async with run_program("coord", coord_argv(0, state_dir)) as coord:
-        ca = (await coord.expect(r"clients pass --ca (.+)"))[1]
-        port = int((await coord.expect(READY))[1])
-        async with (
-            conec_trio.open_client(config("alice", port, ca)) as alice,
-            conec_trio.open_client(config("bob", port, ca)) as bob,
-        ):
-            assert alice.config.idle_timeout is None  # the library's default applies
-            flow, proxied_out, _ = await direct_and_proxied(alice, bob)
-            async with trio.open_nursery() as streams:
-                streams.start_soon(flow.write)
-                streams.start_soon(flow.read)
+            async def alice_calls_during_the_outage() -> None:
+                await echo_to_itself(alice)
+                alice_call.set()
+
+            streams.start_soon(bob_calls_during_the_outage)
+            streams.start_soon(alice_calls_during_the_outage)
+            await flow.flows()
+            assert not bob_call.is_set()
+            assert not alice_call.is_set()
+            async with run_program("coord again", coord_argv(port, state_dir)) as again:
+                await again.expect(READY)
+                with trio.fail_after(BACK_WITHIN):
+                    with pytest.raises(trio.BrokenResourceError):
+                        await proxied_out.receive()
+                    await bob_call.wait()
+                    await alice_call.wait()
+                assert alice.connected
+                assert bob.connected
                 await flow.flows()
-                await coord.kill()
-                bob_call, alice_call = trio.Event(), trio.Event()
-
-                async def bob_calls_during_the_outage() -> None:
-                    await echo_to_itself(bob)
-                    bob_call.set()
-
-                async def alice_calls_during_the_outage() -> None:
-                    await echo_to_itself(alice)
-                    alice_call.set()
-
-                streams.start_soon(bob_calls_during_the_outage)
-                streams.start_soon(alice_calls_during_the_outage)
-                await flow.flows()
-                assert not bob_call.is_set()
-                assert not alice_call.is_set()
-                async with run_program("coord again", coord_argv(port, state_dir)) as again:
-                    await again.expect(READY)
-                    with trio.fail_after(BACK_WITHIN):
-                        with pytest.raises(trio.BrokenResourceError):
-                            await proxied_out.receive()
-                        await bob_call.wait()
-                        await alice_call.wait()
-                    assert alice.connected
-                    assert bob.connected
-                    await flow.flows()
-                    flow.stop.set()
-            assert flow.received == flow.sent
+                flow.stop.set()
+        assert flow.received == flow.sent
 
 
 async def test_a_crashed_coordinators_successor_tells_its_clients_at_once(
@@ -223,37 +236,27 @@ async def test_a_crashed_coordinators_successor_tells_its_clients_at_once(
     state_dir = tmp_path / "coord-state"
     notes = state_dir / "clients"
 
-    def config(client_id: str, port: int, ca: str) -> conec_trio.ClientConfig:
-        return conec_trio.ClientConfig(
-            id=client_id, coord_host="127.0.0.1", coord_port=port, ca=ca, idle_timeout=60.0
-        )
-
     def noted() -> int:
         return len(notes.read_text().splitlines()) if notes.exists() else 0
 
-    async with run_program("coord", coord_argv(0, state_dir)) as coord:
-        ca = (await coord.expect(r"clients pass --ca (.+)"))[1]
-        port = int((await coord.expect(READY))[1])
-        async with (
-            conec_trio.open_client(config("alice", port, ca)) as alice,
-            conec_trio.open_client(config("bob", port, ca)) as bob,
-        ):
+    clients = coord_program_with_alice_and_bob(state_dir, idle_timeout=60.0)
+    async with clients as (coord, port, alice, bob):
+        await wait_for(lambda: noted() == 2, timeout=DEADLINE)
+        await coord.kill()
+        # nobody told them yet
+        assert alice.connected
+        assert bob.connected
+        async with run_program("coord again", coord_argv(port, state_dir)) as again:
+            await again.expect(READY)
+            with trio.fail_after(BACK_WITHIN):
+                await wait_for(lambda: not alice.connected and not bob.connected)
+                await alice.wait_connected()
+                await bob.wait_connected()
+            await echo_to_itself(alice)
             await wait_for(lambda: noted() == 2, timeout=DEADLINE)
-            await coord.kill()
-            # nobody told them yet
-            assert alice.connected
-            assert bob.connected
-            async with run_program("coord again", coord_argv(port, state_dir)) as again:
-                await again.expect(READY)
-                with trio.fail_after(BACK_WITHIN):
-                    await wait_for(lambda: not alice.connected and not bob.connected)
-                    await alice.wait_connected()
-                    await bob.wait_connected()
-                await echo_to_itself(alice)
-                await wait_for(lambda: noted() == 2, timeout=DEADLINE)
-                # A clean stop tells every client itself: it leaves its notes empty.
-                assert await again.stop() == 0
-                assert noted() == 0
+            # A clean stop tells every client itself: it leaves its notes empty.
+            assert await again.stop() == 0
+            assert noted() == 0
 
 
 def fixed_identity(client_id: str) -> dict[str, bytes]:
