@@ -28,6 +28,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnectionState
 from cryptography import x509
 
+from ._ack_only import LeanAcks
 from ._reset import StatelessResets
 from ._tls_context import ClientTlsContext
 from ._views import ConnectionViews
@@ -53,7 +54,7 @@ _CLOSING_STATES = (
 )
 
 
-class FlowControlledConnection(StatelessResets, ConnectionViews):
+class FlowControlledConnection(LeanAcks, StatelessResets, ConnectionViews):
     """aioquic's connection with two changes this library relies on.
 
     1. Server side: asks the client for a certificate (aioquic has no public switch). aioquic
@@ -155,7 +156,9 @@ class FlowControlledConnection(StatelessResets, ConnectionViews):
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         first = self._packet_number
-        datagrams: list[tuple[bytes, Any]] = super().datagrams_to_send(now)
+        datagrams = self.ack_only_datagrams(now)
+        if datagrams is None:
+            datagrams = super().datagrams_to_send(now)
         # aioquic's pacer asks for waits well under a millisecond, and trio sleeps in whole
         # milliseconds: what is due within PACING_SLACK goes now, the pacer's bucket credited
         # with that time (packets keep their real send time, so RTT samples stay true).
@@ -252,7 +255,8 @@ class FlowControlledConnection(StatelessResets, ConnectionViews):
         if space.ack_at is not None and space.ack_at > now:
             space.ack_at = now
 
-    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
+    def _stream_credit(self, stream: Any) -> int | None:
+        """The stream's new credit limit to announce with the next packet, if any."""
         limit = stream.max_stream_data_local
         if limit:
             # New credit rides on a packet once it is worth a quarter window (add_consumed
@@ -264,7 +268,43 @@ class FlowControlledConnection(StatelessResets, ConnectionViews):
             if target > limit and (
                 target - limit >= quarter or stream.receiver.highest_offset + quarter >= limit
             ):
-                stream.max_stream_data_local = target
+                return target
+        return None
+
+    def _connection_credit(self) -> int | None:
+        """The new connection credit limit to announce with the next packet, if any."""
+        max_data = self._local_max_data
+        # Bytes aioquic counted but never delivered (a reset's final size, gaps) are not
+        # held by anyone: only delivered-and-unconsumed bytes hold connection credit.
+        held = self.delivered_total - self._consumed_total
+        target = max_data.used - held + self._connection_window
+        quarter = self._connection_window // 4
+        if target > max_data.value and (  # as for a stream's credit, above
+            target - max_data.value >= quarter or max_data.used + quarter >= max_data.value
+        ):
+            return target
+        return None
+
+    def _limits_quiet(self) -> bool:
+        max_data, bidi, uni = (
+            self._local_max_data,
+            self._local_max_streams_bidi,
+            self._local_max_streams_uni,
+        )
+        if max_data.value != max_data.sent or bidi.value != bidi.sent or uni.value != uni.sent:
+            return False
+        if self._connection_credit() is not None:
+            return False
+        return all(
+            stream.max_stream_data_local_sent == stream.max_stream_data_local
+            and self._stream_credit(stream) is None
+            for stream in self._streams.values()
+        )
+
+    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
+        target = self._stream_credit(stream)
+        if target is not None:
+            stream.max_stream_data_local = target
         if stream.max_stream_data_local_sent == stream.max_stream_data_local:
             return  # nothing to announce (runs for every stream in every packet)
         # aioquic doubles the limit when half of it has *arrived*; hide the arrival offset
@@ -279,14 +319,8 @@ class FlowControlledConnection(StatelessResets, ConnectionViews):
 
     def _write_connection_limits(self, builder: Any, space: Any) -> None:
         max_data = self._local_max_data
-        # Bytes aioquic counted but never delivered (a reset's final size, gaps) are not
-        # held by anyone: only delivered-and-unconsumed bytes hold connection credit.
-        held = self.delivered_total - self._consumed_total
-        target = max_data.used - held + self._connection_window
-        quarter = self._connection_window // 4
-        if target > max_data.value and (  # as for a stream's credit, above
-            target - max_data.value >= quarter or max_data.used + quarter >= max_data.value
-        ):
+        target = self._connection_credit()
+        if target is not None:
             max_data.value = target
         bidi, uni = self._local_max_streams_bidi, self._local_max_streams_uni
         if max_data.value == max_data.sent and bidi.value == bidi.sent and uni.value == uni.sent:

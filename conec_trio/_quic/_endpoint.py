@@ -146,6 +146,19 @@ class QuicEndpoint:
                 await conn.transmit(probe=False)
 
     def _dispatch(self, data: bytes, addr: Address, now: float) -> QuicConn | None:
+        if data and data[0] & 0xC0 == 0x40:
+            # A short header (what an established connection sends): a fixed bit, then our
+            # connection id. The common case, looked up without parsing a header that
+            # aioquic parses again; anything else takes the general way below.
+            cid = data[1 : 1 + CID_LENGTH]
+            conn = self._by_cid.get(cid)
+            if conn is not None and len(cid) == CID_LENGTH:
+                conn.last_cid = cid
+                try:
+                    conn.datagram_received(data, addr, now)
+                except Exception:
+                    conn.close(0x1, "internal error handling a datagram")
+                return conn
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError:

@@ -1,0 +1,107 @@
+"""A packet that carries nothing but an ACK, built without aioquic's full send pass.
+
+An idle connection's commonest send is the ACK of a keepalive PING. aioquic's
+``datagrams_to_send`` asks every frame writer (connection ids, credit of every stream, the
+stream queue ...) for each packet it starts, and after the ACK's packet starts and discards
+a second, empty one: about half of its cost. ``LeanAcks.ack_only_datagrams`` builds the same
+packet through aioquic's own pieces (its packet builder, ACK frame writer and packet
+registration) once it has checked that every other writer would write nothing now; where any
+of them might, it gives way to the full pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aioquic import tls
+from aioquic.quic.connection import END_STATES, QuicConnection, QuicNetworkPath
+from aioquic.quic.packet import QuicPacketType
+from aioquic.quic.packet_builder import QuicPacketBuilder, QuicPacketBuilderStop
+
+
+class LeanAcks(QuicConnection):
+    """``ack_only_datagrams``; the connection class says, with ``_limits_quiet``, whether
+    its credit writers have anything to announce."""
+
+    def _limits_quiet(self) -> bool:
+        """No MAX_DATA, MAX_STREAMS or MAX_STREAM_DATA would be written now (and writing
+        them would change no state). The safe default: not known."""
+        return False
+
+    def ack_only_datagrams(self, now: float) -> list[tuple[bytes, Any]] | None:
+        """What ``datagrams_to_send(now)`` would return when all it would send is a 1-RTT
+        ACK, with the same effects on the connection (packet number, sent packets, pacer
+        and pacing time); None, having changed nothing, where that is not certain."""
+        if self._state in END_STATES or self._close_pending or not self._handshake_confirmed:
+            return None
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        if space is None or space.ack_at is None or space.ack_at > now:
+            return None
+        paths = self._network_paths
+        if len(paths) != 1 or not _quiet_path(paths[0]):
+            return None
+        if (
+            self._ping_pending
+            or self._probe_pending
+            or self._handshake_done_pending
+            or self._datagrams_pending
+            or self._retire_connection_ids
+            or self._streams_blocked_pending
+            or (self._is_client and self._remote_preferred_address is not None)
+            or not self._crypto_streams[tls.Epoch.ONE_RTT].sender.buffer_is_empty
+            or not all(cid.was_sent for cid in self._host_cids)
+            or not all(_quiet_stream(stream) for stream in self._streams_queue)
+            or not self._limits_quiet()
+        ):
+            return None
+        crypto = self._cryptos[tls.Epoch.ONE_RTT]
+        if not crypto.send.is_valid():
+            return None
+        pacer = self._loss._pacer
+        # aioquic paces a packet whose ACK is due exactly now (ack_at == now) like any other
+        if space.ack_at >= now and pacer.next_send_time(now=now) is not None:
+            return None  # the full pass sets the pacing time and sends nothing
+        # From here on, the same steps as aioquic's datagrams_to_send and _write_application
+        # for a pass that writes one packet with an ACK frame in it.
+        self._pacing_at = None
+        assert self._version is not None  # known once the handshake is confirmed
+        builder = QuicPacketBuilder(
+            host_cid=self.host_cid,
+            is_client=self._is_client,
+            max_datagram_size=self._max_datagram_size,
+            packet_number=self._packet_number,
+            peer_cid=self._peer_cid.cid,
+            peer_token=self._peer_token,
+            quic_logger=self._quic_logger,
+            spin_bit=self._spin_bit,
+            version=self._version,
+        )
+        builder.max_flight_bytes = self._loss.congestion_window - self._loss.bytes_in_flight
+        try:
+            builder.start_packet(QuicPacketType.ONE_RTT, crypto)
+            self._write_ack_frame(builder=builder, space=space, now=now)
+            if not builder.packet_is_empty:
+                pacer.update_after_send(now=now)
+            # the pass goes on to a next packet: paced, or empty
+            self._pacing_at = pacer.next_send_time(now=now)
+        except QuicPacketBuilderStop:
+            pass
+        datagrams: list[tuple[bytes, Any]] = self._flush_builder(
+            builder=builder, network_path=paths[0], peer_cid=self._peer_cid.cid, now=now
+        )
+        return datagrams
+
+
+def _quiet_path(path: QuicNetworkPath) -> bool:
+    """A validated path with no PATH_RESPONSE to send."""
+    return path.is_validated and not path.remote_challenges
+
+
+def _quiet_stream(stream: Any) -> bool:
+    """aioquic's stream queue would write nothing for this stream, nor drop it."""
+    return not (
+        stream.is_finished
+        or stream.receiver.stop_pending
+        or stream.sender.reset_pending
+        or (not stream.is_blocked and not stream.sender.buffer_is_empty)
+    )
