@@ -57,7 +57,8 @@ def test_at_most_max_notes_are_read() -> None:
 async def test_a_restart_tells_a_window_of_clients_at_a_time(autojump_clock: object) -> None:
     """The successor tells at most ANNOUNCE_WINDOW clients at once; the next ones as those
     come back, or once they are overdue (a client gone for good never comes back)."""
-    notes = [("10.0.0.1", 1000 + i, bytes([i % 256]) * 8, f"c{i}") for i in range(150)]
+    count = 2 * ANNOUNCE_WINDOW + 30
+    notes = [("10.0.0.1", 1000 + i, bytes([i % 256]) * 8, f"c{i}") for i in range(count)]
     told: list[tuple[bytes, tuple[str, int]]] = []
     back: set[str] = set()
 
