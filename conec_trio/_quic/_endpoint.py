@@ -146,47 +146,49 @@ class QuicEndpoint:
                 await conn.transmit(probe=False)
 
     def _dispatch(self, data: bytes, addr: Address, now: float) -> QuicConn | None:
-        if data and data[0] & 0xC0 == 0x40:
-            # A short header (what an established connection sends): a fixed bit, then our
-            # connection id. The common case, looked up without parsing a header that
-            # aioquic parses again; anything else takes the general way below.
-            cid = data[1 : 1 + CID_LENGTH]
-            conn = self._by_cid.get(cid)
-            if conn is not None and len(cid) == CID_LENGTH:
-                conn.last_cid = cid
-                try:
-                    conn.datagram_received(data, addr, now)
-                except Exception:
-                    conn.close(0x1, "internal error handling a datagram")
-                return conn
-        try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
-        except ValueError:
-            if self.raw_datagram_handler is not None:
-                self.raw_datagram_handler(data, addr)
-            return None
-        conn = self._by_cid.get(header.destination_cid)
-        if conn is not None:
-            conn.last_cid = header.destination_cid
-        if conn is None and header.packet_type == QuicPacketType.ONE_RTT:
-            # A stateless reset carries no connection id of ours: it can only be told by
-            # its last bytes, which the connections to that address check.
-            for dialled in self._dialled:
-                if dialled.peer_address == addr:
-                    dialled.datagram_received(data, addr, now)
-                    conn = dialled
-            if conn is None:
-                self._send_stateless_reset(data, header.destination_cid, addr)
-            return conn
+        conn = self._by_short_header(data)
         if conn is None:
-            conn = self._maybe_accept(data, header, addr)
-            if conn is None:
+            try:
+                header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+            except ValueError:
+                if self.raw_datagram_handler is not None:
+                    self.raw_datagram_handler(data, addr)
                 return None
+            conn = self._by_cid.get(header.destination_cid)
+            if conn is not None:
+                conn.last_cid = header.destination_cid
+            elif header.packet_type == QuicPacketType.ONE_RTT:
+                # A stateless reset carries no connection id of ours: it can only be told
+                # by its last bytes, which the connections to that address check.
+                for dialled in self._dialled:
+                    if dialled.peer_address == addr:
+                        dialled.datagram_received(data, addr, now)
+                        conn = dialled
+                if conn is None:
+                    self._send_stateless_reset(data, header.destination_cid, addr)
+                return conn
+            else:
+                conn = self._maybe_accept(data, header, addr)
+                if conn is None:
+                    return None
         try:
             conn.datagram_received(data, addr, now)
         except Exception:
             conn.close(0x1, "internal error handling a datagram")
         return conn
+
+    def _by_short_header(self, data: bytes) -> QuicConn | None:
+        """The connection a short-header datagram (what an established connection sends: a
+        fixed bit, then our connection id) is for, looked up without parsing a header that
+        aioquic parses again: the common case. None: take the general way."""
+        if not data or data[0] & 0xC0 != 0x40:
+            return None
+        cid = data[1 : 1 + CID_LENGTH]
+        conn = self._by_cid.get(cid)
+        if conn is not None and len(cid) == CID_LENGTH:
+            conn.last_cid = cid
+            return conn
+        return None
 
     def _send_stateless_reset(self, data: bytes, cid: bytes, addr: Address) -> None:
         """Tell the sender of a short-header packet for a connection id we do not know
