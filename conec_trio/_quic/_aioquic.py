@@ -285,13 +285,17 @@ class FlowControlledConnection(LeanAcks, StatelessResets, ConnectionViews):
             return target
         return None
 
-    def _limits_quiet(self) -> bool:
+    def _connection_limits_sent(self) -> bool:
+        """Every connection-level limit (data, streams) is announced as it stands."""
         max_data, bidi, uni = (
             self._local_max_data,
             self._local_max_streams_bidi,
             self._local_max_streams_uni,
         )
-        if max_data.value != max_data.sent or bidi.value != bidi.sent or uni.value != uni.sent:
+        return max_data.value == max_data.sent and bidi.value == bidi.sent and uni.value == uni.sent
+
+    def _limits_quiet(self) -> bool:
+        if not self._connection_limits_sent():
             return False
         if self._connection_credit() is not None:
             return False
@@ -322,8 +326,7 @@ class FlowControlledConnection(LeanAcks, StatelessResets, ConnectionViews):
         target = self._connection_credit()
         if target is not None:
             max_data.value = target
-        bidi, uni = self._local_max_streams_bidi, self._local_max_streams_uni
-        if max_data.value == max_data.sent and bidi.value == bidi.sent and uni.value == uni.sent:
+        if self._connection_limits_sent():
             return  # nothing to announce (runs for every packet)
         used = max_data.used
         max_data.used = 0  # same trick as above: no doubling on arrival

@@ -186,11 +186,7 @@ class Transmitting:
         parked = self._parked
         if parked is None or self._dirty or self._pending_bytes or self._deferred:
             return False
-        try:
-            self._send_built()
-        except Exception:
-            return False  # let the driver meet it (the endpoint loop must go on)
-        return True
+        return self._send_from_receive_loop()
 
     def leave_to_reader(self) -> bool:
         """Called by the endpoint after feeding a batch of datagrams. If they delivered stream
@@ -244,10 +240,17 @@ class Transmitting:
             self.mark_dirty()
             return
         self.quic.ack_due = False  # a PING's ACK goes with this packet
+        if not self._send_from_receive_loop():
+            self.mark_dirty()
+
+    def _send_from_receive_loop(self) -> bool:
+        """Build and send what is due with the driver left parked; False if that failed, and
+        the driver must meet it (the endpoint's loop must go on)."""
         try:
             self._send_built()
         except Exception:
-            self.mark_dirty()  # let the driver meet it (the endpoint loop must go on)
+            return False
+        return True
 
     def _keepalive_interval_now(self) -> float | None:
         """The configured keepalive interval, shortened to ``KEEPALIVE_FRACTION`` of the idle
