@@ -78,12 +78,12 @@ class StreamState:
                 self.raw.append(data)
                 self.held += len(data)
                 if self.pass_on is not None and not fin:
-                    # Relayed: passed on from the endpoint's event handling, and the ACK of
-                    # it sent with the batch (no reply of ours will carry it). The relay
+                    # Relayed: passed on from the endpoint's event handling; the ACK of it
+                    # rides on the answer passed back, or leaves with the batch. The relay
                     # task is woken only for what it must handle: bytes left for lack of
                     # room (it waits for credit), ends and breaks.
                     self.pass_on()
-                    self.conn.send_soon(ack=True)
+                    self.conn.ack_relayed()
                     if not self.raw:
                         return
         if fin:

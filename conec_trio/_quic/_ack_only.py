@@ -1,4 +1,11 @@
-"""A packet that carries nothing but an ACK, built without aioquic's full send pass.
+"""When ACKs leave, and a packet that carries nothing but an ACK, built without aioquic's
+full send pass.
+
+aioquic sends the ACK of an ack-eliciting packet 1 ms after it arrived. A reply usually
+takes longer than that in a loaded process, so the ACK went alone and the reply a moment
+later, and the peer received two packets. ``hold_ack`` holds the ACK of a single packet for
+``REPLY_ACK_DELAY`` where a reply (or a relayed answer) is expected to carry it; a second
+ack-eliciting packet is acknowledged as aioquic does (RFC 9000 section 13.2.2).
 
 An idle connection's commonest send is the ACK of a keepalive PING. aioquic's
 ``datagrams_to_send`` asks every frame writer (connection ids, credit of every stream, the
@@ -18,30 +25,76 @@ from aioquic.quic.connection import END_STATES, QuicConnection, QuicNetworkPath
 from aioquic.quic.packet import QuicPacketType
 from aioquic.quic.packet_builder import QuicPacketBuilder, QuicPacketBuilderStop
 
+# Within the 25 ms max_ack_delay we announce (aioquic's default), with room for a late timer.
+REPLY_ACK_DELAY = 0.010
+
 
 class LeanAcks(QuicConnection):
-    """``ack_only_datagrams``; the connection class says, with ``_limits_quiet``, whether
-    its credit writers have anything to announce."""
+    """``hold_ack`` and ``ack_only_datagrams``; the connection class says, with
+    ``_limits_quiet``, whether its credit writers have anything to announce."""
+
+    eliciting_unacked = 0  # ack-eliciting 1-RTT packets received since our last ACK frame
+
+    def _payload_received(
+        self, context: Any, plain: bytes, crypto_frame_required: bool = False
+    ) -> tuple[bool, bool]:
+        result: tuple[bool, bool] = super()._payload_received(context, plain, crypto_frame_required)
+        if result[0] and context.epoch == tls.Epoch.ONE_RTT:
+            self.eliciting_unacked += 1
+            space = self._spaces[tls.Epoch.ONE_RTT]
+            if self.eliciting_unacked > 1 and space.ack_at is not None:
+                # a held ACK now covers two packets: back to aioquic's schedule
+                space.ack_at = min(space.ack_at, context.time + self._ack_delay)
+        return result
+
+    def _write_ack_frame(self, builder: Any, space: Any, now: float) -> None:
+        super()._write_ack_frame(builder, space, now)
+        if space is self._spaces.get(tls.Epoch.ONE_RTT):
+            self.eliciting_unacked = 0
+
+    def ack_due_now(self, now: float) -> bool:
+        """An ACK of ours is due (its timer has run out)."""
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        return space is not None and space.ack_at is not None and space.ack_at <= now
+
+    def hold_ack(self) -> bool:
+        """Hold the pending ACK until ``REPLY_ACK_DELAY`` after its packet arrived, so that
+        the answer to that packet carries it. False where it covers more than one
+        ack-eliciting packet: it leaves as aioquic schedules it."""
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        if space is None or space.ack_at is None:
+            return True  # nothing to acknowledge
+        received = space.largest_received_time
+        if received is None or self.eliciting_unacked > 1 or space.ack_at <= received:
+            return False  # more than one packet, or an ACK asked for at once (a PING's)
+        held = received + REPLY_ACK_DELAY
+        if space.ack_at < held:
+            space.ack_at = held
+        return True
+
+    def held_ack_due(self, received_by: float) -> bool:
+        """An ACK is pending for packets that all arrived by ``received_by``."""
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        if space is None or space.ack_at is None or space.largest_received_time is None:
+            return False
+        return space.largest_received_time <= received_by
 
     def _limits_quiet(self) -> bool:
         """No MAX_DATA, MAX_STREAMS or MAX_STREAM_DATA would be written now (and writing
         them would change no state). The safe default: not known."""
         return False
 
-    def ack_only_datagrams(self, now: float) -> list[tuple[bytes, Any]] | None:
-        """What ``datagrams_to_send(now)`` would return when all it would send is a 1-RTT
-        ACK, with the same effects on the connection (packet number, sent packets, pacer
-        and pacing time); None, having changed nothing, where that is not certain."""
+    def nothing_but_acks_to_send(self) -> bool:
+        """aioquic's send pass would write no frame but an ACK now: no stream data, credit,
+        connection id, path response, PING, probe or close. True says nothing of whether
+        an ACK is due."""
         if self._state in END_STATES or self._close_pending or not self._handshake_confirmed:
-            return None
-        space = self._spaces.get(tls.Epoch.ONE_RTT)
-        if space is None or space.ack_at is None or space.ack_at > now:
-            return None
+            return False
         paths = self._network_paths
-        if len(paths) != 1 or not _quiet_path(paths[0]):
-            return None
-        if (
-            self._ping_pending
+        return not (
+            len(paths) != 1
+            or not _quiet_path(paths[0])
+            or self._ping_pending
             or self._probe_pending
             or self._handshake_done_pending
             or self._datagrams_pending
@@ -52,8 +105,18 @@ class LeanAcks(QuicConnection):
             or not all(cid.was_sent for cid in self._host_cids)
             or not all(_quiet_stream(stream) for stream in self._streams_queue)
             or not self._limits_quiet()
-        ):
+        )
+
+    def ack_only_datagrams(self, now: float) -> list[tuple[bytes, Any]] | None:
+        """What ``datagrams_to_send(now)`` would return when all it would send is a 1-RTT
+        ACK, with the same effects on the connection (packet number, sent packets, pacer
+        and pacing time); None, having changed nothing, where that is not certain."""
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        if space is None or space.ack_at is None or space.ack_at > now:
             return None
+        if not self.nothing_but_acks_to_send():
+            return None
+        paths = self._network_paths
         crypto = self._cryptos[tls.Epoch.ONE_RTT]
         if not crypto.send.is_valid():
             return None

@@ -159,6 +159,7 @@ class FlowControlledConnection(LeanAcks, StatelessResets, ConnectionViews):
         datagrams = self.ack_only_datagrams(now)
         if datagrams is None:
             datagrams = super().datagrams_to_send(now)
+        self._drop_idle_pacing_timer()
         # aioquic's pacer asks for waits well under a millisecond, and trio sleeps in whole
         # milliseconds: what is due within PACING_SLACK goes now, the pacer's bucket credited
         # with that time (packets keep their real send time, so RTT samples stay true).
@@ -168,6 +169,7 @@ class FlowControlledConnection(LeanAcks, StatelessResets, ConnectionViews):
                 break
             self._loss._pacer.update_bucket(now=pacing_at)
             more = super().datagrams_to_send(now)
+            self._drop_idle_pacing_timer()
             if not more:
                 break
             datagrams += more
@@ -176,6 +178,15 @@ class FlowControlledConnection(LeanAcks, StatelessResets, ConnectionViews):
         if not self._handshake_trimmed:
             self._trim_after_handshake()
         return datagrams
+
+    def _drop_idle_pacing_timer(self) -> None:
+        """aioquic's send pass asks its pacer about a next packet even when it has nothing
+        more to send, and arms its pacing timer with the answer: after nearly every packet
+        the connection's driver would wake (and run another send pass) for nothing. The
+        timer is dropped when only ACKs, which are not paced, could be sent; new data
+        makes the writer ask for a send pass anyway."""
+        if self._pacing_at is not None and self.nothing_but_acks_to_send():
+            self._pacing_at = None
 
     def _forget_ack_only(self, first: int) -> None:
         """Keep only the newest of the packets sent from ``first`` on that carry nothing but

@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,10 @@ log = logging.getLogger("conec_trio.quic")
 CID_LENGTH = 8
 # Datagrams read per wakeup before the touched connections transmit (see ``_transmit``).
 RECEIVE_BATCH = 32
+# A batch that touched at most this many connections finds the endpoint quiet: a relay holds
+# the ACK of what it passes on for the answer to carry. In a busy one answers come late, and
+# an ACK sent with the batch is cheaper than a timer's wakeup for it (``ack_relayed``).
+QUIET_BATCH = 2
 SMALLEST_INITIAL = 1200
 # Stateless resets we send: never as large as the datagram that caused them (no loops, no
 # amplification), at most this large, and at most this many a second (a burst of them, for
@@ -72,6 +77,8 @@ class QuicEndpoint:
         # connections that send once the batch being handled is (see Transmitting.send_soon)
         self.handling_batch = False
         self.after_batch: dict[QuicConn, None] = {}
+        self.held_acks: deque[tuple[float, QuicConn]] = deque()
+        self.quiet_batch = True
         # datagrams that are not QUIC (hole punching) go here
         self.raw_datagram_handler: Callable[[bytes, Address], None] | None = None
 
@@ -120,6 +127,7 @@ class QuicEndpoint:
                     conn = self._dispatch(data, addr, now)
                     if conn is not None:
                         touched[conn] = None
+                self.quiet_batch = len(touched) <= QUIET_BATCH
                 for conn in touched:
                     if not conn.handshake_confirmed.is_set():
                         # A handshake flight (or its confirmation) is what the peer waits
@@ -133,7 +141,7 @@ class QuicEndpoint:
                 for conn in touched:
                     if conn in after_batch:
                         continue  # it sends below
-                    if not conn.answer_ping() and not conn.leave_to_reader():
+                    if not (conn.answer_ping() or conn.leave_to_reader() or conn.stay_parked()):
                         conn.mark_dirty()
             finally:
                 self.handling_batch = False
@@ -141,6 +149,12 @@ class QuicEndpoint:
             while after_batch:
                 conn, _ = after_batch.popitem()
                 conn.flush()
+            held_acks = self.held_acks
+            if held_acks:
+                now = trio.current_time()
+                while held_acks and held_acks[0][0] <= now:
+                    _, conn = held_acks.popleft()
+                    conn.send_held_ack(now)
             while self.urgent:
                 conn, _ = self.urgent.popitem()
                 await conn.transmit(probe=False)

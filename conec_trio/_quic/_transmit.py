@@ -14,6 +14,8 @@ Transmit policy, written down once. Datagrams leave by one of these routes:
      left parked (``flush``): what a relay passed on to it while the batch was handled, and
      the ACK of what it passed on from it, one packet build per connection per batch;
    - ``answer_ping``: the ACK of a keepalive leaves at once, with the driver left parked;
+   - ``stay_parked``: what arrived asks nothing of us now (an ACK alone): the driver's wait
+     only moves;
    - ``leave_to_reader``: when stream data went to readers and nothing of ours is in flight,
      the driver stays parked and the reader's answer leaves from the reader (route 3).
 3. A writer's own task (``send_now``): a message that answers data that arrived since our
@@ -28,12 +30,14 @@ driver sends it first.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 import trio
 
 from .._config import KEEPALIVE_FRACTION
+from ._ack_only import REPLY_ACK_DELAY
 from ._aioquic import FlowControlledConnection
 
 Address = tuple[Any, ...]
@@ -46,6 +50,10 @@ TIMER_GRANULARITY = 0.001
 COALESCE_ROUNDS = 256
 COALESCE_BYTES = 16 * 1200
 
+# A relay's held ACK leaves from the receive loop this long after its packet arrived, at
+# the end of a batch; the driver's timer sends it after twice as long (REPLY_ACK_DELAY).
+HELD_ACK_SWEEP = REPLY_ACK_DELAY / 2
+
 ConnT = TypeVar("ConnT")
 
 
@@ -55,6 +63,9 @@ class DatagramRoute(Protocol[ConnT]):
 
     # connections that transmit from the receive loop before anything else runs
     urgent: dict[ConnT, None]
+    # ACKs a relay held, oldest first: (when the receive loop sends them, connection)
+    held_acks: deque[tuple[float, ConnT]]
+    quiet_batch: bool  # the batch being handled touched few connections
     # True while the receive loop handles a batch of datagrams; connections that send from
     # the receive loop once it is handled (see Transmitting.send_soon)
     handling_batch: bool
@@ -208,10 +219,63 @@ class Transmitting:
             or not quic.handshake_confirmed
             or quic.bytes_in_flight
             or self.closed.is_set()
+            # an ACK in the batch may have declared data lost: its retransmission waits
+            or not quic.nothing_but_acks_to_send()
+        ):
+            return False
+        quic.hold_ack()  # the reader's answer is to carry it
+        parked.deadline = self._next_deadline()
+        return True
+
+    def stay_parked(self) -> bool:
+        """Called by the endpoint after feeding a batch of datagrams, where neither
+        ``answer_ping`` nor ``leave_to_reader`` applies. If what arrived asks nothing of us
+        now (an ACK alone, mostly: the commonest packet a sender receives), the driver
+        stays parked, its wait moved to the new deadline (the loss timer an ACK moves,
+        aioquic's ACK timer, a keepalive): one driver wakeup less for every such packet.
+        False: the driver must run (``mark_dirty``)."""
+        parked = self._parked
+        if (
+            parked is None
+            or self._dirty
+            or self._delivered
+            or self in self.endpoint.urgent
+            or self.closed.is_set()
+            or not self._nothing_due()
         ):
             return False
         parked.deadline = self._next_deadline()
         return True
+
+    def _nothing_due(self) -> bool:
+        """Nothing of ours is to be sent now: no data written, nothing built or deferred,
+        no ACK due, no frame aioquic would write."""
+        if self._pending_bytes or self._ack_soon or self._deferred or self._backlog:
+            return False
+        quic = self.quic
+        return not quic.ack_due_now(trio.current_time()) and quic.nothing_but_acks_to_send()
+
+    def ack_relayed(self: Self) -> None:
+        """For a relay: the ACK of what it took from this connection. Where it covers a
+        single packet, it is held (``hold_ack``) for the answer the relay passes back to
+        carry, while the endpoint is quiet (``QUIET_BATCH``). An answer that is late leaves
+        it to the receive loop, which sends it after
+        ``HELD_ACK_SWEEP`` at the end of a batch (``send_held_ack``), or, with no batch
+        coming, to the driver's timer. More than one packet: the ACK leaves with the batch
+        being handled (``send_soon``)."""
+        endpoint = self.endpoint
+        if endpoint.quiet_batch and self.quic.hold_ack():
+            endpoint.held_acks.append((trio.current_time() + HELD_ACK_SWEEP, self))
+            self.send_soon()  # only moves the parked driver's wait (flush)
+        else:
+            self.send_soon(ack=True)
+
+    def send_held_ack(self, now: float) -> None:
+        """Called by the receive loop once ``HELD_ACK_SWEEP`` has passed since a relay
+        held an ACK (``ack_relayed``): send it now, unless it has left already."""
+        if self.quic.held_ack_due(now - HELD_ACK_SWEEP):
+            self._ack_soon = True
+            self.flush()
 
     def send_soon(self: Self, *, ack: bool = False) -> None:
         """For a relay: what it wrote to this connection (or, with ``ack``, the ACK of what it
@@ -231,16 +295,15 @@ class Transmitting:
         """Called by the endpoint for the connections in ``after_batch`` once the batch is
         handled: an idle driver stays parked and what is due leaves from here; a driver that
         runs anyway (or a connection still in its handshake, or closed) is left to send it."""
-        if (
-            self._parked is None
-            or self._dirty
-            or not self.quic.handshake_confirmed
-            or self.closed.is_set()
-        ):
+        parked = self._parked
+        quic = self.quic
+        if parked is None or self._dirty or not quic.handshake_confirmed or self.closed.is_set():
             self.mark_dirty()
             return
         self.quic.ack_due = False  # a PING's ACK goes with this packet
-        if not self._send_from_receive_loop():
+        if self._nothing_due():  # an ACK held for an answer (ack_relayed)
+            parked.deadline = self._next_deadline()
+        elif not self._send_from_receive_loop():
             self.mark_dirty()
 
     def _send_from_receive_loop(self) -> bool:
