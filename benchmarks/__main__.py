@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     note = f"; refused for {len(refused)} process(es), which ran unpinned" if refused else ""
     print(f"pinning: {pinned['description']}{note}")
     print(noisy_summary(results))
+    for r in results:
+        if r.subject_status == "stopped":
+            print(f"stopped here: {r.case.name}: {r.subject_note}")
 
     data = results_json(results, quick=args.quick, repeats=repeats, wall_time=wall, pinning=pinned)
     write_json(data, args.json)

@@ -378,6 +378,7 @@ def _scale_cases(n: int) -> None:
                 judge_worst=worst,
                 max_repeats=SCALE_MAX_REPEATS,
                 quick_repeats=SCALE_QUICK_REPEATS,
+                probes_limit=reported_only,
                 in_quick=quick_too,
             )
         )

@@ -68,6 +68,8 @@ class Case:
     group (whose runs it then only shares the schedule with, not its judgement).
     ``judge_worst``: ``target_value`` applies to the worst sample, not the median (for
     "must never happen" counts: one lost message in any round is a miss).
+    ``probes_limit``: the case looks for where the library stops (the largest scale runs): a
+    failed run is its finding, reported with its reason, not an error of the run.
     ``max_repeats`` / ``quick_repeats``: at most this many runs per side (with ``--quick``),
     for expensive cases. ``in_quick``: False leaves the case out of ``--quick`` runs unless
     it is named with ``--only``.
@@ -87,6 +89,7 @@ class Case:
     max_repeats: int | None = None
     quick_repeats: int | None = None
     in_quick: bool = True
+    probes_limit: bool = False
 
     def repeats(self, repeats: int, quick: bool) -> int:
         """Runs per side for this case when ``repeats`` are asked for."""
@@ -159,7 +162,7 @@ class CaseResult:
     case: Case
     baseline: list[float] = field(default_factory=list)
     subject: list[float] = field(default_factory=list)
-    subject_status: str = "ok"  # "ok", "not available", "error", "not run"
+    subject_status: str = "ok"  # "ok", "not available", "error", "stopped", "not run"
     subject_note: str = ""
     errors: list[str] = field(default_factory=list)
     runs: list[dict[str, Any]] = field(default_factory=list)  # a Metric source's results
@@ -276,8 +279,12 @@ def run_group(
                 continue
             except Exception as exc:
                 live.remove(r)
-                r.subject_status = "error"
                 r.subject_note = _describe(exc)
+                if r.case.probes_limit:
+                    r.subject_status = "stopped"
+                    log(f"  {name}: run {i + 1} stopped here: {_describe(exc)}")
+                    continue
+                r.subject_status = "error"
                 r.errors.append(f"subject run {i + 1}: {_describe(exc)}")
                 log(f"  {name}: subject run {i + 1} FAILED: {_describe(exc)}")
                 if not isinstance(r.case.subject, Metric):
@@ -421,6 +428,8 @@ def format_table(results: Sequence[CaseResult]) -> str:
             subject = "subject not available"
         elif r.subject_status == "error":
             subject = "subject FAILED"
+        elif r.subject_status == "stopped":
+            subject = "stopped here (below)"
         else:
             subject = "-"
         if r.case.absolute:
