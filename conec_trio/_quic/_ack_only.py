@@ -24,6 +24,7 @@ from aioquic import tls
 from aioquic.quic.connection import END_STATES, QuicConnection, QuicNetworkPath
 from aioquic.quic.packet import QuicPacketType
 from aioquic.quic.packet_builder import QuicPacketBuilder, QuicPacketBuilderStop
+from aioquic.quic.recovery import QuicPacketSpace
 
 # Within the 25 ms max_ack_delay we announce (aioquic's default), with room for a late timer.
 REPLY_ACK_DELAY = 0.010
@@ -34,34 +35,41 @@ class LeanAcks(QuicConnection):
     ``_limits_quiet``, whether its credit writers have anything to announce."""
 
     eliciting_unacked = 0  # ack-eliciting 1-RTT packets received since our last ACK frame
+    # The 1-RTT packet space, looked up once: an ``Epoch`` key costs a Python-level hash.
+    one_rtt_space: QuicPacketSpace | None = None
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        self.one_rtt_space = self._spaces[tls.Epoch.ONE_RTT]
+        self._one_rtt_crypto_sender = self._crypto_streams[tls.Epoch.ONE_RTT].sender
 
     def _payload_received(
         self, context: Any, plain: bytes, crypto_frame_required: bool = False
     ) -> tuple[bool, bool]:
         result: tuple[bool, bool] = super()._payload_received(context, plain, crypto_frame_required)
-        if result[0] and context.epoch == tls.Epoch.ONE_RTT:
+        if result[0] and context.epoch is tls.Epoch.ONE_RTT:
             self.eliciting_unacked += 1
-            space = self._spaces[tls.Epoch.ONE_RTT]
-            if self.eliciting_unacked > 1 and space.ack_at is not None:
+            space = self.one_rtt_space
+            if self.eliciting_unacked > 1 and space is not None and space.ack_at is not None:
                 # a held ACK now covers two packets: back to aioquic's schedule
                 space.ack_at = min(space.ack_at, context.time + self._ack_delay)
         return result
 
     def _write_ack_frame(self, builder: Any, space: Any, now: float) -> None:
         super()._write_ack_frame(builder, space, now)
-        if space is self._spaces.get(tls.Epoch.ONE_RTT):
+        if space is self.one_rtt_space:
             self.eliciting_unacked = 0
 
     def ack_due_now(self, now: float) -> bool:
         """An ACK of ours is due (its timer has run out)."""
-        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        space = self.one_rtt_space
         return space is not None and space.ack_at is not None and space.ack_at <= now
 
     def hold_ack(self) -> bool:
         """Hold the pending ACK until ``REPLY_ACK_DELAY`` after its packet arrived, so that
         the answer to that packet carries it. False where it covers more than one
         ack-eliciting packet: it leaves as aioquic schedules it."""
-        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        space = self.one_rtt_space
         if space is None or space.ack_at is None:
             return True  # nothing to acknowledge
         received = space.largest_received_time
@@ -74,7 +82,7 @@ class LeanAcks(QuicConnection):
 
     def held_ack_due(self, received_by: float) -> bool:
         """An ACK is pending for packets that all arrived by ``received_by``."""
-        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        space = self.one_rtt_space
         if space is None or space.ack_at is None or space.largest_received_time is None:
             return False
         return space.largest_received_time <= received_by
@@ -101,7 +109,7 @@ class LeanAcks(QuicConnection):
             or self._retire_connection_ids
             or self._streams_blocked_pending
             or (self._is_client and self._remote_preferred_address is not None)
-            or not self._crypto_streams[tls.Epoch.ONE_RTT].sender.buffer_is_empty
+            or not self._one_rtt_crypto_sender.buffer_is_empty
             or not all(cid.was_sent for cid in self._host_cids)
             or not all(_quiet_stream(stream) for stream in self._streams_queue)
             or not self._limits_quiet()
@@ -111,7 +119,7 @@ class LeanAcks(QuicConnection):
         """What ``datagrams_to_send(now)`` would return when all it would send is a 1-RTT
         ACK, with the same effects on the connection (packet number, sent packets, pacer
         and pacing time); None, having changed nothing, where that is not certain."""
-        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        space = self.one_rtt_space
         if space is None or space.ack_at is None or space.ack_at > now:
             return None
         if not self.nothing_but_acks_to_send():

@@ -149,7 +149,7 @@ class FlowControlledConnection(LeanAcks, StatelessResets, ConnectionViews):
             # no data will follow to share the ACK with, and waiting aioquic's ack delay
             # would cost a second wakeup for every keepalive.
             self._ping_received = False
-            space = self._spaces.get(tls.Epoch.ONE_RTT)
+            space = self.one_rtt_space
             if space is not None and space.ack_at is not None:
                 space.ack_at = now
                 self.ack_due = True
@@ -195,7 +195,7 @@ class FlowControlledConnection(LeanAcks, StatelessResets, ConnectionViews):
         to send, and loss is only declared below the highest acknowledged packet: an idle
         connection answering keepalives would keep every ACK it ever sent. The newest one is
         kept so that its acknowledgement, if one comes, still prunes our ACK ranges."""
-        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        space = self.one_rtt_space
         if space is None:
             return
         sent = space.sent_packets
@@ -262,8 +262,8 @@ class FlowControlledConnection(LeanAcks, StatelessResets, ConnectionViews):
         """Acknowledge what arrived in the next packet we build instead of after aioquic's
         ack delay: a reply then carries the ACK, where aioquic would send the reply without
         it and an ACK-only packet a millisecond later (RFC 9000 13.2.1 allows both)."""
-        space = self._spaces[tls.Epoch.ONE_RTT]
-        if space.ack_at is not None and space.ack_at > now:
+        space = self.one_rtt_space
+        if space is not None and space.ack_at is not None and space.ack_at > now:
             space.ack_at = now
 
     def _stream_credit(self, stream: Any) -> int | None:
