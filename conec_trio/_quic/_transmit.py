@@ -12,12 +12,15 @@ Transmit policy, written down once. Datagrams leave by one of these routes:
      messages marked ``expedite`` (a hello, a dial on a punch), which the peer waits on;
    - a connection in ``endpoint.after_batch`` (``send_soon``) sends from there with its driver
      left parked (``flush``): what a relay passed on to it while the batch was handled, and
-     the ACK of what it passed on from it, one packet build per connection per batch;
+     the ACK of what it passed on from it, one packet build per connection per batch; in a
+     quiet batch that ACK is held for the answer passed back to carry (``ack_relayed``),
+     and a later batch sends it if the answer is late (``endpoint.held_acks``);
    - ``answer_ping``: the ACK of a keepalive leaves at once, with the driver left parked;
    - ``stay_parked``: what arrived asks nothing of us now (an ACK alone): the driver's wait
      only moves;
    - ``leave_to_reader``: when stream data went to readers and nothing of ours is in flight,
-     the driver stays parked and the reader's answer leaves from the reader (route 3).
+     the driver stays parked and the reader's answer leaves from the reader (route 3), the
+     ACK held for it (``hold_ack``: 10 ms where aioquic waits 1 ms).
 3. A writer's own task (``send_now``): a message that answers data that arrived since our
    last packet, while nothing of ours is unacknowledged (request/response), leaves at once
    with the ACK, as with Nagle's algorithm.
