@@ -153,8 +153,11 @@ class LeanAcks(QuicConnection):
             self._write_ack_frame(builder=builder, space=space, now=now)
             if not builder.packet_is_empty:
                 pacer.update_after_send(now=now)
-            # the pass goes on to a next packet: paced, or empty
-            self._pacing_at = pacer.next_send_time(now=now)
+            # The pass goes on to a next packet: its pacer check updates the bucket and
+            # arms the pacing timer, which the connection drops at once when nothing but
+            # ACKs is left to send (``_drop_idle_pacing_timer``), as is the case here.
+            pacer.next_send_time(now=now)
+            self._pacing_at = None
         except QuicPacketBuilderStop:
             pass
         datagrams: list[tuple[bytes, Any]] = self._flush_builder(

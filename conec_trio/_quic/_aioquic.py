@@ -159,7 +159,7 @@ class FlowControlledConnection(LeanAcks, StatelessResets, ConnectionViews):
         datagrams = self.ack_only_datagrams(now)
         if datagrams is None:
             datagrams = super().datagrams_to_send(now)
-        self._drop_idle_pacing_timer()
+            self._drop_idle_pacing_timer()
         # aioquic's pacer asks for waits well under a millisecond, and trio sleeps in whole
         # milliseconds: what is due within PACING_SLACK goes now, the pacer's bucket credited
         # with that time (packets keep their real send time, so RTT samples stay true).
