@@ -360,6 +360,9 @@ class CoordinatorConnection:
             if isinstance(msg, control.PeerAddress):
                 self._direct.peer_address(msg.peer, msg.addr)
                 continue
+            if isinstance(msg, control.ChannelRefused):
+                self._direct.refused(msg.peer, msg.token, msg.message)
+                continue
             requests.reply(msg)
 
     def _send_control(self, msg: Any) -> None:

@@ -9,6 +9,14 @@ candidates, and how many punches). The opener dials QUIC to the first address a 
 the token arrived from (or to every candidate, if none did yet); QUIC's own retransmission of
 the Initial is the handshake retry. A punch without the token is ignored. Each side accepts
 the connection only from exactly the certificate the coordinator vouched for.
+
+The coordinator grants the channel to the opener as it offers it to the peer, so the opener
+may dial before the peer said yes. The peer's consent is its punch (sent only once it
+accepted the offer) and its acceptance of the opener's certificate: a peer that refuses, or
+does not listen, never knows that certificate, so its handshake fails the pin check; and the
+opener waits for the handshake to be confirmed (HANDSHAKE_DONE), which the peer holds back
+while the certificate waits for its offer (``UNVOUCHED_GRACE``: the offer can arrive after
+the handshake). A refusal reaches the opener as a ChannelRefused and ends its attempt.
 """
 
 from __future__ import annotations
@@ -49,6 +57,13 @@ log = logging.getLogger("conec_trio.direct")
 
 __all__ = ["DirectChannel", "DirectContext", "DirectManager", "DirectTable"]
 
+# A dialler whose certificate nobody vouched for yet (its offer may still be on its way: the
+# coordinator grants and offers at once) waits this long, its handshake unconfirmed, at most
+# MAX_UNVOUCHED of them at once; then it is refused.
+UNVOUCHED_GRACE = 2.0
+MAX_UNVOUCHED = 8
+NOT_VOUCHED = "certificate is not the one the coordinator vouched for"
+
 
 class DirectManager(ChannelOpening):
     """A client's direct channels (both the ones it opened and the ones it accepted)."""
@@ -63,6 +78,8 @@ class DirectManager(ChannelOpening):
         self._punch_budget = punch_budget()
         # Channels whose peer moved, being punched at its new address (see peer_address).
         self._following: set[QuicConn] = set()
+        # Accepted handshakes whose certificate (DER) waits for its offer (UNVOUCHED_GRACE).
+        self._unvouched: dict[DirectTable, bytes] = {}
         # Hooks of the paths (``_paths``): told of every channel that opens, and handed the
         # direct streams whose header is one of these types, with the peer's id.
         self.on_channel_up: Callable[[DirectChannel], None] | None = None
@@ -86,6 +103,9 @@ class DirectManager(ChannelOpening):
                 reply = control.ChannelOfferReply(offer.oid, True, "")
         if not reply.accept:
             ctx.send_control(reply)
+            for table, der in list(self._unvouched.items()):
+                if der == offer.cert_der:
+                    self._refuse(table, f"channel refused: {reply.message}")
             return
         old = self.channels.pop(offer.peer, None)
         if old is not None:
@@ -97,6 +117,11 @@ class DirectManager(ChannelOpening):
         expected = _Expected(offer.peer, offer.cert_der, list(offer.addrs), offer.token)
         expected.accepting = True
         self._expected[offer.peer] = expected
+        for table, der in list(self._unvouched.items()):
+            if der == offer.cert_der:  # it dialled before the offer got here
+                del self._unvouched[table]
+                table.conn.hold_confirmation(False)
+                self._vouch(table, der)
         try:
             async with trio.open_nursery() as nursery:
                 if ctx.config.holepunch:
@@ -127,19 +152,38 @@ class DirectManager(ChannelOpening):
         conn = table.conn
         cert = conn.peer_certificate
         der = _tls.cert_der(cert) if cert is not None else b""
+        if der and self._vouch(table, der):
+            return
+        if not der or len(self._unvouched) >= MAX_UNVOUCHED:
+            self._refuse(table, NOT_VOUCHED)
+            return
+        # Its offer may still be on the way: no confirmation (the dialler waits for it)
+        # until it comes, if it comes in time.
+        conn.hold_confirmation(True)
+        self._unvouched[table] = der
+        self.ctx.nursery.start_soon(self._await_offer, table)
+
+    def _vouch(self, table: DirectTable, der: bytes) -> bool:
+        """Register the channel if ``der`` is the certificate of a channel we expect."""
         for expected in self._expected.values():
-            if der and der == expected.cert_der:
+            if der == expected.cert_der:
                 table.peer = expected.peer
-                self._register(expected.peer, conn)
+                self._register(expected.peer, table.conn)
                 expected.done.set()
-                return
-        log.warning(
-            "refusing a direct connection from %s: certificate not vouched for", conn.peer_address
-        )
-        conn.close(
-            int(CloseCode.CERTIFICATE),
-            "certificate is not the one the coordinator vouched for",
-        )
+                return True
+        return False
+
+    async def _await_offer(self, table: DirectTable) -> None:
+        with trio.move_on_after(UNVOUCHED_GRACE):
+            await wait_any(table.vouched, table.conn.closed)
+        if self._unvouched.pop(table, None) is not None and table.conn.is_open:
+            self._refuse(table, NOT_VOUCHED)
+
+    def _refuse(self, table: DirectTable, reason: str) -> None:
+        self._unvouched.pop(table, None)
+        conn = table.conn
+        log.warning("refusing a direct connection from %s: %s", conn.peer_address, reason)
+        conn.close(int(CloseCode.CERTIFICATE), reason)
 
     def _register(self, peer: str, conn: QuicConn) -> DirectChannel:
         table = conn.listener

@@ -40,6 +40,9 @@ CHANNEL_TIMEOUT = 10.0
 # the peer's from forgeries): a flood of forgeries can fill them, and then the opener takes
 # the peer's next punch instead.
 MAX_UNVERIFIED_PUNCHES = 8
+# Refusals an opener keeps while it waits for its grant (the refusal of the offer can be
+# read before the opener has taken in the grant that came just before it).
+MAX_EARLY_REFUSALS = 4
 
 
 class DirectChannel:
@@ -71,6 +74,11 @@ class _Expected:
         # meanwhile (token -> where from), checked once the grant brings the token.
         self.awaiting_grant = False
         self.unverified: dict[bytes, tuple[Any, ...]] = {}
+        # The peer refused the offer of our opening (the coordinator says why): token ->
+        # message while awaiting the grant, then the refusal of this attempt.
+        self.early_refusals: dict[bytes, str] = {}
+        self.refusal: str | None = None
+        self.attempt = trio.CancelScope()  # cancelled by a refusal
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,19 @@ class ChannelOpening:
                 self._punched(expected, addr)
                 return
 
+    def refused(self, peer: str, token: bytes, message: str) -> None:
+        """The coordinator says ``peer`` refused (or did not answer) the offer of the channel
+        granted with ``token``: the opening attempt it belongs to ends with ``message``."""
+        expected = self._expected.get(canonical_id(peer))
+        if expected is None or expected.accepting:
+            return
+        if expected.awaiting_grant:
+            if len(expected.early_refusals) < MAX_EARLY_REFUSALS:
+                expected.early_refusals.setdefault(token, message)
+        elif hmac.compare_digest(token, expected.token) and expected.refusal is None:
+            expected.refusal = message
+            expected.attempt.cancel()
+
     def _punched(self, expected: _Expected, addr: tuple[Any, ...]) -> None:
         """The peer's punch (it carried the channel's token) came from ``addr``."""
         if expected.punch_seen.is_set():
@@ -199,26 +220,33 @@ class ChannelOpening:
             expected.addrs = list(reply.addrs)
             expected.token = reply.token
             expected.awaiting_grant = False
+            refusal = expected.early_refusals.get(reply.token)
+            if refusal is not None:
+                raise ChannelError(refusal)
             punched_from = expected.unverified.get(reply.token)
             expected.unverified.clear()
             if punched_from is not None:
                 self._punched(expected, punched_from)
-            async with trio.open_nursery() as nursery:
-                if ctx.config.holepunch:
-                    nursery.start_soon(self._punch, expected)
-                with trio.move_on_after(CHANNEL_TIMEOUT):
-                    try:
-                        channel = await self._dial(expected)
-                    except ChannelError as exc:
-                        failure = exc  # raised below, outside the nursery (no group)
-                expected.done.set()
+            with expected.attempt:
+                async with trio.open_nursery() as nursery:
+                    if ctx.config.holepunch:
+                        nursery.start_soon(self._punch, expected)
+                    with trio.move_on_after(CHANNEL_TIMEOUT):
+                        try:
+                            channel = await self._dial(expected)
+                        except ChannelError as exc:
+                            failure = exc  # raised below, outside the nursery (no group)
+                    expected.done.set()
         finally:
+            expected.done.set()
             if self._expected.get(peer) is expected:
                 del self._expected[peer]
+        if channel is not None:
+            return channel  # the peer accepted our certificate: its consent, whatever came
+        if expected.refusal is not None:
+            raise ChannelError(expected.refusal)
         if failure is not None:
             raise failure
-        if channel is not None:
-            return channel
         tried = ", ".join(f"{h}:{p}" for h, p, *_ in self._targets(expected.addrs))
         raise ChannelError(
             f"could not reach peer {peer!r} directly within {CHANNEL_TIMEOUT:g} s (tried "
