@@ -22,7 +22,7 @@ from ._exceptions import (
     ProtocolError,
 )
 from ._punch import punch, punch_packet, punch_targets, punch_token
-from ._quic import ConnectionSettings, QuicConn, QuicEndpoint
+from ._quic import ConnectionSettings, PreparedDial, QuicConn, QuicEndpoint
 from ._streams import (
     StreamState,
     StreamTable,
@@ -43,6 +43,9 @@ MAX_UNVERIFIED_PUNCHES = 8
 # Refusals an opener keeps while it waits for its grant (the refusal of the offer can be
 # read before the opener has taken in the grant that came just before it).
 MAX_EARLY_REFUSALS = 4
+# Scheduling rounds an opener lets pass after sending its request before it makes the dial's
+# first flight (a few milliseconds of CPU that must not hold the request back).
+PREPARE_AFTER_ROUNDS = 4
 
 
 class DirectChannel:
@@ -79,6 +82,8 @@ class _Expected:
         self.early_refusals: dict[bytes, str] = {}
         self.refusal: str | None = None
         self.attempt = trio.CancelScope()  # cancelled by a refusal
+        # Our own opening: the dial's costly part, made while the request is out.
+        self.prepared: PreparedDial | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,7 @@ class ChannelOpening:
         self._expected[peer] = expected
         channel: DirectChannel | None = None
         failure: ChannelError | None = None
+        ctx.nursery.start_soon(self._prepare_dial, expected)
         try:
             reply = await ctx.request(lambda rid: control.ChannelRequest(rid, peer))
             if isinstance(reply, control.ErrorReply) and reply.reason == Reason.PEER_OPENING:
@@ -253,6 +259,17 @@ class ChannelOpening:
             f"{tried or 'no address'}; "
             "a symmetric NAT or a firewall may be in the way)"
         )
+
+    async def _prepare_dial(self, expected: _Expected) -> None:
+        """Make the dial's first flight while the grant is on its way (the CPU is idle then),
+        once the request has left: its connection's driver gets the rounds it may wait for
+        more writes first (``_quic._transmit``)."""
+        for _ in range(PREPARE_AFTER_ROUNDS):
+            await trio.lowlevel.checkpoint()
+        endpoint = self.ctx.endpoint()
+        if expected.awaiting_grant and endpoint is not None:
+            settings = self.ctx.settings(server_name=expected.peer)
+            expected.prepared = endpoint.prepare_dial(settings)
 
     async def _join(self, peer: str) -> DirectChannel:
         """Wait for the channel the peer is opening to this client at the same time."""
@@ -320,7 +337,8 @@ class ChannelOpening:
         endpoint = ctx.endpoint()
         assert endpoint is not None
         # No trust store: the pin check after the handshake replaces it.
-        conn = endpoint.connect(addr, ctx.settings(server_name=expected.peer))
+        prepared, expected.prepared = expected.prepared, None
+        conn = endpoint.connect(addr, prepared or ctx.settings(server_name=expected.peer))
         # A listener first, so nothing the peer sends is lost before registration.
         self._make_table(expected.peer, conn)
         return conn
