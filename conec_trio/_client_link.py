@@ -347,7 +347,7 @@ class CoordinatorConnection:
                     link.conn.close(int(CloseCode.PROTOCOL), f"bad control message: {exc}")
                 return
             if isinstance(msg, control.ChannelOffer):
-                self._nursery.start_soon(self._direct.on_offer, msg)
+                self._direct.offer(msg)
                 continue
             if isinstance(
                 msg, control.PresenceSnapshot | control.PresenceEvent | control.PresenceDropped

@@ -87,8 +87,23 @@ class DirectManager(ChannelOpening):
 
     # -- accepting (the peer dials) ---------------------------------------------------------------
 
+    def offer(self, offer: control.ChannelOffer) -> None:
+        """The coordinator says ``offer.peer`` wants a channel: agree (or not) and punch
+        now, from the control stream's reader (the opener, granted the channel already,
+        waits for the punch before it dials); a task keeps punching."""
+        taken = self._take_offer(offer)
+        if taken is not None:
+            self.ctx.nursery.start_soon(self._accepting, *taken)
+
     async def on_offer(self, offer: control.ChannelOffer) -> None:
-        """The coordinator says ``offer.peer`` wants a channel: agree (or not) and punch."""
+        """``offer``, the punching included."""
+        taken = self._take_offer(offer)
+        if taken is not None:
+            await self._accepting(*taken)
+
+    def _take_offer(
+        self, offer: control.ChannelOffer
+    ) -> tuple[_Expected, control.ChannelOfferReply] | None:
         ctx = self.ctx
         offer = dataclasses.replace(offer, peer=canonical_id(offer.peer))
         reply: control.ChannelOfferReply
@@ -106,7 +121,7 @@ class DirectManager(ChannelOpening):
             for table, der in list(self._unvouched.items()):
                 if der == offer.cert_der:
                     self._refuse(table, f"channel refused: {reply.message}")
-            return
+            return None
         old = self.channels.pop(offer.peer, None)
         if old is not None:
             # The peer dials again: it no longer has the old channel.
@@ -122,19 +137,24 @@ class DirectManager(ChannelOpening):
                 del self._unvouched[table]
                 table.conn.hold_confirmation(False)
                 self._vouch(table, der)
+        if ctx.config.holepunch:
+            # Punch first (the opener dials once a punch came), then say yes.
+            self._punch_now(expected)
+        ctx.send_control(reply)
+        return expected, reply
+
+    async def _accepting(self, expected: _Expected, reply: control.ChannelOfferReply) -> None:
+        """Keep punching for an accepted offer until its channel is up or times out."""
         try:
             async with trio.open_nursery() as nursery:
-                if ctx.config.holepunch:
-                    nursery.start_soon(self._punch, expected)
-                # Punch first, then say yes: by the time the opener dials, our NAT knows it.
-                await trio.lowlevel.checkpoint()
-                ctx.send_control(reply)
+                if self.ctx.config.holepunch:
+                    nursery.start_soon(self._punch, expected, True)
                 with trio.move_on_after(CHANNEL_TIMEOUT):
                     await expected.done.wait()
                 expected.done.set()
         finally:
-            if self._expected.get(offer.peer) is expected:
-                del self._expected[offer.peer]
+            if self._expected.get(expected.peer) is expected:
+                del self._expected[expected.peer]
 
     def server_settings(self) -> ConnectionSettings:
         return self.ctx.settings()

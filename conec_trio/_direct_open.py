@@ -21,7 +21,7 @@ from ._exceptions import (
     PeerNotFoundError,
     ProtocolError,
 )
-from ._punch import punch, punch_packet, punch_targets, punch_token
+from ._punch import punch, punch_packet, punch_round, punch_targets, punch_token
 from ._quic import ConnectionSettings, PreparedDial, QuicConn, QuicEndpoint
 from ._streams import (
     StreamState,
@@ -127,14 +127,24 @@ class ChannelOpening:
         assert endpoint is not None
         return punch_targets(addrs, endpoint.sock.family)
 
-    async def _punch(self, expected: _Expected) -> None:
-        """Punch the targets until the channel is up or the time is over."""
+    async def _punch(self, expected: _Expected, first_sent: bool = False) -> None:
+        """Punch the targets until the channel is up or the time is over (``first_sent``:
+        ``_punch_now`` sent the first round)."""
         endpoint = self.ctx.endpoint()
         assert endpoint is not None
         targets = self._targets(expected.addrs)
         packet = punch_packet(expected.token)
         with trio.move_on_after(CHANNEL_TIMEOUT):
-            await punch(endpoint, packet, targets, expected.done, self._punch_budget)
+            await punch(
+                endpoint, packet, targets, expected.done, self._punch_budget, first_sent=first_sent
+            )
+
+    def _punch_now(self, expected: _Expected) -> None:
+        """The first round of punches, at once (from a synchronous caller)."""
+        endpoint = self.ctx.endpoint()
+        if endpoint is not None:
+            targets = self._targets(expected.addrs)
+            punch_round(endpoint, punch_packet(expected.token), targets, self._punch_budget)
 
     def raw_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """A non-QUIC datagram arrived on the client's socket: maybe a punch."""

@@ -144,20 +144,33 @@ def usable_candidates(addrs: list[tuple[str, int]], family: int) -> list[tuple[A
     return out
 
 
+def punch_round(
+    endpoint: QuicEndpoint, packet: bytes, targets: list[tuple[Any, ...]], budget: TokenBucket
+) -> None:
+    """The first round of ``punch``, sent at once without waiting (a full socket drops it)."""
+    for addr in targets[:MAX_TARGETS]:
+        if budget.take():
+            endpoint.send_raw_nowait(packet, addr)
+
+
 async def punch(
     endpoint: QuicEndpoint,
     packet: bytes,
     targets: list[tuple[Any, ...]],
     done: trio.Event,
     budget: TokenBucket,
+    *,
+    first_sent: bool = False,
 ) -> None:
     """Send ``packet`` to every target, on the schedule above and within ``budget``, until
-    ``done`` (the caller bounds it in time: ``PUNCH_TIMEOUT``)."""
+    ``done`` (the caller bounds it in time: ``PUNCH_TIMEOUT``); with ``first_sent``, the
+    caller sent the first round (``punch_round``)."""
     rounds = 0
     while not done.is_set():
-        for addr in targets[:MAX_TARGETS]:
-            if budget.take():
-                await endpoint.send_raw(packet, addr)
+        if rounds or not first_sent:
+            for addr in targets[:MAX_TARGETS]:
+                if budget.take():
+                    await endpoint.send_raw(packet, addr)
         rounds += 1
         with trio.move_on_after(PUNCH_INTERVAL if rounds < FAST_PUNCHES else SLOW_PUNCH_INTERVAL):
             await done.wait()

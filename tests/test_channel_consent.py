@@ -117,15 +117,18 @@ async def test_a_dialler_that_beats_its_offer_is_taken_once_the_offer_comes(
     handshake waits, unconfirmed, and the channel opens as soon as the offer is taken."""
     async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
         manager = bob._direct
-        on_offer = manager.on_offer
+        take_offer = manager.offer
 
         async def late(offer: control.ChannelOffer) -> None:
             await wait_for(lambda: manager._unvouched, DEADLINE)
             (table,) = manager._unvouched
             assert not table.vouched.is_set()
-            await on_offer(offer)
+            take_offer(offer)
 
-        manager.on_offer = late  # type: ignore[method-assign]
+        def hold_back(offer: control.ChannelOffer) -> None:
+            manager.ctx.nursery.start_soon(late, offer)
+
+        manager.offer = hold_back  # type: ignore[method-assign]
         with trio.fail_after(DEADLINE):
             await alice.new_channel("bob")
             send, _ = await alice.new_direct_stream("bob")

@@ -887,12 +887,12 @@ async def test_acceptor_refuses_an_opener_cert_other_than_the_vouched_one(coord,
     her connection, and alice must not be left believing in a channel."""
     async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
         fake = another_cert_der("alice")
-        on_offer = bob._direct.on_offer
+        take_offer = bob._direct.offer
 
-        async def tampered(offer: control.ChannelOffer) -> None:
-            await on_offer(dataclasses.replace(offer, cert_der=fake))
+        def tampered(offer: control.ChannelOffer) -> None:
+            take_offer(dataclasses.replace(offer, cert_der=fake))
 
-        bob._direct.on_offer = tampered  # type: ignore[method-assign]
+        bob._direct.offer = tampered  # type: ignore[method-assign]
         with trio.fail_after(DEADLINE), pytest.raises(ChannelError, match="certificate"):
             await alice.new_channel("bob")
         await assert_no_channel_and_proxied_fallback(alice, bob)
