@@ -374,6 +374,8 @@ class CoordinatorConnection:
     def _send_on(link: Link, msg: Any) -> None:
         if link.conn.is_open:
             write_message(link.control, control.encode(msg))
+            if isinstance(msg, control.ChannelRequest):
+                link.conn.expedite()  # the opener waits on it: no rounds for more writes
 
     async def _request(self, make: Any) -> Any:
         """Send a control request and wait for its reply. A request whose connection is lost
