@@ -3,20 +3,24 @@
 The coordinator hands each side the other's certificate, candidate addresses (the address
 it observed, which is the NAT's public mapping, plus the peer's own local addresses when both
 sit behind the same public IP) and a random token for this channel. Both sides then punch:
-they send small non-QUIC datagrams carrying the token from their one UDP socket to the
-candidates, so each NAT learns the other side as a known destination (``_punch`` says which
-candidates, and how many punches). The opener dials QUIC to the first address a punch with
-the token arrived from (or to every candidate, if none did yet); QUIC's own retransmission of
-the Initial is the handshake retry. A punch without the token is ignored. Each side accepts
-the connection only from exactly the certificate the coordinator vouched for.
+they send small non-QUIC datagrams from their one UDP socket to the candidates, so each NAT
+learns the other side as a known destination (``_punch`` says which candidates, and how many
+punches). A punch carries the token bound to the receiver's certificate (``punch_tag``); any
+other punch is ignored. The opener dials QUIC to the first address such a punch arrived from
+(or to every candidate, if none did yet); QUIC's own retransmission of the Initial is the
+handshake retry. Each side accepts the connection only from exactly the certificate the
+coordinator vouched for.
 
 The coordinator grants the channel to the opener as it offers it to the peer, so the opener
-may dial before the peer said yes. The peer's consent is its punch (sent only once it
-accepted the offer) and its acceptance of the opener's certificate: a peer that refuses, or
-does not listen, never knows that certificate, so its handshake fails the pin check; and the
-opener waits for the handshake to be confirmed (HANDSHAKE_DONE), which the peer holds back
-while the certificate waits for its offer (``UNVOUCHED_GRACE``: the offer can arrive after
-the handshake). A refusal reaches the opener as a ChannelRefused and ends its attempt.
+may dial before the peer said yes. The peer's consent is its acceptance of the opener's
+certificate: a peer that refuses, or does not listen, never knows that certificate, so the
+handshake fails its pin check. The opener has its channel once the handshake is complete
+on its side and the peer's punch said it took the offer naming the opener's certificate
+(its pin check then passes; the peer registers the channel a moment later, and its first
+direct stream or ping waits for that: ``wait_accepting``); without such a punch, once the
+handshake is confirmed (HANDSHAKE_DONE), which the peer holds back while a certificate waits
+for its offer (``UNVOUCHED_GRACE``: the offer can arrive after the handshake). A refusal
+reaches the opener as a ChannelRefused and ends its attempt.
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ __all__ = ["DirectChannel", "DirectContext", "DirectManager", "DirectTable"]
 UNVOUCHED_GRACE = 2.0
 MAX_UNVOUCHED = 8
 NOT_VOUCHED = "certificate is not the one the coordinator vouched for"
+# How long a direct stream to a peer whose channel to this client is being accepted waits
+# for it (see wait_accepting).
+ACCEPTING_WAIT = 2.0
 
 
 class DirectManager(ChannelOpening):
@@ -130,6 +137,7 @@ class DirectManager(ChannelOpening):
         if earlier is not None and earlier.accepting:
             earlier.done.set()  # the peer gave that attempt up: stop punching for it
         expected = _Expected(offer.peer, offer.cert_der, list(offer.addrs), offer.token)
+        expected.bind(offer.token, ctx.cert_der())
         expected.accepting = True
         self._expected[offer.peer] = expected
         for table, der in list(self._unvouched.items()):
@@ -225,6 +233,18 @@ class DirectManager(ChannelOpening):
                 del self.channels[peer]
 
     # -- streams -----------------------------------------------------------------------------------
+
+    async def wait_accepting(self, peer: str) -> None:
+        """A channel ``peer`` is opening to this client may be a moment from open here: its
+        opener has it once its side of the handshake is complete and this side's punch
+        said yes. Wait for it (bounded) so that either side may use a channel as soon as
+        ``new_channel`` returned."""
+        peer = canonical_id(peer)
+        expected = self._expected.get(peer)
+        if peer in self.channels or expected is None or not expected.accepting:
+            return
+        with trio.move_on_after(ACCEPTING_WAIT):
+            await expected.done.wait()
 
     def new_stream(
         self, peer: str, stream_id: StreamId | None = None

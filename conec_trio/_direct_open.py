@@ -21,13 +21,14 @@ from ._exceptions import (
     PeerNotFoundError,
     ProtocolError,
 )
-from ._punch import punch, punch_packet, punch_round, punch_targets, punch_token
+from ._punch import punch, punch_packet, punch_round, punch_tag, punch_targets, punch_token
 from ._quic import ConnectionSettings, PreparedDial, QuicConn, QuicEndpoint
 from ._streams import (
     StreamState,
     StreamTable,
 )
 from ._types import IncomingStream, StreamId
+from ._util import wait_any
 from ._wire import control
 from ._wire.codes import CloseCode, Reason
 
@@ -60,7 +61,8 @@ class DirectChannel:
 
 class _Expected:
     """A channel the coordinator announced: the pinned certificate, where to punch, and the
-    token the punches of both sides carry."""
+    token of its punches (each side's bound to the certificate of the side it goes to:
+    ``punch_tag``)."""
 
     def __init__(
         self, peer: str, cert_der: bytes, addrs: list[tuple[str, int]], token: bytes
@@ -69,12 +71,15 @@ class _Expected:
         self.cert_der = cert_der
         self.addrs = addrs
         self.token = token
+        self.tag_out = b""  # what our punches carry (bound to the peer's certificate)
+        self.tag_in = b""  # what the peer's carry (bound to ours)
         self.punched_from: tuple[Any, ...] | None = None
+        # A punch carrying tag_in came: the peer took the offer naming our certificate.
         self.punch_seen = trio.Event()
         self.done = trio.Event()
         self.accepting = False  # from the peer's offer (not our own opening)
         # Our own opening, waiting for the coordinator's grant; the punches that came
-        # meanwhile (token -> where from), checked once the grant brings the token.
+        # meanwhile (tag -> where from), checked once the grant brings the token.
         self.awaiting_grant = False
         self.unverified: dict[bytes, tuple[Any, ...]] = {}
         # The peer refused the offer of our opening (the coordinator says why): token ->
@@ -84,6 +89,12 @@ class _Expected:
         self.attempt = trio.CancelScope()  # cancelled by a refusal
         # Our own opening: the dial's costly part, made while the request is out.
         self.prepared: PreparedDial | None = None
+
+    def bind(self, token: bytes, own_cert_der: bytes) -> None:
+        """The channel's token is known: the tags of both sides' punches."""
+        self.token = token
+        self.tag_out = punch_tag(token, self.cert_der)
+        self.tag_in = punch_tag(token, own_cert_der)
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,7 @@ class DirectContext:
     deliver_incoming: Callable[[IncomingStream, StreamState], None]
     direct_ids: set[int]  # direct stream ids in use, shared with new_stream_with_id
     id_in_use: Callable[[StreamId], Exception]
+    cert_der: Callable[[], bytes]  # this client's own certificate
 
 
 class ChannelOpening:
@@ -133,7 +145,7 @@ class ChannelOpening:
         endpoint = self.ctx.endpoint()
         assert endpoint is not None
         targets = self._targets(expected.addrs)
-        packet = punch_packet(expected.token)
+        packet = punch_packet(expected.tag_out)
         with trio.move_on_after(CHANNEL_TIMEOUT):
             await punch(
                 endpoint, packet, targets, expected.done, self._punch_budget, first_sent=first_sent
@@ -144,7 +156,7 @@ class ChannelOpening:
         endpoint = self.ctx.endpoint()
         if endpoint is not None:
             targets = self._targets(expected.addrs)
-            punch_round(endpoint, punch_packet(expected.token), targets, self._punch_budget)
+            punch_round(endpoint, punch_packet(expected.tag_out), targets, self._punch_budget)
 
     def raw_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """A non-QUIC datagram arrived on the client's socket: maybe a punch."""
@@ -155,7 +167,7 @@ class ChannelOpening:
             if expected.awaiting_grant:
                 if len(expected.unverified) < MAX_UNVERIFIED_PUNCHES:
                     expected.unverified.setdefault(token, addr)
-            elif hmac.compare_digest(token, expected.token):
+            elif hmac.compare_digest(token, expected.tag_in):
                 self._punched(expected, addr)
                 return
 
@@ -181,7 +193,7 @@ class ChannelOpening:
         # Answer at once from this socket: the sender's NAT may only now have a mapping.
         endpoint = self.ctx.endpoint()
         if endpoint is not None and self._punch_budget.take():
-            endpoint.send_raw_nowait(punch_packet(expected.token), addr)
+            endpoint.send_raw_nowait(punch_packet(expected.tag_out), addr)
 
     # -- opening (this side dials) ---------------------------------------------------------------
 
@@ -234,12 +246,12 @@ class ChannelOpening:
             self._check_peer_ca(peer, reply.cert_der)
             expected.cert_der = reply.cert_der
             expected.addrs = list(reply.addrs)
-            expected.token = reply.token
+            expected.bind(reply.token, ctx.cert_der())
             expected.awaiting_grant = False
             refusal = expected.early_refusals.get(reply.token)
             if refusal is not None:
                 raise ChannelError(refusal)
-            punched_from = expected.unverified.get(reply.token)
+            punched_from = expected.unverified.get(expected.tag_in)
             expected.unverified.clear()
             if punched_from is not None:
                 self._punched(expected, punched_from)
@@ -311,7 +323,13 @@ class ChannelOpening:
             async with trio.open_nursery() as attempts:
                 conns.extend(self._connect(expected, addr) for addr in targets)
                 for conn in conns:
-                    attempts.start_soon(self._await_handshake, conn, winner, attempts.cancel_scope)
+                    attempts.start_soon(
+                        self._await_handshake,
+                        conn,
+                        winner,
+                        attempts.cancel_scope,
+                        expected.punch_seen,
+                    )
         finally:
             for conn in conns:
                 if not winner or conn is not winner[0]:
@@ -334,11 +352,16 @@ class ChannelOpening:
 
     @staticmethod
     async def _await_handshake(
-        conn: QuicConn, winner: list[QuicConn], done: trio.CancelScope
+        conn: QuicConn, winner: list[QuicConn], done: trio.CancelScope, consent: trio.Event
     ) -> None:
-        # Confirmed, not just complete: only then has the peer accepted our certificate.
-        await conn.settled.wait()
-        if conn.handshake_confirmed.is_set() and conn.is_open and not winner:
+        """Until the peer accepted our certificate: the handshake is confirmed, or it is
+        complete and the peer's punch said it took the offer naming our certificate (then
+        its pin check passes, and the confirmation is a round trip away)."""
+        await wait_any(conn.settled, conn.handshake_complete)
+        if not conn.settled.is_set():
+            await wait_any(conn.settled, consent)
+        accepted = conn.handshake_confirmed.is_set() or consent.is_set()
+        if accepted and conn.handshake_complete.is_set() and conn.is_open and not winner:
             winner.append(conn)
             done.cancel()
 

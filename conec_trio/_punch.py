@@ -27,6 +27,8 @@ an address a third party could have named, so it must not make peers a flood):
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import socket
 from typing import Any
@@ -82,6 +84,14 @@ def punch_budget() -> TokenBucket:
 def punch_packet(token: bytes) -> bytes:
     assert len(token) == PUNCH_TOKEN_SIZE
     return PUNCH_MAGIC + token
+
+
+def punch_tag(token: bytes, receiver_cert_der: bytes) -> bytes:
+    """What a punch for a channel carries: its token bound to the certificate of the side
+    the punch goes to. A side punches only once it took the offer (or grant) naming that
+    certificate, so a punch that verifies tells its receiver that the sender will accept
+    the receiver's handshake (its pin check compares with that same certificate)."""
+    return hmac.new(token, receiver_cert_der, hashlib.sha256).digest()[:PUNCH_TOKEN_SIZE]
 
 
 def punch_token(data: bytes) -> bytes | None:

@@ -136,3 +136,35 @@ async def test_a_dialler_that_beats_its_offer_is_taken_once_the_offer_comes(
             await send.send(b"direct")
             assert await incoming.recv.receive() == b"direct"
         assert not manager._unvouched
+
+
+async def test_the_peer_may_use_the_channel_as_soon_as_new_channel_returns(
+    coord: conec_trio.Coordinator, open_client: ClientFactory
+) -> None:
+    """alice's new_channel returns once her side of the handshake is complete and bob's
+    punch said he took the offer: bob's side may still be finishing (here his check of her
+    certificate is held back until she has returned), and his first ping and direct stream
+    wait for it rather than go through the coordinator or fail."""
+    async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
+        manager = bob._direct
+        vouch = manager._vouch
+        returned = trio.Event()
+
+        def vouch_after_alice_returned(table: Any, der: bytes) -> bool:
+            async def later() -> None:
+                await returned.wait()
+                assert vouch(table, der)
+
+            manager.ctx.nursery.start_soon(later)
+            return True
+
+        manager._vouch = vouch_after_alice_returned  # type: ignore[method-assign]
+        with trio.fail_after(DEADLINE):
+            await alice.new_channel("bob")
+            returned.set()
+            assert "alice" not in manager.channels
+            assert (await bob.ping("alice")).path is conec_trio.Path.DIRECT
+            send, _ = await bob.new_direct_stream("alice")
+            incoming = await alice.incoming_streams.receive()
+            await send.send(b"from bob")
+            assert await incoming.recv.receive() == b"from bob"

@@ -302,11 +302,11 @@ async def test_opener_takes_no_stream_before_the_peers_certificate_is_checked(
 
         handshake = alice._direct._await_handshake
 
-        async def check_after_bob_spoke(conn: Any, winner: Any, done: Any) -> None:
+        async def check_after_bob_spoke(conn: Any, winner: Any, done: Any, consent: Any) -> None:
             await conn.settled.wait()
             with trio.fail_after(DEADLINE):
                 await spoke.wait()
-            await handshake(conn, winner, done)
+            await handshake(conn, winner, done, consent)
 
         alice._direct._await_handshake = check_after_bob_spoke  # type: ignore[method-assign]
         alice._direct.ctx = dataclasses.replace(alice._direct.ctx, request=tampered)
