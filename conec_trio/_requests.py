@@ -208,16 +208,18 @@ class ControlRequests:
             offer = control.ChannelOffer(
                 oid, requester, session.cert_der, session.candidates_for(target), token
             )
-            # Both wait on them (the target punches, the requester dials once it did): they
-            # leave at once, with no scheduling rounds for more writes to join.
-            write_message(target.control, control.encode(offer))
-            target.conn.expedite()
             reply = control.ChannelGrant(
                 msg.rid, msg.peer, target.cert_der, target.candidates_for(session), token
             )
+            # Both are waited on (the requester dials once the target punched on the offer):
+            # the grant, which answers the request, leaves from here at once (send_now),
+            # before the offer wakes the target (where they share a CPU, the target's work
+            # on the offer would hold it back); the offer with the next driver round.
             if session.conn.is_open:
                 write_message(session.control, control.encode(reply))
-                session.conn.expedite()
+                session.conn.send_now()
+            write_message(target.control, control.encode(offer))
+            target.conn.expedite()
             self._spawn(session, self._await_answer, msg.peer, target, oid, answer_recv, token)
             return
         if session.conn.is_open:
