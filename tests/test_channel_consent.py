@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 import trio
 from helpers import ClientFactory, wait_for
+from rawquic import open_raw_client
 
 import conec_trio
-from conec_trio import ChannelError, _direct, _direct_open, _tls, certs
+from conec_trio import ChannelError, _direct, _direct_open, _requests, _tls, certs
 from conec_trio._wire import control
 
 DEADLINE = 10.0  # seconds: every wait is bounded by it
@@ -71,6 +72,54 @@ async def test_a_refused_offer_ends_new_channel_at_once_saying_why(
         # The refusal ended that attempt only: a next one is answered the same way.
         with trio.fail_after(DEADLINE), pytest.raises(ChannelError, match="refused the channel"):
             await alice.new_channel("bob")
+
+
+async def test_a_refusal_read_before_its_grant_was_taken_in_still_ends_the_attempt(
+    coord: conec_trio.Coordinator, open_client: ClientFactory
+) -> None:
+    """The refusal can follow the grant so closely that the control stream's reader hands
+    it over before the opening task has taken the grant in: it is kept for that grant's
+    token, and a refusal for another token (an earlier attempt's) is not."""
+    async with open_client(coord, "alice") as alice, open_client(coord, "bob"):
+        request = alice._direct.ctx.request
+
+        async def refused_meanwhile(make: Any) -> Any:
+            reply = await request(make)
+            assert isinstance(reply, control.ChannelGrant)
+            stale = bytes(control.PUNCH_TOKEN_SIZE)
+            alice._direct.refused("bob", stale, "an earlier attempt's refusal")
+            alice._direct.refused("bob", reply.token, "peer 'bob' refused the channel: late")
+            return reply
+
+        alice._direct.ctx = _with_request(alice, refused_meanwhile)
+        with (
+            trio.fail_after(DEADLINE),
+            pytest.raises(ChannelError, match="refused the channel: late"),
+        ):
+            await alice.new_channel("bob")
+        assert not alice._direct.channels
+
+
+async def test_an_offer_never_answered_ends_new_channel_saying_so(
+    coord: conec_trio.Coordinator,
+    coord_identity: tuple[bytes, bytes],
+    open_client: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """mallory takes the offer and never answers it (nor punches, nor takes a handshake):
+    alice's attempt ends when the coordinator stops waiting, with its reason."""
+    monkeypatch.setattr(_requests, "OFFER_TIMEOUT", 0.5)
+    async with (
+        open_client(coord, "alice") as alice,
+        open_raw_client(coord.address, coord_identity[0], "mallory") as mallory,
+    ):
+        await mallory.hello()
+        with (
+            trio.fail_after(DEADLINE),
+            pytest.raises(ChannelError, match="peer 'mallory' did not answer the channel offer"),
+        ):
+            await alice.new_channel("mallory")
+        assert not alice._direct.channels
 
 
 async def test_a_forged_grant_opens_no_channel_to_a_client_that_does_not_listen(
