@@ -185,7 +185,7 @@ class ChannelOpening:
             expected.attempt.cancel()
 
     def _punched(self, expected: _Expected, addr: tuple[Any, ...]) -> None:
-        """The peer's punch (it carried the channel's token) came from ``addr``."""
+        """The peer's punch (its tag verified: ``tag_in``) came from ``addr``."""
         if expected.punch_seen.is_set():
             return
         expected.punched_from = addr
