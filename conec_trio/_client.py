@@ -9,6 +9,7 @@ from typing import Any
 
 import trio
 
+from . import _tls
 from ._broadcast import join_broadcast
 from ._client_link import CoordinatorConnection
 from ._config import (
@@ -60,6 +61,7 @@ class Client(CoordinatorConnection):
                 deliver_incoming=self._deliver_incoming,
                 direct_ids=self._direct_ids,
                 id_in_use=self._id_in_use,
+                cert_der=lambda: _tls.cert_der(self._identity().certificate),
             )
         )
         self._paths = Paths(
@@ -191,9 +193,11 @@ class Client(CoordinatorConnection):
     ) -> tuple[MessageSendChannel, MessageReceiveChannel]:
         """A stream over the open direct channel to ``peer`` (``ChannelError`` if none,
         ``DisconnectedError`` once the coordinator is lost for good). Never waits for the
-        coordinator."""
+        coordinator; waits briefly for a channel ``peer`` is opening to this client right
+        now (``peer``'s ``new_channel`` may return a moment before it is open here)."""
         await trio.lowlevel.checkpoint()
         self._raise_if_lost()
+        await self._direct.wait_accepting(peer)
         return self._direct.new_stream(peer)
 
     async def new_stream(self, peer: str) -> tuple[MessageSendChannel, MessageReceiveChannel]:

@@ -347,7 +347,7 @@ class CoordinatorConnection:
                     link.conn.close(int(CloseCode.PROTOCOL), f"bad control message: {exc}")
                 return
             if isinstance(msg, control.ChannelOffer):
-                self._nursery.start_soon(self._direct.on_offer, msg)
+                self._direct.offer(msg)
                 continue
             if isinstance(
                 msg, control.PresenceSnapshot | control.PresenceEvent | control.PresenceDropped
@@ -360,6 +360,9 @@ class CoordinatorConnection:
             if isinstance(msg, control.PeerAddress):
                 self._direct.peer_address(msg.peer, msg.addr)
                 continue
+            if isinstance(msg, control.ChannelRefused):
+                self._direct.refused(msg.peer, msg.token, msg.message)
+                continue
             requests.reply(msg)
 
     def _send_control(self, msg: Any) -> None:
@@ -371,6 +374,8 @@ class CoordinatorConnection:
     def _send_on(link: Link, msg: Any) -> None:
         if link.conn.is_open:
             write_message(link.control, control.encode(msg))
+            if isinstance(msg, control.ChannelRequest):
+                link.conn.expedite()  # the opener waits on it: no rounds for more writes
 
     async def _request(self, make: Any) -> Any:
         """Send a control request and wait for its reply. A request whose connection is lost

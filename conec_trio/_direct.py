@@ -3,12 +3,24 @@
 The coordinator hands each side the other's certificate, candidate addresses (the address
 it observed, which is the NAT's public mapping, plus the peer's own local addresses when both
 sit behind the same public IP) and a random token for this channel. Both sides then punch:
-they send small non-QUIC datagrams carrying the token from their one UDP socket to the
-candidates, so each NAT learns the other side as a known destination (``_punch`` says which
-candidates, and how many punches). The opener dials QUIC to the first address a punch with
-the token arrived from (or to every candidate, if none did yet); QUIC's own retransmission of
-the Initial is the handshake retry. A punch without the token is ignored. Each side accepts
-the connection only from exactly the certificate the coordinator vouched for.
+they send small non-QUIC datagrams from their one UDP socket to the candidates, so each NAT
+learns the other side as a known destination (``_punch`` says which candidates, and how many
+punches). A punch carries the token bound to the receiver's certificate (``punch_tag``); any
+other punch is ignored. The opener dials QUIC to the first address such a punch arrived from
+(or to every candidate, if none did yet); QUIC's own retransmission of the Initial is the
+handshake retry. Each side accepts the connection only from exactly the certificate the
+coordinator vouched for.
+
+The coordinator grants the channel to the opener as it offers it to the peer, so the opener
+may dial before the peer said yes. The peer's consent is its acceptance of the opener's
+certificate: a peer that refuses, or does not listen, never knows that certificate, so the
+handshake fails its pin check. The opener has its channel once the handshake is complete
+on its side and the peer's punch said it took the offer naming the opener's certificate
+(its pin check then passes; the peer registers the channel a moment later, and its first
+direct stream or ping waits for that: ``wait_accepting``); without such a punch, once the
+handshake is confirmed (HANDSHAKE_DONE), which the peer holds back while a certificate waits
+for its offer (``UNVOUCHED_GRACE``: the offer can arrive after the handshake). A refusal
+reaches the opener as a ChannelRefused and ends its attempt.
 """
 
 from __future__ import annotations
@@ -49,6 +61,16 @@ log = logging.getLogger("conec_trio.direct")
 
 __all__ = ["DirectChannel", "DirectContext", "DirectManager", "DirectTable"]
 
+# A dialler whose certificate nobody vouched for yet (its offer may still be on its way: the
+# coordinator grants and offers at once) waits this long, its handshake unconfirmed, at most
+# MAX_UNVOUCHED of them at once; then it is refused.
+UNVOUCHED_GRACE = 2.0
+MAX_UNVOUCHED = 8
+NOT_VOUCHED = "certificate is not the one the coordinator vouched for"
+# How long a direct stream to a peer whose channel to this client is being accepted waits
+# for it (see wait_accepting).
+ACCEPTING_WAIT = 2.0
+
 
 class DirectManager(ChannelOpening):
     """A client's direct channels (both the ones it opened and the ones it accepted)."""
@@ -63,6 +85,8 @@ class DirectManager(ChannelOpening):
         self._punch_budget = punch_budget()
         # Channels whose peer moved, being punched at its new address (see peer_address).
         self._following: set[QuicConn] = set()
+        # Accepted handshakes whose certificate (DER) waits for its offer (UNVOUCHED_GRACE).
+        self._unvouched: dict[DirectTable, bytes] = {}
         # Hooks of the paths (``_paths``): told of every channel that opens, and handed the
         # direct streams whose header is one of these types, with the peer's id.
         self.on_channel_up: Callable[[DirectChannel], None] | None = None
@@ -70,8 +94,23 @@ class DirectManager(ChannelOpening):
 
     # -- accepting (the peer dials) ---------------------------------------------------------------
 
+    def offer(self, offer: control.ChannelOffer) -> None:
+        """The coordinator says ``offer.peer`` wants a channel: agree (or not) and punch
+        now, from the control stream's reader (the opener, granted the channel already,
+        waits for the punch before it dials); a task keeps punching."""
+        taken = self._take_offer(offer)
+        if taken is not None:
+            self.ctx.nursery.start_soon(self._accepting, *taken)
+
     async def on_offer(self, offer: control.ChannelOffer) -> None:
-        """The coordinator says ``offer.peer`` wants a channel: agree (or not) and punch."""
+        """``offer``, the punching included."""
+        taken = self._take_offer(offer)
+        if taken is not None:
+            await self._accepting(*taken)
+
+    def _take_offer(
+        self, offer: control.ChannelOffer
+    ) -> tuple[_Expected, control.ChannelOfferReply] | None:
         ctx = self.ctx
         offer = dataclasses.replace(offer, peer=canonical_id(offer.peer))
         reply: control.ChannelOfferReply
@@ -86,7 +125,10 @@ class DirectManager(ChannelOpening):
                 reply = control.ChannelOfferReply(offer.oid, True, "")
         if not reply.accept:
             ctx.send_control(reply)
-            return
+            for table, der in list(self._unvouched.items()):
+                if der == offer.cert_der:
+                    self._refuse(table, f"channel refused: {reply.message}")
+            return None
         old = self.channels.pop(offer.peer, None)
         if old is not None:
             # The peer dials again: it no longer has the old channel.
@@ -95,21 +137,32 @@ class DirectManager(ChannelOpening):
         if earlier is not None and earlier.accepting:
             earlier.done.set()  # the peer gave that attempt up: stop punching for it
         expected = _Expected(offer.peer, offer.cert_der, list(offer.addrs), offer.token)
+        expected.bind(offer.token, ctx.cert_der())
         expected.accepting = True
         self._expected[offer.peer] = expected
+        for table, der in list(self._unvouched.items()):
+            if der == offer.cert_der:  # it dialled before the offer got here
+                del self._unvouched[table]
+                table.conn.hold_confirmation(False)
+                self._vouch(table, der)
+        if ctx.config.holepunch:
+            # Punch first (the opener dials once a punch came), then say yes.
+            self._punch_now(expected)
+        ctx.send_control(reply)
+        return expected, reply
+
+    async def _accepting(self, expected: _Expected, reply: control.ChannelOfferReply) -> None:
+        """Keep punching for an accepted offer until its channel is up or times out."""
         try:
             async with trio.open_nursery() as nursery:
-                if ctx.config.holepunch:
-                    nursery.start_soon(self._punch, expected)
-                # Punch first, then say yes: by the time the opener dials, our NAT knows it.
-                await trio.lowlevel.checkpoint()
-                ctx.send_control(reply)
+                if self.ctx.config.holepunch:
+                    nursery.start_soon(self._punch, expected, True)
                 with trio.move_on_after(CHANNEL_TIMEOUT):
                     await expected.done.wait()
                 expected.done.set()
         finally:
-            if self._expected.get(offer.peer) is expected:
-                del self._expected[offer.peer]
+            if self._expected.get(expected.peer) is expected:
+                del self._expected[expected.peer]
 
     def server_settings(self) -> ConnectionSettings:
         return self.ctx.settings()
@@ -127,19 +180,38 @@ class DirectManager(ChannelOpening):
         conn = table.conn
         cert = conn.peer_certificate
         der = _tls.cert_der(cert) if cert is not None else b""
+        if der and self._vouch(table, der):
+            return
+        if not der or len(self._unvouched) >= MAX_UNVOUCHED:
+            self._refuse(table, NOT_VOUCHED)
+            return
+        # Its offer may still be on the way: no confirmation (the dialler waits for it)
+        # until it comes, if it comes in time.
+        conn.hold_confirmation(True)
+        self._unvouched[table] = der
+        self.ctx.nursery.start_soon(self._await_offer, table)
+
+    def _vouch(self, table: DirectTable, der: bytes) -> bool:
+        """Register the channel if ``der`` is the certificate of a channel we expect."""
         for expected in self._expected.values():
-            if der and der == expected.cert_der:
+            if der == expected.cert_der:
                 table.peer = expected.peer
-                self._register(expected.peer, conn)
+                self._register(expected.peer, table.conn)
                 expected.done.set()
-                return
-        log.warning(
-            "refusing a direct connection from %s: certificate not vouched for", conn.peer_address
-        )
-        conn.close(
-            int(CloseCode.CERTIFICATE),
-            "certificate is not the one the coordinator vouched for",
-        )
+                return True
+        return False
+
+    async def _await_offer(self, table: DirectTable) -> None:
+        with trio.move_on_after(UNVOUCHED_GRACE):
+            await wait_any(table.vouched, table.conn.closed)
+        if self._unvouched.pop(table, None) is not None and table.conn.is_open:
+            self._refuse(table, NOT_VOUCHED)
+
+    def _refuse(self, table: DirectTable, reason: str) -> None:
+        self._unvouched.pop(table, None)
+        conn = table.conn
+        log.warning("refusing a direct connection from %s: %s", conn.peer_address, reason)
+        conn.close(int(CloseCode.CERTIFICATE), reason)
 
     def _register(self, peer: str, conn: QuicConn) -> DirectChannel:
         table = conn.listener
@@ -161,6 +233,18 @@ class DirectManager(ChannelOpening):
                 del self.channels[peer]
 
     # -- streams -----------------------------------------------------------------------------------
+
+    async def wait_accepting(self, peer: str) -> None:
+        """A channel ``peer`` is opening to this client may be a moment from open here: its
+        opener has it once its side of the handshake is complete and this side's punch
+        said yes. Wait for it (bounded) so that either side may use a channel as soon as
+        ``new_channel`` returned."""
+        peer = canonical_id(peer)
+        expected = self._expected.get(peer)
+        if peer in self.channels or expected is None or not expected.accepting:
+            return
+        with trio.move_on_after(ACCEPTING_WAIT):
+            await expected.done.wait()
 
     def new_stream(
         self, peer: str, stream_id: StreamId | None = None

@@ -21,13 +21,14 @@ from ._exceptions import (
     PeerNotFoundError,
     ProtocolError,
 )
-from ._punch import punch, punch_packet, punch_targets, punch_token
-from ._quic import ConnectionSettings, QuicConn, QuicEndpoint
+from ._punch import punch, punch_packet, punch_round, punch_tag, punch_targets, punch_token
+from ._quic import ConnectionSettings, PreparedDial, QuicConn, QuicEndpoint
 from ._streams import (
     StreamState,
     StreamTable,
 )
 from ._types import IncomingStream, StreamId
+from ._util import wait_any
 from ._wire import control
 from ._wire.codes import CloseCode, Reason
 
@@ -40,6 +41,12 @@ CHANNEL_TIMEOUT = 10.0
 # the peer's from forgeries): a flood of forgeries can fill them, and then the opener takes
 # the peer's next punch instead.
 MAX_UNVERIFIED_PUNCHES = 8
+# Refusals an opener keeps while it waits for its grant (the refusal of the offer can be
+# read before the opener has taken in the grant that came just before it).
+MAX_EARLY_REFUSALS = 4
+# Scheduling rounds an opener lets pass after sending its request before it makes the dial's
+# first flight (a few milliseconds of CPU that must not hold the request back).
+PREPARE_AFTER_ROUNDS = 4
 
 
 class DirectChannel:
@@ -54,7 +61,8 @@ class DirectChannel:
 
 class _Expected:
     """A channel the coordinator announced: the pinned certificate, where to punch, and the
-    token the punches of both sides carry."""
+    token of its punches (each side's bound to the certificate of the side it goes to:
+    ``punch_tag``)."""
 
     def __init__(
         self, peer: str, cert_der: bytes, addrs: list[tuple[str, int]], token: bytes
@@ -63,14 +71,30 @@ class _Expected:
         self.cert_der = cert_der
         self.addrs = addrs
         self.token = token
+        self.tag_out = b""  # what our punches carry (bound to the peer's certificate)
+        self.tag_in = b""  # what the peer's carry (bound to ours)
         self.punched_from: tuple[Any, ...] | None = None
+        # A punch carrying tag_in came: the peer took the offer naming our certificate.
         self.punch_seen = trio.Event()
         self.done = trio.Event()
         self.accepting = False  # from the peer's offer (not our own opening)
         # Our own opening, waiting for the coordinator's grant; the punches that came
-        # meanwhile (token -> where from), checked once the grant brings the token.
+        # meanwhile (tag -> where from), checked once the grant brings the token.
         self.awaiting_grant = False
         self.unverified: dict[bytes, tuple[Any, ...]] = {}
+        # The peer refused the offer of our opening (the coordinator says why): token ->
+        # message while awaiting the grant, then the refusal of this attempt.
+        self.early_refusals: dict[bytes, str] = {}
+        self.refusal: str | None = None
+        self.attempt = trio.CancelScope()  # cancelled by a refusal
+        # Our own opening: the dial's costly part, made while the request is out.
+        self.prepared: PreparedDial | None = None
+
+    def bind(self, token: bytes, own_cert_der: bytes) -> None:
+        """The channel's token is known: the tags of both sides' punches."""
+        self.token = token
+        self.tag_out = punch_tag(token, self.cert_der)
+        self.tag_in = punch_tag(token, own_cert_der)
 
 
 @dataclass(frozen=True)
@@ -88,6 +112,7 @@ class DirectContext:
     deliver_incoming: Callable[[IncomingStream, StreamState], None]
     direct_ids: set[int]  # direct stream ids in use, shared with new_stream_with_id
     id_in_use: Callable[[StreamId], Exception]
+    cert_der: Callable[[], bytes]  # this client's own certificate
 
 
 class ChannelOpening:
@@ -114,14 +139,24 @@ class ChannelOpening:
         assert endpoint is not None
         return punch_targets(addrs, endpoint.sock.family)
 
-    async def _punch(self, expected: _Expected) -> None:
-        """Punch the targets until the channel is up or the time is over."""
+    async def _punch(self, expected: _Expected, first_sent: bool = False) -> None:
+        """Punch the targets until the channel is up or the time is over (``first_sent``:
+        ``_punch_now`` sent the first round)."""
         endpoint = self.ctx.endpoint()
         assert endpoint is not None
         targets = self._targets(expected.addrs)
-        packet = punch_packet(expected.token)
+        packet = punch_packet(expected.tag_out)
         with trio.move_on_after(CHANNEL_TIMEOUT):
-            await punch(endpoint, packet, targets, expected.done, self._punch_budget)
+            await punch(
+                endpoint, packet, targets, expected.done, self._punch_budget, first_sent=first_sent
+            )
+
+    def _punch_now(self, expected: _Expected) -> None:
+        """The first round of punches, at once (from a synchronous caller)."""
+        endpoint = self.ctx.endpoint()
+        if endpoint is not None:
+            targets = self._targets(expected.addrs)
+            punch_round(endpoint, punch_packet(expected.tag_out), targets, self._punch_budget)
 
     def raw_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """A non-QUIC datagram arrived on the client's socket: maybe a punch."""
@@ -132,12 +167,25 @@ class ChannelOpening:
             if expected.awaiting_grant:
                 if len(expected.unverified) < MAX_UNVERIFIED_PUNCHES:
                     expected.unverified.setdefault(token, addr)
-            elif hmac.compare_digest(token, expected.token):
+            elif hmac.compare_digest(token, expected.tag_in):
                 self._punched(expected, addr)
                 return
 
+    def refused(self, peer: str, token: bytes, message: str) -> None:
+        """The coordinator says ``peer`` refused (or did not answer) the offer of the channel
+        granted with ``token``: the opening attempt it belongs to ends with ``message``."""
+        expected = self._expected.get(canonical_id(peer))
+        if expected is None or expected.accepting:
+            return
+        if expected.awaiting_grant:
+            if len(expected.early_refusals) < MAX_EARLY_REFUSALS:
+                expected.early_refusals.setdefault(token, message)
+        elif hmac.compare_digest(token, expected.token) and expected.refusal is None:
+            expected.refusal = message
+            expected.attempt.cancel()
+
     def _punched(self, expected: _Expected, addr: tuple[Any, ...]) -> None:
-        """The peer's punch (it carried the channel's token) came from ``addr``."""
+        """The peer's punch (its tag verified: ``tag_in``) came from ``addr``."""
         if expected.punch_seen.is_set():
             return
         expected.punched_from = addr
@@ -145,7 +193,7 @@ class ChannelOpening:
         # Answer at once from this socket: the sender's NAT may only now have a mapping.
         endpoint = self.ctx.endpoint()
         if endpoint is not None and self._punch_budget.take():
-            endpoint.send_raw_nowait(punch_packet(expected.token), addr)
+            endpoint.send_raw_nowait(punch_packet(expected.tag_out), addr)
 
     # -- opening (this side dials) ---------------------------------------------------------------
 
@@ -184,6 +232,7 @@ class ChannelOpening:
         self._expected[peer] = expected
         channel: DirectChannel | None = None
         failure: ChannelError | None = None
+        ctx.nursery.start_soon(self._prepare_dial, expected)
         try:
             reply = await ctx.request(lambda rid: control.ChannelRequest(rid, peer))
             if isinstance(reply, control.ErrorReply) and reply.reason == Reason.PEER_OPENING:
@@ -197,34 +246,52 @@ class ChannelOpening:
             self._check_peer_ca(peer, reply.cert_der)
             expected.cert_der = reply.cert_der
             expected.addrs = list(reply.addrs)
-            expected.token = reply.token
+            expected.bind(reply.token, ctx.cert_der())
             expected.awaiting_grant = False
-            punched_from = expected.unverified.get(reply.token)
+            refusal = expected.early_refusals.get(reply.token)
+            if refusal is not None:
+                raise ChannelError(refusal)
+            punched_from = expected.unverified.get(expected.tag_in)
             expected.unverified.clear()
             if punched_from is not None:
                 self._punched(expected, punched_from)
-            async with trio.open_nursery() as nursery:
-                if ctx.config.holepunch:
-                    nursery.start_soon(self._punch, expected)
-                with trio.move_on_after(CHANNEL_TIMEOUT):
-                    try:
-                        channel = await self._dial(expected)
-                    except ChannelError as exc:
-                        failure = exc  # raised below, outside the nursery (no group)
-                expected.done.set()
+            with expected.attempt:
+                async with trio.open_nursery() as nursery:
+                    if ctx.config.holepunch:
+                        nursery.start_soon(self._punch, expected)
+                    with trio.move_on_after(CHANNEL_TIMEOUT):
+                        try:
+                            channel = await self._dial(expected)
+                        except ChannelError as exc:
+                            failure = exc  # raised below, outside the nursery (no group)
+                    expected.done.set()
         finally:
+            expected.done.set()
             if self._expected.get(peer) is expected:
                 del self._expected[peer]
+        if channel is not None:
+            return channel  # the peer accepted our certificate: its consent, whatever came
+        if expected.refusal is not None:
+            raise ChannelError(expected.refusal)
         if failure is not None:
             raise failure
-        if channel is not None:
-            return channel
         tried = ", ".join(f"{h}:{p}" for h, p, *_ in self._targets(expected.addrs))
         raise ChannelError(
             f"could not reach peer {peer!r} directly within {CHANNEL_TIMEOUT:g} s (tried "
             f"{tried or 'no address'}; "
             "a symmetric NAT or a firewall may be in the way)"
         )
+
+    async def _prepare_dial(self, expected: _Expected) -> None:
+        """Make the dial's first flight while the grant is on its way (the CPU is idle then),
+        once the request has left: its connection's driver gets the rounds it may wait for
+        more writes first (``_quic._transmit``)."""
+        for _ in range(PREPARE_AFTER_ROUNDS):
+            await trio.lowlevel.checkpoint()
+        endpoint = self.ctx.endpoint()
+        if expected.awaiting_grant and endpoint is not None:
+            settings = self.ctx.settings(server_name=expected.peer)
+            expected.prepared = endpoint.prepare_dial(settings)
 
     async def _join(self, peer: str) -> DirectChannel:
         """Wait for the channel the peer is opening to this client at the same time."""
@@ -256,7 +323,13 @@ class ChannelOpening:
             async with trio.open_nursery() as attempts:
                 conns.extend(self._connect(expected, addr) for addr in targets)
                 for conn in conns:
-                    attempts.start_soon(self._await_handshake, conn, winner, attempts.cancel_scope)
+                    attempts.start_soon(
+                        self._await_handshake,
+                        conn,
+                        winner,
+                        attempts.cancel_scope,
+                        expected.punch_seen,
+                    )
         finally:
             for conn in conns:
                 if not winner or conn is not winner[0]:
@@ -279,11 +352,16 @@ class ChannelOpening:
 
     @staticmethod
     async def _await_handshake(
-        conn: QuicConn, winner: list[QuicConn], done: trio.CancelScope
+        conn: QuicConn, winner: list[QuicConn], done: trio.CancelScope, consent: trio.Event
     ) -> None:
-        # Confirmed, not just complete: only then has the peer accepted our certificate.
-        await conn.settled.wait()
-        if conn.handshake_confirmed.is_set() and conn.is_open and not winner:
+        """Until the peer accepted our certificate: the handshake is confirmed, or it is
+        complete and the peer's punch said it took the offer naming our certificate (then
+        its pin check passes, and the confirmation is a round trip away)."""
+        await wait_any(conn.settled, conn.handshake_complete)
+        if not conn.settled.is_set():
+            await wait_any(conn.settled, consent)
+        accepted = conn.handshake_confirmed.is_set() or consent.is_set()
+        if accepted and conn.handshake_complete.is_set() and conn.is_open and not winner:
             winner.append(conn)
             done.cancel()
 
@@ -292,7 +370,8 @@ class ChannelOpening:
         endpoint = ctx.endpoint()
         assert endpoint is not None
         # No trust store: the pin check after the handshake replaces it.
-        conn = endpoint.connect(addr, ctx.settings(server_name=expected.peer))
+        prepared, expected.prepared = expected.prepared, None
+        conn = endpoint.connect(addr, prepared or ctx.settings(server_name=expected.peer))
         # A listener first, so nothing the peer sends is lost before registration.
         self._make_table(expected.peer, conn)
         return conn

@@ -99,6 +99,7 @@ class Paths:
         """Direct if a channel is open or opens within the head start, else movable proxied."""
         client = self._client
         peer = canonical_id(peer)
+        await client.direct.wait_accepting(peer)
         if self._channel(peer) is not None:
             await trio.lowlevel.checkpoint()
             return client.direct.new_stream(peer)
@@ -260,6 +261,7 @@ class Paths:
         """One round trip to ``peer``'s library, over the direct channel if one is open."""
         client = self._client
         peer = canonical_id(peer)
+        await client.direct.wait_accepting(peer)
         start = trio.current_time()
         channel = self._channel(peer)
         if channel is not None:

@@ -27,6 +27,8 @@ an address a third party could have named, so it must not make peers a flood):
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import socket
 from typing import Any
@@ -82,6 +84,14 @@ def punch_budget() -> TokenBucket:
 def punch_packet(token: bytes) -> bytes:
     assert len(token) == PUNCH_TOKEN_SIZE
     return PUNCH_MAGIC + token
+
+
+def punch_tag(token: bytes, receiver_cert_der: bytes) -> bytes:
+    """What a punch for a channel carries: its token bound to the certificate of the side
+    the punch goes to. A side punches only once it took the offer (or grant) naming that
+    certificate, so a punch that verifies tells its receiver that the sender will accept
+    the receiver's handshake (its pin check compares with that same certificate)."""
+    return hmac.new(token, receiver_cert_der, hashlib.sha256).digest()[:PUNCH_TOKEN_SIZE]
 
 
 def punch_token(data: bytes) -> bytes | None:
@@ -144,20 +154,33 @@ def usable_candidates(addrs: list[tuple[str, int]], family: int) -> list[tuple[A
     return out
 
 
+def punch_round(
+    endpoint: QuicEndpoint, packet: bytes, targets: list[tuple[Any, ...]], budget: TokenBucket
+) -> None:
+    """The first round of ``punch``, sent at once without waiting (a full socket drops it)."""
+    for addr in targets[:MAX_TARGETS]:
+        if budget.take():
+            endpoint.send_raw_nowait(packet, addr)
+
+
 async def punch(
     endpoint: QuicEndpoint,
     packet: bytes,
     targets: list[tuple[Any, ...]],
     done: trio.Event,
     budget: TokenBucket,
+    *,
+    first_sent: bool = False,
 ) -> None:
     """Send ``packet`` to every target, on the schedule above and within ``budget``, until
-    ``done`` (the caller bounds it in time: ``PUNCH_TIMEOUT``)."""
+    ``done`` (the caller bounds it in time: ``PUNCH_TIMEOUT``); with ``first_sent``, the
+    caller sent the first round (``punch_round``)."""
     rounds = 0
     while not done.is_set():
-        for addr in targets[:MAX_TARGETS]:
-            if budget.take():
-                await endpoint.send_raw(packet, addr)
+        if rounds or not first_sent:
+            for addr in targets[:MAX_TARGETS]:
+                if budget.take():
+                    await endpoint.send_raw(packet, addr)
         rounds += 1
         with trio.move_on_after(PUNCH_INTERVAL if rounds < FAST_PUNCHES else SLOW_PUNCH_INTERVAL):
             await done.wait()

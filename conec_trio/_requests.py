@@ -1,6 +1,7 @@
 """The coordinator's side of clients' control streams: reading requests (bounded by what the
 client leaves unread of the replies), answering them, and brokering direct channels (offer
-to the target, its answer, the grant to the requester)."""
+to the target and grant to the requester at once, then the target's answer: a refusal is
+passed on to the requester)."""
 
 from __future__ import annotations
 
@@ -136,7 +137,7 @@ class ControlRequests:
                 write_message(st, control.encode(busy))
                 return
             self._negotiating.setdefault(pair, session.id)
-            self._spawn(session, self._broker_channel, msg)
+            self._broker_channel(session, msg)
         elif isinstance(msg, _ListRequest):
             if await _writable(st):
                 write_message(st, control.encode(self._list_reply(msg)))
@@ -177,8 +178,10 @@ class ControlRequests:
             )
         return control.BroadcastMembersReply(msg.rid, *members)
 
-    async def _broker_channel(self, session: ClientSession, msg: control.ChannelRequest) -> None:
-        """Ask the target whether it takes a channel from ``session``; tell the requester."""
+    def _broker_channel(self, session: ClientSession, msg: control.ChannelRequest) -> None:
+        """Offer the target a channel from ``session`` and grant it to ``session`` at once:
+        the target consents by punching and by accepting the handshake of the certificate it
+        was offered, and its answer (awaited in a task) only matters if it is a refusal."""
         requester = session.id
         peer = _shown(msg.peer)
         assert requester is not None and session.control is not None
@@ -205,30 +208,58 @@ class ControlRequests:
             offer = control.ChannelOffer(
                 oid, requester, session.cert_der, session.candidates_for(target), token
             )
+            reply = control.ChannelGrant(
+                msg.rid, msg.peer, target.cert_der, target.candidates_for(session), token
+            )
+            # Both are waited on (the requester dials once the target punched on the offer):
+            # the grant, which answers the request, leaves from here at once (send_now),
+            # before the offer wakes the target (where they share a CPU, the target's work
+            # on the offer would hold it back); the offer with the next driver round.
+            if session.conn.is_open:
+                write_message(session.control, control.encode(reply))
+                session.conn.send_now()
             write_message(target.control, control.encode(offer))
-            answer = None
-            with trio.move_on_after(OFFER_TIMEOUT):
-                answer = await answer_recv.receive()
-            target.offers.pop(oid, None)
-            if answer is None:
-                reply = control.ErrorReply(
-                    msg.rid,
-                    Reason.NO_ANSWER,
-                    f"peer {peer} did not answer the channel offer",
-                )
-            elif not answer.accept:
-                reply = control.ErrorReply(
-                    msg.rid,
-                    Reason.REFUSED,
-                    _clip(f"peer {peer} refused the channel: {answer.message}"),
-                )
-            else:
-                self._memory.brokered(requester, msg.peer)
-                reply = control.ChannelGrant(
-                    msg.rid, msg.peer, target.cert_der, target.candidates_for(session), token
-                )
+            target.conn.expedite()
+            self._spawn(session, self._await_answer, msg.peer, target, oid, answer_recv, token)
+            return
         if session.conn.is_open:
             write_message(session.control, control.encode(reply))
-        pair = frozenset((requester, msg.peer))
+        self._negotiated(requester, msg.peer)
+
+    async def _await_answer(
+        self,
+        session: ClientSession,
+        peer_id: str,
+        target: ClientSession,
+        oid: int,
+        answer_recv: trio.MemoryReceiveChannel[control.ChannelOfferReply],
+        token: bytes,
+    ) -> None:
+        """The target's answer to offer ``oid``: a refusal, or none in time, is passed on to
+        the requester (which gives its attempt up)."""
+        requester = session.id
+        assert requester is not None and session.control is not None
+        peer = _shown(peer_id)
+        answer = None
+        try:
+            with trio.move_on_after(OFFER_TIMEOUT):
+                answer = await answer_recv.receive()
+        finally:
+            target.offers.pop(oid, None)
+            self._negotiated(requester, peer_id)
+        refusal: control.ChannelRefused | None = None
+        if answer is None:
+            message = f"peer {peer} did not answer the channel offer"
+            refusal = control.ChannelRefused(peer_id, token, Reason.NO_ANSWER, message)
+        elif not answer.accept:
+            message = _clip(f"peer {peer} refused the channel: {answer.message}")
+            refusal = control.ChannelRefused(peer_id, token, Reason.REFUSED, message)
+        else:
+            self._memory.brokered(requester, peer_id)
+        if refusal is not None and session.conn.is_open:
+            write_message(session.control, control.encode(refusal))
+
+    def _negotiated(self, requester: str, peer: str) -> None:
+        pair = frozenset((requester, peer))
         if self._negotiating.get(pair) == requester:
             del self._negotiating[pair]

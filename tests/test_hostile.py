@@ -30,7 +30,7 @@ from rawquic import RawClient, open_raw_client
 import conec_trio
 from conec_trio import BroadcastMessage, ChannelError, IncomingStream, StreamId, _tls, certs
 from conec_trio._wire import control
-from conec_trio._wire.codes import CloseCode, StreamCode
+from conec_trio._wire.codes import CloseCode, Reason, StreamCode
 from conec_trio._wire.framing import encode_frame, encode_varint
 
 DEADLINE = 10.0  # seconds: every wait is bounded by it
@@ -233,21 +233,22 @@ NASTY_NAME = "\x00" * 1024  # a legal length, but its repr() is four times as lo
 # --- attacks before the hello -----------------------------------------------------------------
 
 
+V = control.PROTOCOL_VERSION
 BAD_HELLOS = [
     ("not-cbor", b"\xff\xfe\xfd not cbor at all", ["bad hello", "not a Hello"]),
-    ("bad-cbor-tail", b"\x84\x01\x01\xff\xff", ["bad hello", "malformed CBOR"]),
-    ("id-int", cbor(1, 1, 42, True, []), ["Hello.client_id must be str, not int"]),
-    ("listen-str", cbor(1, 1, "mallory", "yes", []), ["Hello.listen must be bool, not str"]),
-    ("addrs-map", cbor(1, 1, "mallory", True, {}), ["Hello.local_addrs must be an array"]),
+    ("bad-cbor-tail", bytes([0x84, 0x01, V, 0xFF, 0xFF]), ["bad hello", "malformed CBOR"]),
+    ("id-int", cbor(1, V, 42, True, []), ["Hello.client_id must be str, not int"]),
+    ("listen-str", cbor(1, V, "mallory", "yes", []), ["Hello.listen must be bool, not str"]),
+    ("addrs-map", cbor(1, V, "mallory", True, {}), ["Hello.local_addrs must be an array"]),
     (
         "port-range",
-        cbor(1, 1, "mallory", True, [["127.0.0.1", 70000]]),
+        cbor(1, V, "mallory", True, [["127.0.0.1", 70000]]),
         ["Hello.local_addrs[0].port must be in 0..65535"],
     ),
-    ("too-short", cbor(1, 1, "mallory"), ["Hello needs 4 fields, got 2"]),
+    ("too-short", cbor(1, V, "mallory"), ["Hello needs 4 fields, got 2"]),
     ("version-str", cbor(1, "1", "mallory", True, []), ["Hello.version"]),
     ("welcome", control.encode(control.Welcome(1, ("127.0.0.1", 1))), ["not a Hello"]),
-    ("unknown-code", cbor(99, 1, "mallory", True, []), ["not a Hello"]),
+    ("unknown-code", cbor(99, V, "mallory", True, []), ["not a Hello"]),
     ("open-before-hello", control.encode(control.OpenProxied(0, "bob")), ["not a Hello"]),
 ]
 
@@ -332,9 +333,14 @@ async def test_row01_channel_offer_carries_each_address_once(arena: Arena):
         assert isinstance(offer, control.ChannelOffer)
         eve.send_control(control.ChannelOfferReply(offer.oid, False, "no"))
         assert offer.addrs == [welcome.observed_addr, ("127.0.0.1", 4000), ("::1", 4000)]
-        reply = await mallory.read_control(mallory.control_sid)
-        assert isinstance(reply, control.ErrorReply)
-        assert reply.rid == 7
+        grant = await mallory.read_control(mallory.control_sid)
+        assert isinstance(grant, control.ChannelGrant)
+        assert grant.rid == 7
+        assert grant.token == offer.token
+        refusal = await mallory.read_control(mallory.control_sid)
+        assert isinstance(refusal, control.ChannelRefused)
+        assert refusal.token == offer.token
+        assert refusal.reason == Reason.REFUSED
 
 
 async def test_row11_hello_with_an_id_ending_in_a_newline_is_refused(arena: Arena):
@@ -881,12 +887,12 @@ async def test_acceptor_refuses_an_opener_cert_other_than_the_vouched_one(coord,
     her connection, and alice must not be left believing in a channel."""
     async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
         fake = another_cert_der("alice")
-        on_offer = bob._direct.on_offer
+        take_offer = bob._direct.offer
 
-        async def tampered(offer: control.ChannelOffer) -> None:
-            await on_offer(dataclasses.replace(offer, cert_der=fake))
+        def tampered(offer: control.ChannelOffer) -> None:
+            take_offer(dataclasses.replace(offer, cert_der=fake))
 
-        bob._direct.on_offer = tampered  # type: ignore[method-assign]
+        bob._direct.offer = tampered  # type: ignore[method-assign]
         with trio.fail_after(DEADLINE), pytest.raises(ChannelError, match="certificate"):
             await alice.new_channel("bob")
         await assert_no_channel_and_proxied_fallback(alice, bob)

@@ -7,6 +7,7 @@ exact simulated seconds; the bulk transfer runs on real loopback sockets.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -76,8 +77,23 @@ async def exchange_across_move(
     alice: conec_trio.Client, bob: conec_trio.Client, count: int
 ) -> tuple[conec_trio.MessageSendChannel, conec_trio.IncomingStream]:
     """Open a stream with new_stream and send ``count`` numbered messages each way while it
-    moves; check that each side got all of them once and in order."""
-    send, recv = await alice.new_stream("bob")
+    moves; check that each side got all of them once and in order. alice's grant for the
+    channel is held back until the stream is open, so that it starts proxied however fast
+    the channel would open (it can win the race with the proxied stream's own setup)."""
+    ctx = alice._direct.ctx
+    opened = trio.Event()
+
+    async def grant_once_opened(make: Any) -> Any:
+        reply = await ctx.request(make)
+        await opened.wait()
+        return reply
+
+    alice._direct.ctx = dataclasses.replace(ctx, request=grant_once_opened)
+    try:
+        send, recv = await alice.new_stream("bob")
+    finally:
+        opened.set()
+        alice._direct.ctx = ctx
     assert send.path is Path.PROXIED
     assert recv.path is Path.PROXIED
     incoming = await bob.incoming_streams.receive()

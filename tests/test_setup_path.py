@@ -302,11 +302,11 @@ async def test_opener_takes_no_stream_before_the_peers_certificate_is_checked(
 
         handshake = alice._direct._await_handshake
 
-        async def check_after_bob_spoke(conn: Any, winner: Any, done: Any) -> None:
+        async def check_after_bob_spoke(conn: Any, winner: Any, done: Any, consent: Any) -> None:
             await conn.settled.wait()
             with trio.fail_after(DEADLINE):
                 await spoke.wait()
-            await handshake(conn, winner, done)
+            await handshake(conn, winner, done, consent)
 
         alice._direct._await_handshake = check_after_bob_spoke  # type: ignore[method-assign]
         alice._direct.ctx = dataclasses.replace(alice._direct.ctx, request=tampered)
@@ -317,3 +317,34 @@ async def test_opener_takes_no_stream_before_the_peers_certificate_is_checked(
         await trio.testing.wait_all_tasks_blocked()
         assert alice._incoming_send.statistics().current_buffer_used == 0
         assert not alice._direct.channels
+
+
+async def test_the_dial_made_while_the_request_is_out_goes_to_the_granted_address(
+    coord: conec_trio.Coordinator, open_client: ClientFactory
+) -> None:
+    """An opener makes its dial's first flight while the grant is on its way, before it
+    knows where to send it (the grant is held back here until it has): the channel opens on
+    that very connection, at the address the grant gave."""
+    async with open_client(coord, "alice") as alice, open_client(coord, "bob") as bob:
+        request = alice._direct.ctx.request
+        prepared: list[Any] = []
+
+        async def grant_once_prepared(make: Any) -> Any:
+            reply = await request(make)
+            expected = alice._direct._expected["bob"]
+            await wait_for(lambda: expected.prepared is not None, 10.0)
+            assert expected.prepared is not None
+            prepared.append(expected.prepared._quic)
+            return reply
+
+        alice._direct.ctx = dataclasses.replace(alice._direct.ctx, request=grant_once_prepared)
+        with trio.fail_after(10.0):
+            await alice.new_channel("bob")
+            conn = alice._direct.channels["bob"].conn
+            assert conn.quic is prepared[0]
+            assert bob._socket is not None
+            assert conn.peer_address[1] == bob._socket.local_address[1]
+            send, _ = await alice.new_direct_stream("bob")
+            incoming = await bob.incoming_streams.receive()
+            await send.send(b"direct")
+            assert await incoming.recv.receive() == b"direct"

@@ -6,7 +6,7 @@ and ``ConnectionListener``; nothing outside this package sees an aioquic object.
 
 from ._aioquic import FlowControlledConnection
 from ._conn import ConnectionListener, ConnState, QuicConn
-from ._endpoint import Admission, QuicEndpoint
+from ._endpoint import Admission, PreparedDial, QuicEndpoint
 from ._pmtu import PMTU_LADDER
 from ._reset import stateless_reset_key
 from ._udp import (
@@ -27,6 +27,7 @@ __all__ = [
     "DatagramSocket",
     "FlowControlledConnection",
     "Identity",
+    "PreparedDial",
     "QuicConn",
     "QuicEndpoint",
     "SocketFactory",

@@ -120,6 +120,13 @@ class FlowControlledConnection(LeanAcks, StatelessResets, ConnectionViews):
             # takes the first one it supports, P-256, anyway: offer only that one.
             self.tls._supported_groups = [tls.Group.SECP256R1]
 
+    def hold_confirmation(self, hold: bool) -> None:
+        """Server role, handshake complete: with ``hold``, no HANDSHAKE_DONE (the client's
+        confirmation) leaves until called again without it (the role has not accepted the
+        client's certificate yet)."""
+        if not self._is_client and self._handshake_complete:
+            self._handshake_done_pending = not hold
+
     def _handle_padding_frame(self, context: Any, frame_type: int, buf: Buffer) -> None:
         # aioquic skips padding one byte at a time in Python: half a millisecond for each
         # 16 KiB path MTU probe, on top of every padded Initial. The same, in C.

@@ -273,6 +273,14 @@ class QuicConn(Transmitting):
         with contextlib.suppress(Exception):
             self._send_built()
 
+    def hold_confirmation(self, hold: bool) -> None:
+        """Server role: hold back the confirmation of the completed handshake (HANDSHAKE_DONE:
+        a client waits for it to know its certificate was accepted) until called with False,
+        which sends it at once."""
+        self.quic.hold_confirmation(hold)
+        if not hold:
+            self.expedite()
+
     def expedite(self) -> None:
         """Transmit what was written at the next opportunity, without waiting for more
         writes to join it: for a message the peer waits on before anything else (the

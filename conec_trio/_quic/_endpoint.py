@@ -55,6 +55,25 @@ class Admission(enum.Enum):
     DROP = "drop"  # ignore it (the client's retransmission may find room later)
 
 
+# Where a prepared dial's first flight would go: nowhere, until ``connect`` says where.
+_NO_ADDRESS = ("0.0.0.0", 0)
+
+
+class PreparedDial:
+    """A client-role connection not yet started (``QuicEndpoint.prepare_dial``); one use."""
+
+    def __init__(self, quic: FlowControlledConnection, settings: ConnectionSettings) -> None:
+        self._quic: FlowControlledConnection | None = quic
+        self.settings = settings
+
+    def take(self) -> FlowControlledConnection:
+        quic = self._quic
+        if quic is None:
+            raise RuntimeError("a prepared dial is used once")
+        self._quic = None
+        return quic
+
+
 class QuicEndpoint:
     """One UDP socket, many QUIC connections (client and server role)."""
 
@@ -296,15 +315,28 @@ class QuicEndpoint:
         self._on_accept(conn)
         return conn
 
-    def connect(self, addr: Address, settings: ConnectionSettings) -> QuicConn:
+    def connect(self, addr: Address, settings: ConnectionSettings | PreparedDial) -> QuicConn:
         """Start a client-role connection; wait on ``conn.handshake_complete``/``closed``."""
-        quic = new_connection(settings, is_client=True)
-        conn = self._add(quic, addr, settings.keepalive_interval)
-        quic.connect(addr, now=trio.current_time())
+        if isinstance(settings, PreparedDial):
+            quic = settings.take()
+            quic.set_peer_address(addr)
+            conn = self._add(quic, addr, settings.settings.keepalive_interval)
+        else:
+            quic = new_connection(settings, is_client=True)
+            conn = self._add(quic, addr, settings.keepalive_interval)
+            quic.connect(addr, now=trio.current_time())
         self._dialled[conn] = None
         conn.process_events()
         conn.mark_dirty()
         return conn
+
+    @staticmethod
+    def prepare_dial(settings: ConnectionSettings) -> PreparedDial:
+        """The costly part of a client-role connection (its TLS state and first flight),
+        made while its peer's address is not known yet; ``connect`` takes it."""
+        quic = new_connection(settings, is_client=True)
+        quic.connect(_NO_ADDRESS, now=trio.current_time())
+        return PreparedDial(quic, settings)
 
     def _add(
         self, quic: FlowControlledConnection, addr: Address, keepalive_interval: float | None

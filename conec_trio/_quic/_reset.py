@@ -106,6 +106,12 @@ class StatelessResets(PathMtuProbing):
 
     # -- client role: the server's address may change (its NAT rebinds) --------------------
 
+    def set_peer_address(self, addr: Any) -> None:
+        """Client role, before anything was sent: where the first flight goes (a connection
+        prepared while its peer's address was not known yet)."""
+        assert self._is_client and self._packet_number == 0
+        self._network_paths[0].addr = addr
+
     def _receive_from_new_address(self, data: bytes, addr: Any, now: float) -> None:
         """aioquic drops a client-role datagram from an address it has not sent to (RFC
         9000 section 9: a server does not migrate). A direct channel's accepting side is

@@ -1,6 +1,7 @@
 """Control messages that broker direct channels between clients (request, offer, its
-answer, the grant) and keep them reachable (a peer that came back with another certificate,
-a channel that gets no answer). :mod:`.control` re-exports them with all the others.
+answer, the grant, a refusal) and keep them reachable (a peer that came back with another
+certificate, a channel that gets no answer). :mod:`.control` re-exports them with all the
+others.
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ class ChannelRequest(Message):
 @message(41)
 @dataclass(frozen=True)
 class ChannelGrant(Message):
-    """Coordinator -> requester: ``peer`` agreed; its certificate, addresses to dial (first
-    the one the coordinator observed), and the token of this channel's punches."""
+    """Coordinator -> requester: ``peer``'s certificate, addresses to dial (first the one the
+    coordinator observed), and the token of this channel's punches. Sent together with the
+    offer to ``peer``, before it agreed: ``peer`` consents by punching and by accepting the
+    handshake of the certificate it was offered; if it refuses (or does not answer), a
+    ChannelRefused with the same token follows."""
 
     rid: int
     peer: str
@@ -75,6 +79,19 @@ class ChannelOfferReply(Message):
 
     oid: int
     accept: bool
+    message: Text
+
+
+@message(47)
+@dataclass(frozen=True)
+class ChannelRefused(Message):
+    """Coordinator -> requester: ``peer`` refused (or did not answer) the offer of the
+    channel granted with ``token``; ``message`` says why. The requester gives that attempt
+    up with this message."""
+
+    peer: str
+    token: PunchToken
+    reason: str  # a codes.Reason value: REFUSED or NO_ANSWER
     message: Text
 
 

@@ -59,5 +59,6 @@ class Reason(StrEnum):
     SELF = "self"  # ChannelRequest: a client asked for a direct channel to itself
     NOT_LISTENING = "not-listening"  # ChannelRequest: the peer takes no direct channels
     PEER_OPENING = "peer-opening"  # ChannelRequest: the peer is opening one to the requester
-    NO_ANSWER = "no-answer"  # ChannelRequest: the peer did not answer the offer in time
-    REFUSED = "refused"  # ChannelRequest: the peer declined the offer
+    # ChannelRefused.reason
+    NO_ANSWER = "no-answer"  # the peer did not answer the offer in time
+    REFUSED = "refused"  # the peer declined the offer

@@ -29,6 +29,7 @@ from .brokering import (
     ChannelGrant,
     ChannelOffer,
     ChannelOfferReply,
+    ChannelRefused,
     ChannelRequest,
     PeerAddress,
     PeerCertificateChanged,
@@ -88,6 +89,7 @@ __all__ = [
     "ChannelGrant",
     "ChannelOffer",
     "ChannelOfferReply",
+    "ChannelRefused",
     "ChannelRequest",
     "DirectClose",
     "ErrorReply",
@@ -121,7 +123,9 @@ __all__ = [
     "encode",
 ]
 
-PROTOCOL_VERSION = 1
+# 2: the coordinator grants a channel together with the offer to the peer, and sends a
+# ChannelRefused if the peer then refuses it.
+PROTOCOL_VERSION = 2
 ALPN = "conec-trio"
 
 LocalAddrs: TypeAlias = Annotated[list[Addr], MaxItems(MAX_LOCAL_ADDRS)]

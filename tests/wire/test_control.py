@@ -31,6 +31,7 @@ from conec_trio._wire.control import (
     ChannelGrant,
     ChannelOffer,
     ChannelOfferReply,
+    ChannelRefused,
     ChannelRequest,
     DirectClose,
     ErrorReply,
@@ -88,6 +89,7 @@ SAMPLES: list[Message] = [
     ChannelOffer(11, "alice", CERT, [("203.0.113.9", 40000), ("10.0.0.2", 40000)], TOKEN),
     ChannelOfferReply(11, True, ""),
     ChannelOfferReply(12, False, "not listening"),
+    ChannelRefused("bob", TOKEN, "refused", "peer 'bob' refused the channel: no"),
     BroadcastMembersRequest(5, "news"),
     BroadcastMembersReply(5, ["alice", "bob"], []),
     PeerListRequest(6),
@@ -125,6 +127,7 @@ TYPE_CODES: dict[type[Message], int] = {
     ChannelGrant: 41,
     ChannelOffer: 42,
     ChannelOfferReply: 43,
+    ChannelRefused: 47,
     BroadcastMembersRequest: 33,
     BroadcastMembersReply: 34,
     PeerListRequest: 60,
@@ -148,7 +151,7 @@ def raw(*items: Any) -> bytes:
 
 
 def test_constants() -> None:
-    assert PROTOCOL_VERSION == 1
+    assert PROTOCOL_VERSION == 2
     assert ALPN == "conec-trio"
 
 
@@ -303,6 +306,9 @@ def test_round_trip_any_values(msg: Message) -> None:
         ((10, 1, 2), r"OpenProxied.peer must be str, not int"),
         ((41, 1, "p", "cert", [], TOKEN), r"ChannelGrant.cert_der must be bytes, not str"),
         ((43, 1, "yes", ""), r"ChannelOfferReply.accept must be bool, not str"),
+        ((47, "p", TOKEN[:-1], "refused", ""), r"ChannelRefused.token has 15 bytes; it must"),
+        ((47, "p", TOKEN, "refused", "x" * 4097), r"ChannelRefused.message has 4097 char"),
+        ((47, "p", TOKEN, "refused"), r"ChannelRefused needs 4 fields, got 3"),
         ((20, b"news"), r"JoinBroadcast.name must be str, not bytes"),
         ((34, 1, "alice", []), r"BroadcastMembersReply.senders must be an array, not str"),
         ((34, 1, [], [1]), r"BroadcastMembersReply.receivers\[0\] must be str, not int"),
