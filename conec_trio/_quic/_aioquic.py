@@ -1,5 +1,6 @@
 """The library's aioquic connection: every use of aioquic's private names lives here (and in
-``_pmtu`` and ``_reset``), with no trio, so an aioquic upgrade has one place to check.
+``_pmtu``, ``_pacing`` and ``_reset``), with no trio, so an aioquic upgrade has one place to
+check.
 
 What it adds to aioquic's ``QuicConnection``:
 
@@ -8,7 +9,8 @@ What it adds to aioquic's ``QuicConnection``:
    chain, name and pin checks are the roles' (see ``_tls``).
 2. Receive credit follows what the application consumed, not what arrived.
 3. Idle connections keep no growing ACK bookkeeping and no handshake buffers.
-4. Path MTU probing and black-hole fallback, and a cap on PTO back-off (``_pmtu``).
+4. Path MTU probing and black-hole fallback, and a cap on PTO back-off (``_pmtu``); a pacer
+   whose bursts do not collapse at high rates (``_pacing``).
 5. Stateless resets, and a client role that follows its peer's NAT rebinding (``_reset``).
 6. Read-only views the driver and the stream layer need (``is_client``, ``bytes_in_flight``,
    ``send_backlog`` ...), so nothing outside this package touches aioquic objects.
@@ -29,6 +31,7 @@ from aioquic.quic.connection import QuicConnectionState
 from cryptography import x509
 
 from ._ack_only import LeanAcks
+from ._pacing import BurstPacer
 from ._reset import StatelessResets
 from ._tls_context import ClientTlsContext
 from ._views import ConnectionViews
@@ -103,6 +106,7 @@ class FlowControlledConnection(LeanAcks, StatelessResets, ConnectionViews):
             handlers[frame_type] = (handler, _SHARED_EPOCH_SETS.setdefault(epochs, epochs))
         limit = self._local_max_streams_bidi
         limit.value = limit.sent = max_streams
+        self._loss._pacer.__class__ = BurstPacer
         self._init_pmtu(max_datagram_size)
         self._derive_reset_tokens()
 
