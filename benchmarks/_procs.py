@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -135,6 +136,24 @@ class ChildError(RuntimeError):
     """A benchmark child process failed, died, or did not answer in time."""
 
 
+_ERROR = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)(?::.*)?$")
+_GROUP_SIZE = re.compile(r"\((\d+) sub-exceptions?\)")
+
+
+def error_line(text: str) -> str:
+    """The line of a formatted traceback that says what went wrong: the last exception that
+    is not a group (a group's own line says only how many it holds), with the largest group's
+    size, if any."""
+    found = "?"
+    for line in reversed(text.strip().splitlines()):
+        line = line.lstrip(" |")
+        if _ERROR.match(line) and not line.startswith(("ExceptionGroup", "BaseExceptionGroup")):
+            found = line
+            break
+    sizes = [int(n) for n in _GROUP_SIZE.findall(text)]
+    return f"{found} (one of {max(sizes)} errors)" if sizes and max(sizes) > 1 else found
+
+
 class Link:
     """The child's end of its pipe to the parent."""
 
@@ -207,8 +226,7 @@ class Child:
                 f"{self.name}: exited (code {self._process.exitcode}) without answering"
             ) from None
         if tag == "error":
-            lines = str(value).strip().splitlines()
-            raise ChildError(f"{self.name} failed: {lines[-1] if lines else '?'}\n{value}")
+            raise ChildError(f"{self.name} failed: {error_line(str(value))}\n{value}")
         return value
 
     def stop(self, grace: float) -> None:

@@ -39,6 +39,8 @@ Measure = Callable[[bool], float]
 
 
 Source = Callable[[bool], Mapping[str, Any]]
+# A source that stopped part-way (its first figures measured, the rest not) says why here.
+STOPPED = "stopped"
 
 
 @dataclass(frozen=True, eq=False)
@@ -323,7 +325,8 @@ def _measure(
         raise outcome
     result.runs.append(dict(outcome))
     if subject.key not in outcome:
-        raise KeyError(f"the measurement gave no {subject.key!r}")
+        # a measurement that stopped part-way says why under STOPPED (scale: the relay)
+        raise RuntimeError(outcome.get(STOPPED) or f"the measurement gave no {subject.key!r}")
     return float(outcome[subject.key])
 
 

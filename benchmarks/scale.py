@@ -60,7 +60,8 @@ import conec_trio
 
 from ._certs import self_signed_cert
 from ._child import from_parent, trio_time, usage
-from ._procs import Child, Link, Processes
+from ._procs import Child, ChildError, Link, Processes
+from .harness import STOPPED
 
 HOST = "127.0.0.1"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -185,9 +186,15 @@ def measure(
         result["rss_per_client_bytes"] = (rss_after - rss_before) / clients
         _expect_count(coord, clients, "after the idle window")
 
-        # 4. Relay.
+        # 4. Relay. Where it fails, the figures above still stand: the failure is where
+        # this coordinator stops (STOPPED), and the processes are stopped on the way out.
         if relay_seconds > 0:
-            result.update(_relay(coord, pid, workers, clients, relay_seconds, profile))
+            try:
+                result.update(_relay(coord, pid, workers, clients, relay_seconds, profile))
+            except (ChildError, RuntimeError) as exc:
+                reason = str(exc).splitlines()[0]
+                result[STOPPED] = f"relaying between {clients // 2} pairs: {reason}"
+                return result
 
         for w in workers:
             w.send("stop")
@@ -579,6 +586,8 @@ def format_summary(r: dict[str, Any]) -> str:
             f"(system-wide) {r['relay_udp_rcvbuf_errors']}"
         )
         lines.extend(f"    {e}" for e in r["relay_error_samples"])
+    if STOPPED in r:
+        lines.append(f"  stopped here: {r[STOPPED]}")
     return "\n".join(lines)
 
 
@@ -613,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         r = measure(n, args.idle, args.relay, relay_nice=args.relay_nice, profile=args.profile)
         print(format_summary(r), flush=True)
         results.append(r)
-        failed = failed or bool(r.get("relay_lost_or_dup"))
+        failed = failed or bool(r.get("relay_lost_or_dup")) or STOPPED in r
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"json: {args.json}")
