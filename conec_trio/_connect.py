@@ -173,7 +173,10 @@ class Dialer:
         for family, addr in dict.fromkeys((info[0], tuple(info[4])) for info in infos):
             if endpoint is not None:
                 if family == endpoint.sock.family:
-                    conn = endpoint.connect(addr, self._settings)
+                    try:
+                        conn = endpoint.connect(addr, self._settings)
+                    except trio.ClosedResourceError:
+                        raise ConnectError("this client's socket has closed") from None
                     conn.listener = _HelloOnHandshake(self, endpoint)
                     attempts.append((None, endpoint, conn))
                 continue

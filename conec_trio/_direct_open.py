@@ -371,7 +371,10 @@ class ChannelOpening:
         assert endpoint is not None
         # No trust store: the pin check after the handshake replaces it.
         prepared, expected.prepared = expected.prepared, None
-        conn = endpoint.connect(addr, prepared or ctx.settings(server_name=expected.peer))
+        try:
+            conn = endpoint.connect(addr, prepared or ctx.settings(server_name=expected.peer))
+        except trio.ClosedResourceError:
+            raise ChannelError("this client's socket has closed") from None
         # A listener first, so nothing the peer sends is lost before registration.
         self._make_table(expected.peer, conn)
         return conn

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from helpers import wait_for
 from test_faults import READY, Program, coord_argv, run_program
 
@@ -376,3 +377,34 @@ async def test_wait_connected_with_reconnect_off_raises_disconnected_after_a_los
             await wait_for(lambda: not alice.connected)
             with trio.fail_after(DEADLINE), pytest.raises(conec_trio.DisconnectedError):
                 await alice.wait_connected()
+
+
+async def test_leaving_while_a_reconnect_resolves_the_coordinator_raises_nothing(
+    coord_config: Callable[..., conec_trio.CoordConfig],
+    client_config: Callable[..., conec_trio.ClientConfig],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # trio resumes a task from a shielded checkpoint (the one after resolving a host) even
+    # if its scope was cancelled meanwhile: the reconnect then dials from a socket whose
+    # endpoint has closed. That must end the reconnect, not crash the block's exit.
+    stop = Stop()
+    resolve = trio.socket.getaddrinfo
+    async with trio.open_nursery() as nursery:
+        coord = await nursery.start(run_coordinator, coord_config(), stop)
+        with trio.CancelScope() as leave:
+            async with conec_trio.open_client(client_config(coord, "alice")) as alice:
+
+                async def resolve_while_the_block_is_left(*args: Any, **kwargs: Any) -> Any:
+                    result = await resolve(*args, **kwargs)
+                    leave.cancel()
+                    with trio.CancelScope(shield=True):
+                        # until the client's other tasks have gone as far as they can: its
+                        # endpoint's tasks have ended
+                        await trio.testing.wait_all_tasks_blocked()
+                    return result
+
+                monkeypatch.setattr(trio.socket, "getaddrinfo", resolve_while_the_block_is_left)
+                stop.set()  # alice loses the coordinator and reconnects after a backoff
+                await trio.sleep_forever()
+        assert leave.cancelled_caught
+        assert not alice.connected

@@ -100,6 +100,7 @@ class QuicEndpoint:
         self.quiet_batch = True
         # datagrams that are not QUIC (hole punching) go here
         self.raw_datagram_handler: Callable[[bytes, Address], None] | None = None
+        self.closed = False  # the receive loop has ended (see run)
 
     @property
     def local_address(self) -> Address:
@@ -128,7 +129,14 @@ class QuicEndpoint:
         self._retry = QuicRetryTokenHandler() if stateless_retry or admit else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The receive loop: reads batches of datagrams and dispatches them."""
+        """The receive loop: reads batches of datagrams and dispatches them. Once it has
+        ended, the endpoint takes no new connection (``connect`` raises)."""
+        try:
+            await self._receive_loop(task_status)
+        finally:
+            self.closed = True
+
+    async def _receive_loop(self, task_status: trio.TaskStatus[None]) -> None:
         sock = self.sock
         task_status.started()
         touched: dict[QuicConn, None] = {}
@@ -316,7 +324,12 @@ class QuicEndpoint:
         return conn
 
     def connect(self, addr: Address, settings: ConnectionSettings | PreparedDial) -> QuicConn:
-        """Start a client-role connection; wait on ``conn.handshake_complete``/``closed``."""
+        """Start a client-role connection; wait on ``conn.handshake_complete``/``closed``.
+        Raises ``trio.ClosedResourceError`` once the endpoint has closed: a task that was
+        resumed past its last checkpoint while its owner left (a reconnect between resolving
+        and dialling) must not start a connection that nothing would drive."""
+        if self.closed:
+            raise trio.ClosedResourceError("this endpoint has closed")
         if isinstance(settings, PreparedDial):
             quic = settings.take()
             quic.set_peer_address(addr)
