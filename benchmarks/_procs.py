@@ -141,11 +141,13 @@ _GROUP_SIZE = re.compile(r"\((\d+) sub-exceptions?\)")
 
 
 def error_line(text: str) -> str:
-    """The line of a formatted traceback that says what went wrong: the last exception that
-    is not a group (a group's own line says only how many it holds), with the largest group's
-    size, if any."""
+    """The line of a formatted traceback that says what went wrong: its last line, or in an
+    exception group the first error that is not a group (the one that cancelled the rest;
+    a group's own line says only how many it holds), with the largest group's size."""
+    lines = text.strip().splitlines()
+    in_group = any("Exception Group Traceback" in line for line in lines)
     found = "?"
-    for line in reversed(text.strip().splitlines()):
+    for line in lines if in_group else reversed(lines):
         line = line.lstrip(" |")
         if _ERROR.match(line) and not line.startswith(("ExceptionGroup", "BaseExceptionGroup")):
             found = line
