@@ -54,3 +54,18 @@ def test_the_burst_is_aioquics_where_its_floor_does_not_bite(window: int) -> Non
         assert ours.bucket_max == pytest.approx(theirs.bucket_max)
     else:
         assert ours.bucket_max == pytest.approx(burst_bytes / 1200 * 1e-6)
+
+
+def test_a_rate_update_keeps_a_full_bucket() -> None:
+    # every ACK updates the rate: a full bucket must still let a whole burst out after it
+    pacer = BurstPacer(max_datagram_size=1200)
+    pacer.update_rate(congestion_window=80_000_000, smoothed_rtt=RTT)
+    pacer.update_bucket(now=1.0)
+    full = pacer.bucket_time
+    assert full == pytest.approx(MAX_BURST * 1e-6)
+    pacer.update_rate(congestion_window=80_000_000, smoothed_rtt=RTT)
+    assert pacer.bucket_time == full
+    # ... and a smaller burst still cuts it down (4 datagrams of window: a burst of 2, at the
+    # floor of 1 us each with a 1 us RTT)
+    pacer.update_rate(congestion_window=4 * 1200, smoothed_rtt=1e-6)
+    assert pacer.bucket_time == pytest.approx(2e-6)

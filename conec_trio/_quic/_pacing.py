@@ -29,8 +29,13 @@ class BurstPacer(QuicPacketPacer):
     """aioquic's pacer with its burst in datagrams (see the module's docstring)."""
 
     def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        # aioquic's update clamps the bucket to its own burst time, which is what collapses:
+        # the bucket is kept here and clamped to the burst counted in datagrams instead (else
+        # every ACK, which updates the rate, would empty a full bucket).
+        bucket_time = self.bucket_time
         super().update_rate(congestion_window, smoothed_rtt)
         size = self._max_datagram_size
         burst = max(MIN_BURST * size, min(congestion_window // 4, MAX_BURST * size)) / size
         assert self.packet_time is not None  # super() has just set it
-        self.bucket_max = max(self.bucket_max, burst * self.packet_time)
+        self.bucket_max = burst * self.packet_time
+        self.bucket_time = min(bucket_time, self.bucket_max)
