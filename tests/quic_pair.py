@@ -52,16 +52,16 @@ class Pair:
                 return
 
     def to_server(self, datagrams: list[tuple[bytes, Any]]) -> int:
-        for data, _ in datagrams:
-            self.server.receive_datagram(data, CLIENT, self.now)
-        while self.server.next_event() is not None:
-            pass
-        return len(datagrams)
+        return self._deliver(self.server, datagrams, CLIENT)
 
     def to_client(self, datagrams: list[tuple[bytes, Any]]) -> int:
+        return self._deliver(self.client, datagrams, SERVER)
+
+    def _deliver(self, receiver: Any, datagrams: list[tuple[bytes, Any]], source: Any) -> int:
+        """Hand ``datagrams`` from ``source`` to ``receiver`` and drain its events."""
         for data, _ in datagrams:
-            self.client.receive_datagram(data, SERVER, self.now)
-        while self.client.next_event() is not None:
+            receiver.receive_datagram(data, source, self.now)
+        while receiver.next_event() is not None:
             pass
         return len(datagrams)
 
